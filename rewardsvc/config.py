@@ -1,0 +1,113 @@
+"""Frozen, validated configuration dataclasses. CLI flags map onto these fields one to one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import InvalidInputError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = (None, "8bit", "4bit")
+TRUNCATION_POLICIES = ("error", "left")
+EMBEDDED_DEFAULT_BACKBONE = "embedded:smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """How to load the frozen decoder backbone."""
+
+    model: str = EMBEDDED_DEFAULT_BACKBONE
+    """Local directory, Hugging Face hub id, path to a .gguf file, or `embedded:smollm2-135m-instruct`."""
+    gguf_file: str | None = None
+    """GGUF file name inside `model` (a directory or hub repo), when the weights come as GGUF."""
+    dtype: str = "auto"
+    """Compute dtype: `auto` = float32 on CPU, bfloat16 on CUDA."""
+    device: str = "auto"
+    """`auto` = cuda if available else cpu; or any torch device string."""
+    quantization: str | None = None
+    """None, `8bit` or `4bit` (bitsandbytes, CUDA only)."""
+    adapter: str | None = None
+    """Directory of a PEFT (LoRA) adapter to apply to the backbone and merge for inference."""
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise InvalidInputError("backbone.model must be a non-empty string", field="backbone.model")
+        if self.dtype not in DTYPES:
+            raise InvalidInputError(f"backbone.dtype must be one of {DTYPES}, got {self.dtype!r}", field="backbone.dtype")
+        if self.quantization not in QUANTIZATIONS:
+            raise InvalidInputError(
+                f"backbone.quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}",
+                field="backbone.quantization",
+            )
+
+
+@dataclass(frozen=True)
+class HeadsConfig:
+    """Shapes and hyper-parameters of the ArmoRM heads (regression, transform, gating)."""
+
+    attributes: tuple[str, ...]
+    """Attribute names, in head order (K of them)."""
+    hidden_size: int
+    """Backbone hidden size H."""
+    gating_hidden_dim: int = 1024
+    """Width of each hidden layer of the gating MLP."""
+    gating_n_hidden: int = 3
+    """Number of hidden ReLU layers of the gating MLP."""
+    gating_temperature: float = 10.0
+    """Softmax temperature tau of the gating."""
+    verbosity_attribute: str | None = None
+    """Name of the attribute used as the verbosity signal when debiasing, if any."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attributes", tuple(self.attributes))
+        if not self.attributes:
+            raise InvalidInputError("heads.attributes must name at least one attribute", field="heads.attributes")
+        if len(set(self.attributes)) != len(self.attributes):
+            raise InvalidInputError(f"heads.attributes has duplicates: {self.attributes}", field="heads.attributes")
+        for name, value in (("hidden_size", self.hidden_size), ("gating_hidden_dim", self.gating_hidden_dim)):
+            if int(value) < 1:
+                raise InvalidInputError(f"heads.{name} must be >= 1, got {value}", field=f"heads.{name}")
+        if self.gating_n_hidden < 0:
+            raise InvalidInputError(f"heads.gating_n_hidden must be >= 0, got {self.gating_n_hidden}", field="heads.gating_n_hidden")
+        if not self.gating_temperature > 0:
+            raise InvalidInputError(
+                f"heads.gating_temperature must be > 0, got {self.gating_temperature}", field="heads.gating_temperature"
+            )
+        if self.verbosity_attribute is not None and self.verbosity_attribute not in self.attributes:
+            raise InvalidInputError(
+                f"heads.verbosity_attribute {self.verbosity_attribute!r} is not one of the attributes",
+                field="heads.verbosity_attribute",
+            )
+
+    @property
+    def num_attributes(self) -> int:
+        return len(self.attributes)
+
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    """Length limits and batching of the scorer."""
+
+    max_tokens: int = 4096
+    """Most tokens one templated conversation may have."""
+    truncation: str = "error"
+    """`error`: an over-long conversation raises ConversationTooLongError. `left`: cut the prompt from the
+    left (after any system message), keeping the prompt anchor and the whole response; sets truncated=True."""
+    token_budget: int = 8192
+    """Most padded tokens (rows x longest row) in one forward pass."""
+    max_batch_size: int = 64
+    """Most conversations in one forward pass."""
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 2:
+            raise InvalidInputError(f"scorer.max_tokens must be >= 2, got {self.max_tokens}", field="scorer.max_tokens")
+        if self.truncation not in TRUNCATION_POLICIES:
+            raise InvalidInputError(
+                f"scorer.truncation must be one of {TRUNCATION_POLICIES}, got {self.truncation!r}", field="scorer.truncation"
+            )
+        if self.token_budget < 1:
+            raise InvalidInputError(f"scorer.token_budget must be >= 1, got {self.token_budget}", field="scorer.token_budget")
+        if self.max_batch_size < 1:
+            raise InvalidInputError(
+                f"scorer.max_batch_size must be >= 1, got {self.max_batch_size}", field="scorer.max_batch_size"
+            )
