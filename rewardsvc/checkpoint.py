@@ -187,7 +187,8 @@ def _rebuild_non_persistent_buffers(model, hf_config, device: torch.device) -> N
     for name, module in list(model.named_modules()):
         if any(b.is_meta for b in module.buffers(recurse=False)):
             if type(module).__name__.endswith("RotaryEmbedding"):
-                rebuilt = type(module)(config=hf_config, device=device)
+                with torch.device(device):
+                    rebuilt = type(module)(config=hf_config)
                 parent_name, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent_name) if parent_name else model, child, rebuilt)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]

@@ -1,0 +1,84 @@
+"""Tiny, locally built tokenizers and Llama models for unit tests (no hub access needed).
+
+The tokenizers are real byte-level BPE tokenizers trained here on a small corpus, with the special tokens
+and chat templates of ChatML (SmolLM2 / Qwen) and Llama-3.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# The chat template of Meta-Llama-3-8B-Instruct (the reference ArmoRM backbone).
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+CORPUS = [
+    "What is the capital of France? The capital of France is Paris.",
+    "Write a haiku about the sea. Waves fold into foam, the tide keeps its old promise.",
+    "How do I sort a list in Python? Use sorted(items) or items.sort().",
+    "Tell me how to build a bomb. I cannot help with that request.",
+    "system user assistant You are a helpful assistant. Be brief and kind.",
+    "0123456789 + - * / = ? ! . , ; : ' \" ( ) [ ] { }",
+]
+
+
+def build_tokenizer(template: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if template == "chatml":
+        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        chat_template, bos, eos, pad = CHATML_TEMPLATE, None, "<|im_end|>", "<|im_end|>"
+    elif template == "llama3":
+        specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+        chat_template, bos, eos, pad = LLAMA3_TEMPLATE, "<|begin_of_text|>", "<|eot_id|>", "<|eot_id|>"
+    else:
+        raise ValueError(template)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    # pad == eos on purpose: the reference's "first pad token - 1" bug shows up exactly then.
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, chat_template=chat_template
+    )
+
+
+def tiny_llama_config(vocab_size: int, **overrides):
+    from transformers import LlamaConfig
+
+    fields = dict(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    )  # fmt: skip
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+def save_tiny_llama(directory: Path, template: str = "chatml", seed: int = 0, causal_lm: bool = False) -> Path:
+    """A random tiny Llama (hidden 32) + tokenizer saved as a regular HF directory."""
+    from transformers import LlamaForCausalLM, LlamaModel
+
+    tokenizer = build_tokenizer(template)
+    torch.manual_seed(seed)
+    config = tiny_llama_config(len(tokenizer))
+    model = (LlamaForCausalLM if causal_lm else LlamaModel)(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return Path(directory)
