@@ -1,0 +1,87 @@
+"""Backbone loading: embedded GGUF default (cached), errors, dtype, PEFT adapters."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from rewardsvc.backbone import load_backbone
+from rewardsvc.config import EMBEDDED_DEFAULT_BACKBONE, BackboneConfig
+from rewardsvc.errors import BackboneError, InvalidInputError
+
+
+@pytest.mark.slow
+def test_embedded_default_loads_from_cache_fast():
+    load_backbone(BackboneConfig())  # converts once if the cache is cold
+    start = time.perf_counter()
+    backbone = load_backbone(BackboneConfig())
+    assert time.perf_counter() - start < 5.0
+    assert backbone.model_id == EMBEDDED_DEFAULT_BACKBONE
+    assert backbone.hidden_size == 576 and backbone.dtype == torch.float32
+    assert sum(p.numel() for p in backbone.model.parameters()) == pytest.approx(134.5e6, rel=0.01)
+    assert backbone.tokenizer.chat_template
+
+
+def test_quantization_needs_cuda(tiny_llama_dir):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(BackboneError, match="quantization=4bit needs a CUDA device"):
+        load_backbone(BackboneConfig(model=str(tiny_llama_dir), quantization="4bit", device="cpu"))
+
+
+def test_bad_configs_and_paths(tmp_path):
+    with pytest.raises(InvalidInputError, match="backbone.dtype"):
+        BackboneConfig(model="x", dtype="float8")
+    with pytest.raises(BackboneError, match="does not exist"):
+        load_backbone(BackboneConfig(model=str(tmp_path / "missing.gguf")))
+    with pytest.raises(BackboneError, match="cannot load"):
+        load_backbone(BackboneConfig(model=str(tmp_path)))
+
+
+def test_bfloat16_on_cpu_is_honoured(tiny_llama_dir):
+    backbone = load_backbone(BackboneConfig(model=str(tiny_llama_dir), dtype="bfloat16", device="cpu"))
+    assert next(backbone.model.parameters()).dtype == torch.bfloat16
+    hidden = backbone.hidden_at([[1, 2, 3]], [[2]])
+    assert hidden.dtype == torch.float32 and hidden.shape == (1, 1, 32)
+
+
+def test_lora_adapter_is_applied_and_merged(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    from tiny_models import save_tiny_llama
+
+    base_dir = save_tiny_llama(tmp_path / "base", causal_lm=True)
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(3)
+    model = LlamaForCausalLM.from_pretrained(base_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:  # B starts at zero; make the adapter do something
+            torch.nn.init.normal_(p, std=0.5)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    expected_q = layer.base_layer.weight + (4 / 2) * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+
+    backbone = load_backbone(BackboneConfig(model=str(base_dir), adapter=str(tmp_path / "adapter"), device="cpu"))
+    merged_q = backbone.model.layers[0].self_attn.q_proj.weight
+    torch.testing.assert_close(merged_q, expected_q.detach(), atol=1e-6, rtol=1e-5)
+    plain = AutoModel.from_pretrained(base_dir)
+    assert not torch.allclose(plain.layers[0].self_attn.q_proj.weight, merged_q)
+    assert "adapter" in backbone.model_id
+
+
+def test_adapter_for_another_model_is_an_error(tmp_path, tiny_llama_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from tiny_models import tiny_llama_config
+
+    other = LlamaForCausalLM(tiny_llama_config(400, num_hidden_layers=3))
+    peft_model = get_peft_model(other, LoraConfig(r=2, target_modules=["q_proj"]))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(BackboneError, match="adapter"):
+        load_backbone(BackboneConfig(model=str(tiny_llama_dir), adapter=str(tmp_path / "adapter"), device="cpu"))
