@@ -14,10 +14,10 @@ from typing import Any
 import torch
 
 from .backbone import Backbone, load_backbone, load_tokenizer, resolve_device, resolve_dtype
-from .batch_plan import plan_padded_batches
 from .checkpoint import is_heads_checkpoint, is_reference_checkpoint, load_heads, load_reference
 from .config import BackboneConfig, ScorerConfig
 from .conversation import Messages, validate_conversation, validate_prompt, with_response
+from .embedding import Embeddings, embed_encoded
 from .encoding import ChatEncoder, EncodedConversation
 from .errors import CheckpointError
 from .heads import ArmoHeads
@@ -48,12 +48,6 @@ class InspectResult:
     truncated: bool
     weights_source: str
     model_id: str
-
-
-@dataclass(frozen=True)
-class Embeddings:
-    response: torch.Tensor  # (N, H) float32
-    prompt: torch.Tensor  # (N, H) float32
 
 
 class Scorer:
@@ -131,19 +125,7 @@ class Scorer:
 
     def embed(self, encoded: Sequence[EncodedConversation]) -> Embeddings:
         """Response and prompt embeddings (N, H), in input order, from length-sorted padded batches."""
-        H = self.backbone.hidden_size
-        response = torch.empty((len(encoded), H))
-        prompt = torch.empty((len(encoded), H))
-        lengths = [e.num_tokens for e in encoded]
-        for batch in plan_padded_batches(lengths, self.config.token_budget, self.config.max_batch_size):
-            hidden = self.backbone.hidden_at(
-                [list(encoded[i].input_ids) for i in batch],
-                [[encoded[i].prompt_anchor, encoded[i].response_anchor] for i in batch],
-            )  # (b, 2, H)
-            index = torch.tensor(batch)
-            prompt[index] = hidden[:, 0]
-            response[index] = hidden[:, 1]
-        return Embeddings(response=response, prompt=prompt)
+        return embed_encoded(self.backbone, encoded, self.config.token_budget, self.config.max_batch_size)
 
     @torch.inference_mode()
     def _head_outputs(self, embeddings: Embeddings, weights: AttributeWeights | None):
@@ -197,9 +179,14 @@ class Scorer:
     @torch.inference_mode()
     def inspect(self, prompt: Any, weights: AttributeWeights | None = None) -> InspectResult:
         """The attribute weights the gating chooses for a prompt (and the effective coefficients)."""
+        return self.inspect_encoded(self.encode_prompt(prompt), weights)
+
+    @torch.inference_mode()
+    def inspect_encoded(self, encoded: EncodedConversation, weights: AttributeWeights | None = None) -> InspectResult:
+        """`inspect` on a prompt already encoded with `encode_prompt` (the server tokenizes in its handler
+        threads and leaves only the model to its batcher thread)."""
         if weights is not None:
             weights.check_attributes(self.attributes)
-        encoded = self.encode_prompt(prompt)
         hidden = self.backbone.hidden_at([list(encoded.input_ids)], [[encoded.prompt_anchor]])  # (1, 1, H)
         gating = self.heads.gate(hidden[:, 0])
         if weights is not None:
