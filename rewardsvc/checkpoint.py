@@ -13,6 +13,7 @@ and safetensors (single file or sharded with an index) holding `model.*` plus th
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,17 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
 
 
+def json_safe(value: Any) -> Any:
+    """Non-finite floats (an undefined correlation, say) become null: the config stays strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def save_heads(directory: str | Path, checkpoint: HeadsCheckpoint) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -95,7 +107,7 @@ def save_heads(directory: str | Path, checkpoint: HeadsCheckpoint) -> Path:
     }
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in checkpoint.heads.state_dict().items()}
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
+    (directory / CONFIG_FILE).write_text(json.dumps(json_safe(config), indent=2, allow_nan=False) + "\n")
     return directory
 
 

@@ -193,7 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Subcommands that live in their own modules (each exposes add_arguments(parser) and run(args) -> int).
-EXTENSIONS: list[tuple[str, str, str]] = []
+EXTENSIONS: list[tuple[str, str, str]] = [
+    ("serve", "serve_cli", "serve the reward model over gRPC"),
+    ("train", "train_cli", "train heads with the default ArmoRM recipe on ../shared/data"),
+    ("eval", "eval_cli", "pairwise accuracy on a pairs JSONL, per category, against the length baseline"),
+    ("eval-attributes", "eval_attributes_cli", "per-attribute correlations on rated conversations"),
+]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,23 @@
+"""Reproduce the packaged default heads from ../shared/data (thin entry point; logic in rewardsvc).
+
+    python training/train_default.py            # writes rewardsvc/default_model/ (heads only)
+
+Same as `rewardsvc train --out rewardsvc/default_model --work-dir artifacts/train --caps-scale 0.5 --max-chars 1500`.
+Embeddings are cached in artifacts/train/embeddings (resumable); a re-run with the same data only refits.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from rewardsvc.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_ARGS = [
+    "train", "--out", str(REPO / "rewardsvc" / "default_model"), "--work-dir", str(REPO / "artifacts" / "train"),
+    "--caps-scale", "0.5", "--max-chars", "1500",
+]  # fmt: skip
+
+if __name__ == "__main__":
+    sys.exit(main(DEFAULT_ARGS + sys.argv[1:]))
