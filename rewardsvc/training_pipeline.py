@@ -35,6 +35,7 @@ from .encoding import ChatEncoder, EncodedConversation
 from .errors import RewardError
 from .evaluation import evaluate_pairs
 from .heads import ArmoHeads
+from .model_card import write_model_card
 from .stage1 import fit_stage1
 from .stage2 import PreferencePairs, Stage2Config, train_gating
 
@@ -279,6 +280,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     save_heads(config.out_dir, HeadsCheckpoint(heads=heads, backbone=_backbone_reference(config.backbone),
                                                name=config.name, trained=True, label_scales=stage1.label_scales,
                                                provenance=provenance))  # fmt: skip
+    write_model_card(config.out_dir)
     (work / "eval_records.json").write_text(json.dumps(eval_records))
     return provenance
 
