@@ -47,7 +47,7 @@ def test_eval_matches_independent_accuracy(heads_dir, tmp_path, capsys):
         wins.append(1.0 if s[0].score > s[1].score else 0.0 if s[0].score < s[1].score else 0.5)
     assert out["overall"] == {"accuracy": pytest.approx(sum(wins) / 4), "n": 4}
     assert out["categories"]["chat"]["n"] == 2 and out["categories"]["chat-hard"]["n"] == 1
-    assert out["length_baseline"]["overall"]["accuracy"] == pytest.approx(1 / 4)  # only the safety pair's chosen is longer
+    assert out["length_baseline"]["overall"]["accuracy"] == pytest.approx(3 / 4)  # only the first pair's chosen is shorter
     assert isinstance(out["verbosity_spearman"], float)
     for name in ("accuracy_by_category", "score_vs_length", "gating_heatmap"):
         assert (tmp_path / "report" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -18,8 +18,8 @@ from rewardsvc.scorer import Scorer
 from rewardsvc.training_pipeline import TrainConfig, run_training
 
 CAPS = {
-    "stage1/just-eval": 40, "stage1/just-eval-safety": 25, "stage1/prometheus-mt-bench": 15,
-    "stage1/prometheus-vicuna": 15, "stage1/xstest": 25, "stage1/ultrafeedback": 25,
+    "stage1/just-eval": 150, "stage1/just-eval-safety": 150, "stage1/prometheus-mt-bench": 60,
+    "stage1/prometheus-vicuna": 60, "stage1/xstest": 100, "stage1/ultrafeedback": 60,
     "stage2/ultrafeedback": 15, "stage2/hh-harmless": 15, "stage2/pandalm": 8, "stage2/mt-bench-human": 5,
     "stage2/faireval": 5, "stage2/llmeval2": 5, "stage2/xstest": 8,
     "eval/llmbar": 12, "eval/prometheus-hhh": 12, "eval/ultrafeedback": 6, "eval/pandalm": 6,
@@ -34,7 +34,7 @@ def trained(tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     config = TrainConfig(out_dir=str(root / "heads"), work_dir=str(root / "work"),
                          backbone=BackboneConfig(model=str(tiny_llama_dir)), name="tiny-trained",
-                         max_tokens=1024, max_chars=500, caps=CAPS)  # fmt: skip
+                         max_tokens=2048, max_chars=800, caps=CAPS)  # fmt: skip
     return config, run_training(config)
 
 
