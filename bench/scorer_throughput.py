@@ -33,21 +33,15 @@ def synthetic_conversations(n: int, seed: int = 0) -> list[list[dict]]:
 
 
 def real_conversations(n: int) -> list[list[dict]] | None:
-    try:
-        from rewardsvc.data.build import default_data_dir  # type: ignore[attr-defined]
-        from rewardsvc.data.ultrafeedback import load_pairs  # type: ignore[attr-defined]
-    except ImportError:
+    """UltraFeedback prompts with their chosen responses, when ../shared/data is present."""
+    from rewardsvc.data.files import default_data_dir
+    from rewardsvc.data.ultrafeedback import load_pairs
+
+    if not default_data_dir().is_dir():
         return None
-    try:
-        pairs = load_pairs(default_data_dir())
-    except Exception:
-        return None
-    rng = random.Random(0)
-    rng.shuffle(pairs)
-    out = []
-    for p in pairs[:n]:
-        out.append(list(p.prompt) + [{"role": "assistant", "content": p.chosen}])
-    return out or None
+    pairs = load_pairs(default_data_dir())
+    random.Random(0).shuffle(pairs)
+    return [list(p.prompt) + [{"role": "assistant", "content": p.chosen}] for p in pairs[:n]] or None
 
 
 def timed(fn) -> float:
@@ -65,7 +59,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     scorer = Scorer.load(args.model, config=ScorerConfig(max_tokens=args.max_tokens, truncation="left", token_budget=args.token_budget))
-    conversations = real_conversations(args.n) or synthetic_conversations(args.n)
+    conversations = real_conversations(args.n)
+    source = "ultrafeedback" if conversations else "synthetic"
+    conversations = conversations or synthetic_conversations(args.n)
     encoded = [scorer.encode(c) for c in conversations]
     tokens = sum(e.num_tokens for e in encoded)
     scorer.score_encoded(encoded[:2])  # warm-up
@@ -76,6 +72,7 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "conversations": len(encoded),
+        "source": source,
         "tokens": tokens,
         "token_budget": args.token_budget,
         "one_per_forward_tok_s": round(tokens / single_s, 1),

@@ -1,0 +1,148 @@
+"""Fixtures and helpers of the service tests (server, client, batching). Import the fixtures you use:
+
+    from service_fixtures import served, short_conversation  # noqa: F401
+
+The real embedded scorer comes from conftest.py's session fixture `embedded_scorer` (loaded once). Several
+servers may share it, but only one is sent traffic at a time: the scorer is not thread-safe.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import re
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+
+from rewardsvc._proto.rewardsvc.v1 import reward_pb2 as pb
+from rewardsvc._proto.rewardsvc.v1 import reward_pb2_grpc as pb_grpc
+from rewardsvc.server import RunningServer, ServerConfig, build_server
+
+
+def short_conversation(i: int) -> list[dict[str, str]]:
+    """~19 tokens: an explicit empty system message replaces SmolLM2's ~20-token default system prompt,
+    so the tests stay cheap on a 2-core CPU."""
+    return [
+        {"role": "system", "content": ""},
+        {"role": "user", "content": f"Q{i}"},
+        {"role": "assistant", "content": f"A{i}"},
+    ]
+
+
+def start_server(scorer, **overrides) -> RunningServer:
+    return build_server(scorer, ServerConfig(**{"port": 0, "grace_s": 5.0, **overrides}))
+
+
+@pytest.fixture(scope="module")
+def served(embedded_scorer):
+    """One plain server (metrics on) per test module."""
+    running = start_server(embedded_scorer, metrics_port=0)
+    yield running
+    running.stop(0)
+
+
+@pytest.fixture()
+def stub(served):
+    with grpc.insecure_channel(f"127.0.0.1:{served.port}") as channel:
+        yield pb_grpc.RewardServiceStub(channel)
+
+
+def pb_conversation(messages) -> pb.Conversation:
+    return pb.Conversation(messages=[pb.Message(role=m["role"], content=m["content"]) for m in messages])
+
+
+def score_request(conversations, **kwargs) -> pb.ScoreRequest:
+    return pb.ScoreRequest(conversations=[pb_conversation(c) for c in conversations], **kwargs)
+
+
+def metric_value(metrics_port: int, name: str, labels: dict[str, str] | None = None) -> float:
+    """Sum of the samples of `name` (matching `labels`) on the /metrics page."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if all(found.get(k) == v for k, v in (labels or {}).items()):
+            total += float(m.group(3))
+    return total
+
+
+def wait_until(predicate, timeout: float = 60.0, interval: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def make_certs(directory: Path) -> dict[str, Path]:
+    """A throw-away CA, a server certificate for localhost / 127.0.0.1 and a client certificate, as PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def key():
+        return ec.generate_private_key(ec.SECP256R1())
+
+    def name(common: str):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    def builder(subject, issuer, public_key):
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+        )
+
+    ca_key = key()
+    ca = (
+        builder(name("rewardsvc test CA"), name("rewardsvc test CA"), ca_key.public_key())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    server_key = key()
+    server = (
+        builder(name("localhost"), ca.subject, server_key.public_key())
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    client_key = key()
+    client = (
+        builder(name("trainer"), ca.subject, client_key.public_key())
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    def write(filename: str, data: bytes) -> Path:
+        path = directory / filename
+        path.write_bytes(data)
+        return path
+
+    def key_pem(k) -> bytes:
+        return k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+    return {
+        "ca": write("ca.pem", ca.public_bytes(serialization.Encoding.PEM)),
+        "server_cert": write("server.pem", server.public_bytes(serialization.Encoding.PEM)),
+        "server_key": write("server.key", key_pem(server_key)),
+        "client_cert": write("client.pem", client.public_bytes(serialization.Encoding.PEM)),
+        "client_key": write("client.key", key_pem(client_key)),
+    }

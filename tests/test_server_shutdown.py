@@ -1,0 +1,97 @@
+"""Graceful shutdown: health turns NOT_SERVING, new calls are refused, accepted calls all finish, and the
+`serve` process exits 0 on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rewardsvc._proto.rewardsvc.v1 import reward_pb2_grpc as pb_grpc
+from service_fixtures import metric_value, score_request, short_conversation, start_server, wait_until
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+TOL = 1e-5
+
+
+def test_stop_turns_health_not_serving_and_finishes_in_flight_work(embedded_scorer):
+    kinds = [short_conversation(i) for i in range(3)]
+    offline = [r.score for r in embedded_scorer.score(kinds)]
+    running = start_server(embedded_scorer, grace_s=120)
+    seen: list[str] = []
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+
+        def follow() -> None:
+            try:
+                for reply in watch:
+                    seen.append(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+            except grpc.RpcError:
+                pass  # the server cancels the watch once it has drained
+
+        threading.Thread(target=follow, daemon=True).start()
+        assert wait_until(lambda: "SERVING" in seen, timeout=30), seen
+        s = pb_grpc.RewardServiceStub(channel)
+        futures = [s.Score.future(score_request([c]), timeout=300) for c in kinds]
+        # Stop only once every call has been admitted (in progress now, or already answered).
+        assert wait_until(lambda: running.calls_in_progress + sum(f.done() for f in futures) == len(kinds), timeout=60)
+        stopper = threading.Thread(target=running.stop)
+        stopper.start()
+        assert wait_until(lambda: "NOT_SERVING" in seen, timeout=30), seen
+        for future, want in zip(futures, offline):  # accepted before the stop: all answered
+            assert future.result().results[0].score == pytest.approx(want, abs=TOL)
+        stopper.join(130)
+        assert not stopper.is_alive()
+        with pytest.raises(grpc.RpcError) as info:
+            s.Score(score_request([kinds[0]]), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert seen[0] == "SERVING" and seen[-1] == "NOT_SERVING"
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def test_sigterm_during_load_loses_no_accepted_request(embedded_scorer, tmp_path):
+    kinds = [short_conversation(i) for i in range(6)]
+    offline = [r.score for r in embedded_scorer.score(kinds)]
+    log_path = tmp_path / "serve.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "rewardsvc.serve_cli", "--port", "0", "--metrics-port", "0", "--grace", "120"]
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        assert wait_until(lambda: "event=serve.ready" in _read(log_path) or process.poll() is not None, 300, 0.2), _read(log_path)
+        text = _read(log_path)
+        assert "event=serve.ready" in text, text
+        port = int(re.search(r"event=serve.listening address=127\.0\.0\.1:(\d+)", text).group(1))
+        metrics_port = int(re.search(r"metrics_port=(\d+)", text).group(1))
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            s = pb_grpc.RewardServiceStub(channel)
+            futures = [s.Score.future(score_request([c]), timeout=300) for c in kinds]
+            # Every call has reached its handler (accepted) before the signal.
+            assert wait_until(lambda: metric_value(metrics_port, "rewardsvc_requests_in_progress") == len(kinds), 60, 0.02)
+            process.send_signal(signal.SIGTERM)
+            assert wait_until(lambda: "event=serve.draining" in _read(log_path), 30, 0.02), _read(log_path)
+            with pytest.raises(grpc.RpcError) as info:  # no new work once shutting down
+                s.Score(score_request([kinds[0]]), timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            for future, want in zip(futures, offline):
+                assert future.result().results[0].score == pytest.approx(want, abs=TOL)
+        assert process.wait(150) == 0
+        text = _read(log_path)
+        assert "event=serve.signal signal=SIGTERM" in text
+        assert "event=serve.stopped" in text and "drained=True" in text, text
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
