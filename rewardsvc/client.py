@@ -342,7 +342,8 @@ class RewardClient(_Base):
 
     def score_stream(self, requests: Iterable[tuple], *, timeout: float | None = None) -> Iterator[StreamResult]:
         """requests: (request_id, conversations) or (request_id, conversations, weights) tuples. Yields a
-        StreamResult per request, in completion order. Not retried (a stream is not idempotent as a whole)."""
+        StreamResult per request, in completion order. `timeout` bounds the whole stream (default: the
+        client's timeout; pass a larger one for a long-lived stream). Not retried: a broken stream raises."""
 
         def messages():
             for item in requests:
