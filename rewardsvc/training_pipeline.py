@@ -98,8 +98,8 @@ def _encode_all(encoder: ChatEncoder, conversations: dict[str, _Conversation], d
             dropped[f"{what}: {reason}"] = dropped.get(f"{what}: {reason}", 0) + 1
 
 
-def _embed(backbone: Backbone, conversations: dict[str, _Conversation], directory: Path, token_budget: int) -> dict[str, int]:
-    """Embed every encodable conversation (resumable store); returns id -> row index in the store."""
+def _embed(backbone: Backbone, conversations: dict[str, _Conversation], directory: Path, token_budget: int) -> "_Lookup":
+    """Embed every encodable conversation (resumable store); embeddings by conversation key."""
     rows = sorted((c for c in conversations.values() if c.encoded is not None), key=lambda c: c.id)
 
     def embed_fn(chunk: Sequence[_Conversation]) -> dict[str, torch.Tensor]:
@@ -108,12 +108,7 @@ def _embed(backbone: Backbone, conversations: dict[str, _Conversation], director
         return {"response": emb.response, "prompt": emb.prompt,
                 "num_tokens": torch.tensor([e.num_tokens for e in encoded], dtype=torch.int64)}  # fmt: skip
 
-    store = extract_embeddings(rows, embed_fn, directory, backbone_id=backbone.model_id, shard_size=128)
-    _STORES[str(directory)] = store
-    return {i: n for n, i in enumerate(store.ids)}
-
-
-_STORES: dict[str, EmbeddingSet] = {}
+    return _Lookup(extract_embeddings(rows, embed_fn, directory, backbone_id=backbone.model_id, shard_size=128))
 
 
 class _Lookup:
@@ -190,9 +185,8 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     train_convs = _collect([*sets.stage1_train, *sets.stage1_val, *sets.stage2_train, *sets.stage2_val])
     _encode_all(encoder, train_convs, dropped, f"training conversation over max_tokens={config.max_tokens} or invalid")
     t = time.perf_counter()
-    _embed(backbone, train_convs, work / "embeddings" / "train", config.token_budget)
+    lookup = _embed(backbone, train_convs, work / "embeddings" / "train", config.token_budget)
     timings["embed_train_s"] = time.perf_counter() - t
-    lookup = _Lookup(_STORES[str(work / "embeddings" / "train")])
 
     # ---- stage 1: ridge per attribute ------------------------------------------------------------
     attributes = tuple(ATTRIBUTE_NAMES)
@@ -245,9 +239,8 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         eval_convs = _collect(sets.eval_pairs)
         _encode_all(encoder, eval_convs, dropped, f"eval conversation over max_tokens={config.max_tokens} or invalid")
         t = time.perf_counter()
-        _embed(backbone, eval_convs, work / "embeddings" / "eval", config.token_budget)
+        eval_lookup = _embed(backbone, eval_convs, work / "embeddings" / "eval", config.token_budget)
         timings["embed_eval_s"] = time.perf_counter() - t
-        eval_lookup = _Lookup(_STORES[str(work / "embeddings" / "eval")])
         eval_pairs = _usable(sets.eval_pairs, eval_lookup, dropped, "eval pair")
         eval_tensors = _pairs_tensors(eval_pairs, eval_lookup)
         for variant, heads in variants.items():
