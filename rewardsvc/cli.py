@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -74,20 +75,9 @@ def parse_weights(text: str | None) -> AttributeWeights | None:
     return AttributeWeights(mode=data["mode"], values=data.get("values") or {})
 
 
-def result_row(row_id: Any, result, include_source: bool = True) -> dict[str, Any]:
-    out = {
-        "id": row_id,
-        "score": result.score,
-        "rewards": result.rewards,
-        "gating": result.gating,
-        "coefficients": result.coefficients,
-        "num_tokens": result.num_tokens,
-        "truncated": result.truncated,
-        "model_id": result.model_id,
-    }
-    if include_source:
-        out["weights_source"] = result.weights_source
-    return out
+def result_row(row_id: Any, result) -> dict[str, Any]:
+    """One output row: the row's id and every ScoreResult field."""
+    return {"id": row_id, **asdict(result)}
 
 
 def cmd_score(args: argparse.Namespace) -> int:

@@ -127,13 +127,15 @@ class Scorer:
         """Response and prompt embeddings (N, H), in input order, from length-sorted padded batches."""
         return embed_encoded(self.backbone, encoded, self.config.token_budget, self.config.max_batch_size)
 
+    def _weights_used(self, prompt_embedding: torch.Tensor, weights: AttributeWeights | None) -> torch.Tensor:
+        """The gating for these prompts (N, K), steered by `weights` when given."""
+        gating = self.heads.gate(prompt_embedding)  # (N, K)
+        return gating if weights is None else weights.apply(gating, self.attributes)
+
     @torch.inference_mode()
     def _head_outputs(self, embeddings: Embeddings, weights: AttributeWeights | None):
         rewards = self.heads.rewards(embeddings.response)  # (N, K)
-        gating = self.heads.gate(embeddings.prompt)  # (N, K)
-        if weights is not None:
-            gating = weights.apply(gating, self.attributes)
-        return self.heads.combine(rewards, gating)
+        return self.heads.combine(rewards, self._weights_used(embeddings.prompt, weights))
 
     def _named(self, row: torch.Tensor) -> dict[str, float]:
         return {name: float(v) for name, v in zip(self.attributes, row.tolist())}
@@ -188,10 +190,8 @@ class Scorer:
         if weights is not None:
             weights.check_attributes(self.attributes)
         hidden = self.backbone.hidden_at([list(encoded.input_ids)], [[encoded.prompt_anchor]])  # (1, 1, H)
-        gating = self.heads.gate(hidden[:, 0])
-        if weights is not None:
-            gating = weights.apply(gating, self.attributes)
-        coefficients = gating @ self.heads.reward_transform_matrix.T
+        gating = self._weights_used(hidden[:, 0], weights)  # (1, K)
+        coefficients = gating @ self.heads.reward_transform_matrix.T  # (1, K), as in ArmoHeads.combine
         return InspectResult(
             gating=self._named(gating[0]),
             coefficients=self._named(coefficients[0]),
