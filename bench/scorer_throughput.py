@@ -18,7 +18,7 @@ import time
 import torch
 
 from rewardsvc.config import ScorerConfig
-from rewardsvc.scorer import Scorer
+from rewardsvc.model.scorer import Scorer
 
 
 def synthetic_conversations(n: int, seed: int = 0) -> list[list[dict]]:
@@ -34,8 +34,8 @@ def synthetic_conversations(n: int, seed: int = 0) -> list[list[dict]]:
 
 def real_conversations(n: int) -> list[list[dict]] | None:
     """UltraFeedback prompts with their chosen responses, when ../shared/data is present."""
-    from rewardsvc.data.files import default_data_dir
-    from rewardsvc.data.ultrafeedback import load_pairs
+    from rewardsvc.training.data.files import default_data_dir
+    from rewardsvc.training.data.ultrafeedback import load_pairs
 
     if not default_data_dir().is_dir():
         return None

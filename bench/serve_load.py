@@ -5,7 +5,7 @@ the scorer's offline throughput on the same conversations, measured in the same 
     HF_HUB_OFFLINE=1 python bench/serve_load.py                       # default sweep 1..64
     HF_HUB_OFFLINE=1 python bench/serve_load.py --levels 1,8,64 --json out.json
 
-The server runs in a subprocess (`python -m rewardsvc.serve_cli`, the embedded default model); the load
+The server runs in a subprocess (`python -m rewardsvc.cli.serve`, the embedded default model); the load
 comes from one asyncio thread here (grpc.aio), so client overhead stays small. Every request is one
 distinct conversation (no duplicates: the batcher computes identical conversations once, which would
 flatter the figures). Offline = `scorer.score(the level's conversations)` in this process, right after the
@@ -79,7 +79,7 @@ def machine() -> dict[str, str]:
 
 def start_server(log_path: Path, extra: list[str]) -> tuple[subprocess.Popen, int, int]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "rewardsvc.serve_cli", "--port", "0", "--metrics-port", "0", "--grace", "60", *extra]
+    command = [sys.executable, "-m", "rewardsvc.cli.serve", "--port", "0", "--metrics-port", "0", "--grace", "60", *extra]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 600
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     per_level = {c: args.requests or max(32, 2 * c) for c in levels}
     pool = make_pool(max(per_level.values()), args.seed)
 
-    from rewardsvc.scorer import Scorer
+    from rewardsvc.model.scorer import Scorer
 
     info = machine()
     print("machine:", json.dumps(info), flush=True)

@@ -2,7 +2,7 @@
 
     python eval/evaluate_default.py [--model DIR] [--report artifacts/eval-report]
 
-Builds the eval pairs exactly as training does (rewardsvc.data.build: fixed split, eval prompt groups never
+Builds the eval pairs exactly as training does (rewardsvc.training.data.build: fixed split, eval prompt groups never
 in training), writes them to artifacts/eval/eval.jsonl and runs `rewardsvc eval` on them.
 """
 
@@ -12,8 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from rewardsvc.cli import main
-from rewardsvc.data.build import build_training_sets, write_jsonl
+from rewardsvc.cli.main import main
+from rewardsvc.training.data.build import build_training_sets, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 

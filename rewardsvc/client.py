@@ -4,7 +4,7 @@
         client.score([[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]])
         reward_func = client.trl_reward_func()  # for TRL's GRPOTrainer / RLOOTrainer
 
-- Typed results (ScoreResult, InspectResult from rewardsvc.scorer; GroupResult, CompareResult) and typed
+- Typed results (ScoreResult, InspectResult from rewardsvc.model.scorer; GroupResult, CompareResult) and typed
   errors (InvalidInputError, OverloadedError, NotReadyError, DeadlineExceededError, UnauthenticatedError,
   else RemoteError), each with `.code` set to the gRPC status name.
 - Retries with exponential backoff and jitter on UNAVAILABLE, and on RESOURCE_EXHAUSTED when the server
@@ -38,9 +38,10 @@ from .errors import (
     RewardError,
     UnauthenticatedError,
 )
-from .scorer import InspectResult, ScoreResult
-from .service import SERVICE_NAME, CompareResult, GroupResult
-from .servicer import (
+from .model.scorer import InspectResult, ScoreResult
+from .model.steering import AttributeWeights
+from .serving.service import SERVICE_NAME, CompareResult, GroupResult
+from .serving.servicer import (
     FIELD_KEY,
     RETRY_AFTER_KEY,
     compare_from_pb,
@@ -51,7 +52,6 @@ from .servicer import (
     result_from_pb,
     weights_to_pb,
 )
-from .steering import AttributeWeights
 
 __all__ = [
     "AsyncRewardClient",

@@ -41,6 +41,6 @@ def tiny_llama_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def embedded_scorer():
     """The packaged default heads on the real embedded SmolLM2-135M backbone (loaded once per session)."""
-    from rewardsvc.scorer import Scorer
+    from rewardsvc.model.scorer import Scorer
 
     return Scorer.load()

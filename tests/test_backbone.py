@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from rewardsvc.backbone import load_backbone
+from rewardsvc.model.backbone import load_backbone
 from rewardsvc.config import EMBEDDED_DEFAULT_BACKBONE, BackboneConfig
 from rewardsvc.errors import BackboneError, InvalidInputError
 

@@ -1,4 +1,4 @@
-from rewardsvc.batch_plan import plan_padded_batches
+from rewardsvc.model.batch_plan import plan_padded_batches
 
 
 def test_batches_respect_budget_and_cover_every_index_once():

@@ -12,11 +12,11 @@ from concurrent.futures import CancelledError
 
 import pytest
 
-from rewardsvc.batching import Batcher, BatcherConfig
-from rewardsvc.encoding import EncodedConversation
+from rewardsvc.serving.batching import Batcher, BatcherConfig
+from rewardsvc.model.encoding import EncodedConversation
 from rewardsvc.errors import DeadlineExceededError, InvalidInputError, NotReadyError, OverloadedError
-from rewardsvc.scorer import InspectResult, ScoreResult
-from rewardsvc.steering import AttributeWeights
+from rewardsvc.model.scorer import InspectResult, ScoreResult
+from rewardsvc.model.steering import AttributeWeights
 
 POISON = -1  # a token id that makes the double raise, as a forward pass running out of memory would
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from rewardsvc.checkpoint import HeadsCheckpoint, load_heads, save_heads
+from rewardsvc.model.checkpoint import HeadsCheckpoint, load_heads, save_heads
 from rewardsvc.config import BackboneConfig, HeadsConfig
 from rewardsvc.errors import CheckpointError
-from rewardsvc.heads import ArmoHeads
-from rewardsvc.scorer import Scorer
+from rewardsvc.model.heads import ArmoHeads
+from rewardsvc.model.scorer import Scorer
 from tiny_models import build_tokenizer, tiny_llama_config
 
 K = 5

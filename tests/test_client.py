@@ -21,8 +21,8 @@ from rewardsvc.client import (
     retry_delay,
 )
 from rewardsvc.errors import DeadlineExceededError, InvalidInputError, UnauthenticatedError
-from rewardsvc.scorer import InspectResult, ScoreResult
-from rewardsvc.server import ServerConfig, build_server
+from rewardsvc.model.scorer import InspectResult, ScoreResult
+from rewardsvc.serving.server import ServerConfig, build_server
 from service_fixtures import (  # noqa: F401  (fixtures)
     make_certs,
     metric_value,

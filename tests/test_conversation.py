@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from rewardsvc.conversation import as_prompt, validate_conversation, validate_prompt, with_response
+from rewardsvc.model.conversation import as_prompt, validate_conversation, validate_prompt, with_response
 from rewardsvc.errors import InvalidConversationError
 
 U = {"role": "user", "content": "hi"}

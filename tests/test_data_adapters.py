@@ -9,10 +9,10 @@ from collections import Counter
 
 import pytest
 
-from rewardsvc.data import ATTRIBUTE_NAMES, ATTRIBUTES, PreferencePair, RatedConversation, default_data_dir
-from rewardsvc.data import hh_harmless, pandalm, xstest
-from rewardsvc.data.sources import load_preference_pairs, load_rated_conversations
-from rewardsvc.data.transcript import parse_transcript, split_pair_transcripts
+from rewardsvc.training.data import ATTRIBUTE_NAMES, ATTRIBUTES, PreferencePair, RatedConversation, default_data_dir
+from rewardsvc.training.data import hh_harmless, pandalm, xstest
+from rewardsvc.training.data.sources import load_preference_pairs, load_rated_conversations
+from rewardsvc.training.data.transcript import parse_transcript, split_pair_transcripts
 
 DATA = default_data_dir()
 pytestmark = pytest.mark.skipif(

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from rewardsvc.data import (DEFAULT_EVAL_MAX_CHARS, DEFAULT_MAX_CHARS, PreferencePair, RatedConversation,
+from rewardsvc.training.data import (DEFAULT_EVAL_MAX_CHARS, DEFAULT_MAX_CHARS, PreferencePair, RatedConversation,
                             build_training_sets, default_data_dir, write_jsonl)
-from rewardsvc.data.build import resolve_caps, round_robin
-from rewardsvc.data.neardup import near_duplicates
-from rewardsvc.data.sources import load_preference_pairs
-from rewardsvc.data.splits import EVAL_SALT, VAL_SALT, pair_split, unit_hash
+from rewardsvc.training.data.build import resolve_caps, round_robin
+from rewardsvc.training.data.neardup import near_duplicates
+from rewardsvc.training.data.sources import load_preference_pairs
+from rewardsvc.training.data.splits import EVAL_SALT, VAL_SALT, pair_split, unit_hash
 from rewardsvc.errors import InvalidInputError
 
 DATA = default_data_dir()
@@ -127,7 +127,7 @@ def test_eval_responses_never_rated_in_stage1(sets):
 @needs_data
 def test_build_is_deterministic_across_processes(sets):
     code = (
-        "import hashlib;from rewardsvc.data import build_training_sets as b;s=b();"
+        "import hashlib;from rewardsvc.training.data import build_training_sets as b;s=b();"
         "print(hashlib.sha256('\\n'.join(sorted(p.id for p in s.eval_pairs)).encode()).hexdigest());"
         "print(hashlib.sha256('\\n'.join(sorted(r.id for r in s.stage1_train+s.stage2_train)).encode()).hexdigest())"
     )

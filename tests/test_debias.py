@@ -10,9 +10,9 @@ import torch
 from scipy import stats
 
 from rewardsvc.config import HeadsConfig
-from rewardsvc.debias import DEFAULT_GRID, fit_length_head, fit_verbosity_penalties, verbosity_transform
+from rewardsvc.training.debias import DEFAULT_GRID, fit_length_head, fit_verbosity_penalties, verbosity_transform
 from rewardsvc.errors import InvalidInputError
-from rewardsvc.heads import ArmoHeads
+from rewardsvc.model.heads import ArmoHeads
 
 ATTRS = ("helpfulness", "correctness", "verbosity", "safety", "style")
 V = 2
@@ -80,7 +80,7 @@ def test_transform_structure_and_armo_heads_combine():
 def test_unreachable_threshold_takes_smallest_abs_spearman_and_reports_it(caplog):
     r = _rewards()
     grid = (0.0, 0.1, 0.2)  # far too short for "style" (slope 1.7)
-    with caplog.at_level(logging.WARNING, logger="rewardsvc.debias"):
+    with caplog.at_level(logging.WARNING, logger="rewardsvc.training.debias"):
         lambdas, _, report = fit_verbosity_penalties(r, V, ATTRS, grid=grid)
     rhos = {lam: _spearman(r, 4, lam) for lam in grid}
     assert report["style"]["reached"] is False

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from rewardsvc.embedding_store import extract_embeddings, fingerprint, load_embeddings, shard_path
+from rewardsvc.training.embedding_store import extract_embeddings, fingerprint, load_embeddings, shard_path
 from rewardsvc.errors import CheckpointError, InvalidInputError
 
 H = 6

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rewardsvc.encoding import ChatEncoder
+from rewardsvc.model.encoding import ChatEncoder
 from rewardsvc.errors import ConversationTooLongError
 
 USER = {"role": "user", "content": "What is the capital of France?"}

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from rewardsvc.checkpoint import HeadsCheckpoint, save_heads
-from rewardsvc.cli import main
+from rewardsvc.model.checkpoint import HeadsCheckpoint, save_heads
+from rewardsvc.cli.main import main
 from rewardsvc.config import HeadsConfig
-from rewardsvc.heads import ArmoHeads
-from rewardsvc.scorer import Scorer
+from rewardsvc.model.heads import ArmoHeads
+from rewardsvc.model.scorer import Scorer
 
 PAIRS = [
     {"prompt": "What is the capital of France?", "chosen": "Paris.", "rejected": "The capital of France is Berlin, a city.", "category": "chat", "subset": "a"},

@@ -10,7 +10,7 @@ import pytest
 from matplotlib import image as mpimg
 from scipy import stats
 
-from rewardsvc.evaluation import attribute_correlations, evaluate_pairs, write_report
+from rewardsvc.evaluation.report import attribute_correlations, evaluate_pairs, write_report
 
 # (subset, category, chosen_score, rejected_score, chosen_length, rejected_length)
 HAND = [

@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 
 from rewardsvc.config import HeadsConfig
-from rewardsvc.heads import ArmoHeads
+from rewardsvc.model.heads import ArmoHeads
 
 
 def test_heads_match_the_armorm_formulas():

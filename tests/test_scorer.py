@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from rewardsvc.checkpoint import HeadsCheckpoint, save_heads
+from rewardsvc.model.checkpoint import HeadsCheckpoint, save_heads
 from rewardsvc.config import HeadsConfig, ScorerConfig
 from rewardsvc.errors import ConversationTooLongError, InvalidConversationError, InvalidInputError
-from rewardsvc.heads import ArmoHeads
-from rewardsvc.scorer import Scorer
-from rewardsvc.steering import AttributeWeights
+from rewardsvc.model.heads import ArmoHeads
+from rewardsvc.model.scorer import Scorer
+from rewardsvc.model.steering import AttributeWeights
 
 ATTRS = ("helpful", "safe", "verbose")
 

@@ -66,7 +66,7 @@ def test_sigterm_during_load_loses_no_accepted_request(embedded_scorer, tmp_path
     offline = [r.score for r in embedded_scorer.score(kinds)]
     log_path = tmp_path / "serve.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "rewardsvc.serve_cli", "--port", "0", "--metrics-port", "0", "--grace", "120"]
+    command = [sys.executable, "-m", "rewardsvc.cli.serve", "--port", "0", "--metrics-port", "0", "--grace", "120"]
     with open(log_path, "w") as log_file:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     try:

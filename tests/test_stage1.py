@@ -9,7 +9,7 @@ from scipy import stats
 from sklearn.linear_model import Ridge
 
 from rewardsvc.errors import InvalidInputError
-from rewardsvc.stage1 import fit_stage1
+from rewardsvc.training.stage1 import fit_stage1
 
 ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3)
 ATTRS = ("a", "b", "c")

@@ -9,8 +9,8 @@ import torch
 
 from rewardsvc.config import HeadsConfig
 from rewardsvc.errors import InvalidInputError
-from rewardsvc.heads import ArmoHeads
-from rewardsvc.stage2 import PreferencePairs, Stage2Config, train_gating
+from rewardsvc.model.heads import ArmoHeads
+from rewardsvc.training.stage2 import PreferencePairs, Stage2Config, train_gating
 
 H, K = 32, 3
 ATTRS = ("accuracy", "style", "verbosity")

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from rewardsvc.config import BackboneConfig
-from rewardsvc.data.attributes import ATTRIBUTE_NAMES, VERBOSITY
-from rewardsvc.data.files import default_data_dir
-from rewardsvc.scorer import Scorer
-from rewardsvc.training_pipeline import TrainConfig, run_training
+from rewardsvc.training.data.attributes import ATTRIBUTE_NAMES, VERBOSITY
+from rewardsvc.training.data.files import default_data_dir
+from rewardsvc.model.scorer import Scorer
+from rewardsvc.training.pipeline import TrainConfig, run_training
 
 CAPS = {
     "stage1/just-eval": 150, "stage1/just-eval-safety": 150, "stage1/prometheus-mt-bench": 60,
@@ -73,7 +73,7 @@ def test_metrics_and_evaluation_are_recorded(trained):
 
 def test_rerun_reuses_the_cached_embeddings(trained, monkeypatch):
     config, _ = trained
-    import rewardsvc.training_pipeline as pipeline
+    import rewardsvc.training.pipeline as pipeline
 
     def no_backbone_pass(*args, **kwargs):
         raise AssertionError("a re-run must not embed again")

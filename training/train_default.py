@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from rewardsvc.cli import main
+from rewardsvc.cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ARGS = [

@@ -1,0 +1,82 @@
+"""`rewardsvc eval PAIRS.jsonl`: pairwise accuracy overall / per category / per subset, the "longer
+response wins" baseline on the same pairs, and the Spearman correlation between score and length.
+
+Rows: {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages, "subset"?, "category"?}.
+Prints one JSON object; a row that cannot be scored is listed under "errors" (and the exit code is 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from typing import Any
+
+from ..errors import RewardError
+from ..evaluation.report import evaluate_pairs, write_report
+from ..model.checkpoint import json_safe
+from ..training.data.schema import PreferencePair
+from .rows import read_jsonl
+
+uses_model = True
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pairs", help="JSONL of preference pairs")
+    parser.add_argument("--report", help="directory for PNG plots (accuracy vs length baseline, score vs length, gating)")
+    parser.add_argument("--records", help="also write per-pair scores (JSONL) here")
+
+
+def mean_gating_by_category(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    counts: dict[str, int] = defaultdict(int)
+    for r in records:
+        counts[r["category"]] += 1
+        for name, value in r["gating"].items():
+            sums[r["category"]][name] += value
+    return {c: {n: v / counts[c] for n, v in attrs.items()} for c, attrs in sums.items()}
+
+
+def run(args: argparse.Namespace) -> int:
+    from .main import load_scorer
+
+    scorer = load_scorer(args)
+    errors: list[dict[str, Any]] = []
+    pairs, encoded = [], []
+    for raw in read_jsonl(args.pairs):
+        if raw.error is not None:
+            errors.append({"line": raw.line, "id": None, "error": raw.error})
+            continue
+        try:
+            pair = PreferencePair.from_json(raw.data)
+            chosen = scorer.encoder.encode(pair.prompt + [{"role": "assistant", "content": pair.chosen}], f"line {raw.line} chosen")
+            rejected = scorer.encoder.encode(pair.prompt + [{"role": "assistant", "content": pair.rejected}], f"line {raw.line} rejected")
+        except (RewardError, KeyError, TypeError, ValueError) as exc:
+            errors.append({"line": raw.line, "id": raw.id, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        pairs.append(pair)
+        encoded += [chosen, rejected]
+    if not pairs:
+        print(json.dumps({"errors": errors, "overall": {"accuracy": None, "n": 0}}))
+        return 1
+    results = scorer.score_encoded(encoded)
+    records = [
+        {"id": p.id, "subset": p.subset, "category": p.category,
+         "chosen_score": results[2 * i].score, "rejected_score": results[2 * i + 1].score,
+         "chosen_length": len(p.chosen), "rejected_length": len(p.rejected), "gating": results[2 * i].gating}  # fmt: skip
+        for i, p in enumerate(pairs)
+    ]
+    summary = evaluate_pairs(records)
+    summary["model_id"] = scorer.model_id
+    summary["length_unit"] = "characters"
+    if errors:
+        summary["errors"] = errors
+    if args.report:
+        paths = write_report(summary, records, args.report, mean_gating_by_category(records))
+        summary["report"] = {name: str(path) for name, path in paths.items()}
+    if args.records:
+        with open(args.records, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+    print(json.dumps(json_safe(summary), indent=2))
+    return 1 if errors else 0

@@ -1,0 +1,145 @@
+"""`rewardsvc serve`: load the scorer, serve it over gRPC, block until SIGTERM / SIGINT, stop gracefully.
+
+Wired into rewardsvc/cli/main.py as an extension (`add_arguments` / `run`), or run alone:
+    python -m rewardsvc.cli.serve --port 50051 --metrics-port 9090
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+
+from ..errors import InvalidInputError, RewardError
+from ..serving.server import ServerConfig, build_server, kv
+
+log = logging.getLogger("rewardsvc.server")
+
+TOKEN_ENV = "REWARDSVC_AUTH_TOKEN"
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Model flags (shared with score / inspect, added here unless the caller already did) + server flags."""
+    from .main import add_model_arguments
+
+    if not any("--model" in action.option_strings for action in parser._actions):
+        add_model_arguments(parser)
+    d = ServerConfig()
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default=d.host, help="address to bind (default %(default)s; 0.0.0.0 for all interfaces)")
+    g.add_argument("--port", type=int, default=d.port, help="gRPC port, 0 = ephemeral (default %(default)s)")
+    g.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default: off; 0 = ephemeral)")
+    g.add_argument("--auth-token-file", help=f"file holding the bearer token clients must send (or set ${TOKEN_ENV})")
+    g.add_argument("--tls-cert", help="PEM server certificate chain (TLS on with --tls-key)")
+    g.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    g.add_argument("--tls-client-ca", help="PEM CA bundle: require client certificates it signed (mutual TLS)")
+    limits = parser.add_argument_group("limits and batching")
+    limits.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes, help="largest request (default %(default)s)")
+    limits.add_argument("--max-conversations-per-request", type=int, default=d.max_conversations_per_request,
+                        help="default %(default)s")  # fmt: skip
+    limits.add_argument("--max-group-size", type=int, default=d.max_group_size, help="responses per ScoreGroup (default %(default)s)")
+    limits.add_argument("--batch-token-budget", type=int, default=d.token_budget,
+                        help="tokens the batcher groups into one scorer call (default %(default)s)")  # fmt: skip
+    limits.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
+                        help="batcher wait for more requests after the first (default %(default)s)")  # fmt: skip
+    limits.add_argument("--max-tokens-in-flight", type=int, default=d.max_tokens_in_flight,
+                        help="admission control: tokens queued or computing before RESOURCE_EXHAUSTED (default %(default)s)")  # fmt: skip
+    limits.add_argument("--handler-threads", type=int, default=d.handler_threads, help="default %(default)s")
+    limits.add_argument("--torch-threads", type=int, default=None,
+                        help="torch intra-op threads of the model (default: torch's choice, one per core)")  # fmt: skip
+    limits.add_argument("--grace", type=float, default=d.grace_s,
+                        help="seconds in-flight calls get to finish on SIGTERM (default %(default)s)")  # fmt: skip
+
+
+def _auth_token(args: argparse.Namespace) -> str | None:
+    if args.auth_token_file:
+        try:
+            token = open(args.auth_token_file, encoding="utf-8").read().strip()
+        except OSError as exc:
+            raise InvalidInputError(f"--auth-token-file: cannot read {args.auth_token_file}: {exc}", "auth_token_file") from exc
+        if not token:
+            raise InvalidInputError(f"--auth-token-file: {args.auth_token_file} is empty", field="auth_token_file")
+        return token
+    return os.environ.get(TOKEN_ENV) or None  # never a flag: flags show up in `ps`
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        max_message_bytes=args.max_message_bytes,
+        max_conversations_per_request=args.max_conversations_per_request,
+        max_group_size=args.max_group_size,
+        token_budget=args.batch_token_budget,
+        max_wait_ms=args.max_wait_ms,
+        max_tokens_in_flight=args.max_tokens_in_flight,
+        handler_threads=args.handler_threads,
+        auth_token=_auth_token(args),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        grace_s=args.grace,
+    )  # max tokens per conversation: the scorer's own --max-tokens
+
+
+def _setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)  # the address, readiness and shutdown lines are the point of this command
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Load, serve, block until SIGTERM/SIGINT, stop gracefully. 0 after a clean stop, 1 if loading failed."""
+    from .main import load_scorer
+
+    _setup_logging()
+    config = server_config(args)
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum, _frame) -> None:
+        received.append(signum)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        # Bind first, load in the background: health answers NOT_SERVING while the model loads.
+        running = build_server(lambda: load_scorer(args), config, wait_ready=False)
+        while not stop.wait(0.2):
+            if running.load_error is not None:
+                running.stop(0)
+                return 1
+        log.info(kv("serve.signal", signal=signal.Signals(received[0]).name if received else "?"))
+        running.stop(config.grace_s)
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# The cli/main.py extension protocol (`EXTENSIONS`): add_arguments(parser) and run(args) -> int.
+add_arguments = add_serve_arguments
+run = run_serve
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rewardsvc serve", description="Serve the reward model over gRPC")
+    add_serve_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_serve(args)
+    except RewardError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""`rewardsvc train`: the default ArmoRM recipe (stage 1 + debiasing + stage 2) on ../shared/data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..config import BackboneConfig
+from ..training.data.build import DEFAULT_CAPS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="directory for the trained heads checkpoint")
+    parser.add_argument("--work-dir", default="artifacts/train", help="cache of data sets and embeddings (resumable)")
+    parser.add_argument("--data-dir", help="the shared data directory (default: ../shared/data)")
+    parser.add_argument("--backbone", default=BackboneConfig.model, help="backbone: embedded default, directory, hub id or .gguf")
+    parser.add_argument("--name", default="rewardsvc-default-smollm2-135m")
+    parser.add_argument("--caps-scale", type=float, default=1.0,
+                        help="multiply every per-source cap of rewardsvc.training.data.build.DEFAULT_CAPS (CPU budget)")  # fmt: skip
+    parser.add_argument("--max-tokens", type=int, default=768, help="conversations longer than this are left out (counted)")
+    parser.add_argument("--max-chars", type=int, default=2000, help="training prompts/responses longer than this are left out")
+    parser.add_argument("--token-budget", type=int, default=4096)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-eval", action="store_true", help="skip the evaluation on the held-out mix")
+
+
+def scaled_caps(scale: float) -> dict[str, int | None]:
+    """Uncapped sources (None) stay uncapped."""
+    return {k: None if v is None else max(1, round(v * scale)) for k, v in DEFAULT_CAPS.items()}
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..training.pipeline import TrainConfig, run_training
+
+    config = TrainConfig(
+        out_dir=args.out, work_dir=args.work_dir, data_dir=args.data_dir, backbone=BackboneConfig(model=args.backbone),
+        name=args.name, max_tokens=args.max_tokens, token_budget=args.token_budget, max_chars=args.max_chars,
+        caps=scaled_caps(args.caps_scale) if args.caps_scale != 1.0 else None, seed=args.seed, evaluate=not args.no_eval,
+    )  # fmt: skip
+    provenance = run_training(config)
+    print(json.dumps({"out": args.out, "data": provenance["data"], "metrics": provenance["metrics"],
+                      "timings_s": provenance["timings_s"]}, indent=2))  # fmt: skip
+    return 0

@@ -1,0 +1,1 @@
+"""Evaluation of quality: pairwise accuracy against the length baseline, per-attribute correlations, plots."""

@@ -1,0 +1,138 @@
+"""Chat templating and anchor positions.
+
+A conversation is rendered with the tokenizer's own chat template. Two positions matter:
+- response anchor: the last token of the conversation (the end-of-turn token closing the response);
+- prompt anchor: the last token of the templated prompt part (all messages before the final assistant
+  turn), e.g. `<|im_end|>` closing the last user turn in ChatML, `<|eot_id|>` in Llama-3.
+
+Both come from the template itself: the prompt part is rendered separately and its common prefix with
+the full rendering (trailing whitespace stripped) marks where the prompt ends; token offsets map that
+character position to a token. No token id is hard-coded, and positions are indices into the unpadded
+token list, so padding (whatever the pad token is) cannot move them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..errors import ConversationTooLongError, InvalidConversationError
+from .conversation import Messages
+
+
+@dataclass(frozen=True)
+class EncodedConversation:
+    """Token ids of one templated conversation (the window that is scored) and its anchors."""
+
+    input_ids: tuple[int, ...]
+    prompt_anchor: int  # index into input_ids
+    original_tokens: int  # tokens before any truncation
+    truncated: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def response_anchor(self) -> int:
+        return len(self.input_ids) - 1
+
+
+class ChatEncoder:
+    """Renders, tokenizes and (optionally) truncates conversations for one tokenizer."""
+
+    def __init__(self, tokenizer, max_tokens: int, truncation: str = "error"):
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
+        self.truncation = truncation
+
+    def render(self, messages: Messages, field: str) -> str:
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        except Exception as exc:  # jinja raises TemplateError (and others) for conversations it rejects
+            raise InvalidConversationError(f"{field}: the chat template rejected this conversation: {exc}", field) from exc
+        if not isinstance(text, str):
+            raise InvalidConversationError(f"{field}: the chat template did not render to text", field)
+        return text
+
+    def _tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        # The template already holds BOS and other specials: do not add them twice.
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+    @staticmethod
+    def _last_token_ending_by(offsets: list[tuple[int, int]], char_end: int) -> int:
+        index = -1
+        for i, (start, end) in enumerate(offsets):
+            if end <= char_end and end > start:
+                index = i
+            elif start >= char_end:
+                break
+        return index
+
+    def _head_tokens(self, full: str, messages: Messages, offsets: list[tuple[int, int]]) -> int:
+        """Tokens kept at the start when truncating: everything before the content of the first non-system
+        message (BOS, the system turn, the first turn's header)."""
+        position = 0
+        for message in messages:
+            found = full.find(message["content"], position) if message["content"] else -1
+            if found < 0:
+                return 0  # cannot place the message: keep no head rather than guess
+            if message["role"] != "system":
+                return sum(1 for start, end in offsets if end <= found)
+            position = found + len(message["content"])
+        return 0
+
+    def _fit(self, ids: list[int], head: int, keep_from: int, field: str) -> tuple[list[int], int]:
+        """Drop tokens from `head` on (oldest prompt tokens first) so that the window fits; everything from
+        `keep_from` (the prompt anchor) to the end is kept. Returns the window and how many were cut."""
+        n, limit = len(ids), self.max_tokens
+        if n <= limit:
+            return ids, 0
+        if self.truncation == "error":
+            raise ConversationTooLongError(
+                f"{field} has {n} tokens, over the limit max_tokens={limit} (truncation is off)", n, limit, field
+            )
+        cut_end = n - (limit - head)
+        if cut_end > keep_from or head >= limit:
+            minimum = head + n - keep_from
+            raise ConversationTooLongError(
+                f"{field} has {n} tokens; even truncated (keeping the system turn, the prompt anchor and the whole "
+                f"response) it needs {minimum}, over the limit max_tokens={limit}",
+                n,
+                limit,
+                field,
+            )
+        return ids[:head] + ids[cut_end:], cut_end - head
+
+    def encode(self, messages: Messages, field: str = "messages") -> EncodedConversation:
+        """Encode a validated conversation whose last message is the assistant response."""
+        full = self.render(messages, field)
+        prompt_text = self.render(messages[:-1], field)
+        prompt_end = len(os.path.commonprefix([full, prompt_text]).rstrip())
+        text = full.rstrip()  # trailing newlines after the end-of-turn token carry nothing
+        ids, offsets = self._tokenize(text)
+        prompt_anchor = self._last_token_ending_by(offsets, prompt_end)
+        if prompt_anchor < 0 or prompt_anchor >= len(ids) - 1:
+            raise InvalidConversationError(f"{field}: cannot locate the end of the prompt in the templated text", field)
+        head = min(self._head_tokens(full, messages, offsets), prompt_anchor)
+        window, cut = self._fit(ids, head, prompt_anchor, field)
+        return EncodedConversation(
+            input_ids=tuple(window),
+            prompt_anchor=prompt_anchor - cut,
+            original_tokens=len(ids),
+            truncated=cut > 0,
+        )
+
+    def encode_prompt(self, messages: Messages, field: str = "prompt") -> EncodedConversation:
+        """Encode prompt messages alone (for gating inspection); the prompt anchor is the last token, the
+        same token the full conversation uses as its prompt anchor."""
+        text = self.render(messages, field).rstrip()
+        ids, offsets = self._tokenize(text)
+        if not ids:
+            raise InvalidConversationError(f"{field}: renders to no tokens", field)
+        head = min(self._head_tokens(text, messages, offsets), len(ids) - 1)
+        window, cut = self._fit(ids, head, len(ids) - 1, field)
+        return EncodedConversation(
+            input_ids=tuple(window), prompt_anchor=len(window) - 1, original_tokens=len(ids), truncated=cut > 0
+        )

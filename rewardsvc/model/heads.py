@@ -1,0 +1,83 @@
+"""ArmoRM heads: per-attribute regression, verbosity transform and prompt-conditioned gating.
+
+Shapes: B batch, H backbone hidden size, K attributes. The heads always run in float32, whatever the
+backbone's dtype, so that a bf16 backbone does not also round the (cheap) head arithmetic.
+Parameter names equal the reference checkpoint's (`regression_layer.weight`, `reward_transform_matrix`,
+`gating.layers.{i}.weight/bias`, `gating.logit_scale`), so one state dict serves both formats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..config import HeadsConfig
+
+
+class GatingNetwork(nn.Module):
+    """g = beta * softmax(MLP(h_p) / tau): non-negative attribute weights summing to beta."""
+
+    def __init__(self, in_features: int, out_features: int, hidden_dim: int, n_hidden: int, temperature: float):
+        super().__init__()
+        widths = [in_features] + [hidden_dim] * n_hidden + [out_features]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.temperature = float(temperature)
+        # beta: the reference calls it logit_scale; a learned scale of the whole score.
+        self.logit_scale = nn.Parameter(torch.ones(1))
+
+    def logits(self, prompt_embedding: torch.Tensor) -> torch.Tensor:
+        x = prompt_embedding  # (B, H)
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x  # (B, K)
+
+    def forward(self, prompt_embedding: torch.Tensor) -> torch.Tensor:
+        weights = F.softmax(self.logits(prompt_embedding) / self.temperature, dim=-1)
+        return weights * self.logit_scale[0]  # (B, K)
+
+
+@dataclass(frozen=True)
+class HeadOutput:
+    rewards: torch.Tensor  # (B, K) raw attribute rewards r = W h_r
+    debiased: torch.Tensor  # (B, K) r' = r T
+    gating: torch.Tensor  # (B, K) g, or the steered weights
+    coefficients: torch.Tensor  # (B, K) c = g T^T, so that score = sum_k c_k r_k
+    score: torch.Tensor  # (B,) sum_k g_k r'_k
+
+
+class ArmoHeads(nn.Module):
+    def __init__(self, config: HeadsConfig):
+        super().__init__()
+        self.config = config
+        K, H = config.num_attributes, config.hidden_size
+        self.regression_layer = nn.Linear(H, K, bias=False)
+        # A buffer, not a parameter: stage 2 trains only the gating; the transform comes from stage 1's debiasing.
+        self.register_buffer("reward_transform_matrix", torch.eye(K))
+        self.gating = GatingNetwork(H, K, config.gating_hidden_dim, config.gating_n_hidden, config.gating_temperature)
+        self.float()
+
+    @property
+    def attributes(self) -> tuple[str, ...]:
+        return self.config.attributes
+
+    def rewards(self, response_embedding: torch.Tensor) -> torch.Tensor:
+        return self.regression_layer(response_embedding.float())  # (B, K)
+
+    def gate(self, prompt_embedding: torch.Tensor) -> torch.Tensor:
+        return self.gating(prompt_embedding.float())  # (B, K)
+
+    def combine(self, rewards: torch.Tensor, gating: torch.Tensor) -> HeadOutput:
+        """Score from raw rewards (B, K) and attribute weights (B, K)."""
+        transform = self.reward_transform_matrix  # (K, K)
+        debiased = rewards @ transform  # (B, K)
+        score = (gating * debiased).sum(dim=-1)  # (B,)
+        coefficients = gating @ transform.T  # (B, K)
+        return HeadOutput(rewards=rewards, debiased=debiased, gating=gating, coefficients=coefficients, score=score)
+
+    def forward(self, response_embedding: torch.Tensor, prompt_embedding: torch.Tensor) -> HeadOutput:
+        return self.combine(self.rewards(response_embedding), self.gate(prompt_embedding))

@@ -1,0 +1,224 @@
+"""Pure scoring: conversations -> ScoreResult. No I/O beyond loading, no protobuf.
+
+Not thread-safe: one thread (the server's batcher, or the CLI) owns a Scorer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import BackboneConfig, ScorerConfig
+from ..errors import CheckpointError
+from .backbone import Backbone, load_backbone, load_tokenizer, resolve_device, resolve_dtype
+from .checkpoint import is_heads_checkpoint, is_reference_checkpoint, load_heads, load_reference
+from .conversation import validate_conversation, validate_prompt, with_response
+from .embedding import Embeddings, embed_encoded
+from .encoding import ChatEncoder, EncodedConversation
+from .heads import ArmoHeads
+from .steering import AttributeWeights, weights_source
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "default_model"
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    score: float
+    rewards: dict[str, float]  # raw attribute rewards r (before debiasing), by name
+    gating: dict[str, float]  # weights used: the gating's, or the steered ones
+    coefficients: dict[str, float]  # c = g T^T, so that score = sum_k c_k r_k
+    num_tokens: int  # tokens scored (after truncation)
+    truncated: bool
+    weights_source: str  # "gating", "override" or "mask"
+    model_id: str
+
+
+@dataclass(frozen=True)
+class InspectResult:
+    gating: dict[str, float]
+    coefficients: dict[str, float]
+    num_tokens: int
+    truncated: bool
+    weights_source: str
+    model_id: str
+
+
+class Scorer:
+    def __init__(
+        self,
+        backbone: Backbone,
+        heads: ArmoHeads,
+        *,
+        model_id: str,
+        config: ScorerConfig = ScorerConfig(),
+        trained: bool = True,
+        label_scales: dict[str, Any] | None = None,
+        provenance: dict[str, Any] | None = None,
+    ):
+        if heads.config.hidden_size != backbone.hidden_size:
+            raise CheckpointError(
+                f"heads expect hidden size {heads.config.hidden_size}, backbone {backbone.model_id} has {backbone.hidden_size}"
+            )
+        self.backbone = backbone
+        self.heads = heads.eval()
+        self.config = config
+        self.trained = trained
+        self.model_id = model_id if trained else f"{model_id}+UNTRAINED"
+        self.label_scales = label_scales or {}
+        self.provenance = provenance or {}
+        self.encoder = ChatEncoder(backbone.tokenizer, config.max_tokens, config.truncation)
+
+    # ---- loading -----------------------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls, model: str | Path | None = None, *, backbone: BackboneConfig | None = None, config: ScorerConfig = ScorerConfig()
+    ) -> "Scorer":
+        """model: None (the packaged default heads on the embedded backbone), a directory in our heads format,
+        or a directory in the reference ArmoRM format. `backbone` overrides where/how the backbone loads."""
+        directory = Path(model) if model is not None else DEFAULT_MODEL_DIR
+        if is_heads_checkpoint(directory):
+            ckpt = load_heads(directory)
+            backbone_config = backbone or BackboneConfig(**ckpt.backbone)
+            loaded = load_backbone(backbone_config)
+            return cls(
+                loaded, ckpt.heads, model_id=ckpt.name, config=config, trained=ckpt.trained,
+                label_scales=ckpt.label_scales, provenance=ckpt.provenance,
+            )  # fmt: skip
+        if is_reference_checkpoint(directory):
+            backbone_config = backbone or BackboneConfig(model=str(directory))
+            if backbone_config.quantization or backbone_config.adapter:
+                raise CheckpointError("quantization and adapters are not supported with reference-format checkpoints yet")
+            device = resolve_device(backbone_config.device)
+            dtype = resolve_dtype(backbone_config.dtype, device)
+            hf_model, heads, raw = load_reference(directory, device, dtype)
+            tokenizer = load_tokenizer(str(directory))
+            model_id = f"reference:{raw.get('_name_or_path') or directory.name}"
+            loaded = Backbone(model=hf_model, tokenizer=tokenizer, model_id=model_id, device=device, dtype=dtype)
+            return cls(loaded, heads, model_id=model_id, config=config, trained=True)
+        raise CheckpointError(
+            f"{directory} is neither a rewardsvc heads checkpoint (rewardsvc.json) nor a reference ArmoRM checkpoint "
+            f"(config.json with num_objectives)"
+        )
+
+    @property
+    def attributes(self) -> tuple[str, ...]:
+        return self.heads.attributes
+
+    # ---- encoding ----------------------------------------------------------------------------------
+
+    def encode(self, messages: Any, field: str = "messages") -> EncodedConversation:
+        """Validate, template and tokenize one conversation (last message = the response to score)."""
+        return self.encoder.encode(validate_conversation(messages, field), field)
+
+    def encode_prompt(self, messages: Any, field: str = "prompt") -> EncodedConversation:
+        return self.encoder.encode_prompt(validate_prompt(messages, field), field)
+
+    # ---- compute -----------------------------------------------------------------------------------
+
+    def embed(self, encoded: Sequence[EncodedConversation]) -> Embeddings:
+        """Response and prompt embeddings (N, H), in input order, from length-sorted padded batches."""
+        return embed_encoded(self.backbone, encoded, self.config.token_budget, self.config.max_batch_size)
+
+    def _weights_used(self, prompt_embedding: torch.Tensor, weights: AttributeWeights | None) -> torch.Tensor:
+        """The gating for these prompts (N, K), steered by `weights` when given."""
+        gating = self.heads.gate(prompt_embedding)  # (N, K)
+        return gating if weights is None else weights.apply(gating, self.attributes)
+
+    @torch.inference_mode()
+    def _head_outputs(self, embeddings: Embeddings, weights: AttributeWeights | None):
+        rewards = self.heads.rewards(embeddings.response)  # (N, K)
+        return self.heads.combine(rewards, self._weights_used(embeddings.prompt, weights))
+
+    def _named(self, row: torch.Tensor) -> dict[str, float]:
+        return {name: float(v) for name, v in zip(self.attributes, row.tolist())}
+
+    def score_encoded(
+        self, encoded: Sequence[EncodedConversation], weights: AttributeWeights | None = None
+    ) -> list[ScoreResult]:
+        if weights is not None:
+            weights.check_attributes(self.attributes)
+        if not encoded:
+            return []
+        out = self._head_outputs(self.embed(encoded), weights)
+        source = weights_source(weights)
+        return [
+            ScoreResult(
+                score=float(out.score[i]),
+                rewards=self._named(out.rewards[i]),
+                gating=self._named(out.gating[i]),
+                coefficients=self._named(out.coefficients[i]),
+                num_tokens=e.num_tokens,
+                truncated=e.truncated,
+                weights_source=source,
+                model_id=self.model_id,
+            )
+            for i, e in enumerate(encoded)
+        ]
+
+    def score(self, conversations: Sequence[Any], weights: AttributeWeights | None = None) -> list[ScoreResult]:
+        """Score conversations (OpenAI-style message lists whose last message is the response), in input order.
+        An invalid conversation raises a typed error naming `conversations[i]`."""
+        encoded = [self.encode(c, f"conversations[{i}]") for i, c in enumerate(conversations)]
+        return self.score_encoded(encoded, weights)
+
+    def score_group(
+        self, prompt: Any, responses: Sequence[Any], weights: AttributeWeights | None = None
+    ) -> list[ScoreResult]:
+        """N responses to one prompt (GRPO / RLOO groups); the prompt is validated once."""
+        prompt_messages = validate_prompt(prompt, "prompt")
+        conversations = [with_response(prompt_messages, r, f"responses[{i}]") for i, r in enumerate(responses)]
+        encoded = [self.encoder.encode(c, f"responses[{i}]") for i, c in enumerate(conversations)]
+        return self.score_encoded(encoded, weights)
+
+    @torch.inference_mode()
+    def inspect(self, prompt: Any, weights: AttributeWeights | None = None) -> InspectResult:
+        """The attribute weights the gating chooses for a prompt (and the effective coefficients)."""
+        return self.inspect_encoded(self.encode_prompt(prompt), weights)
+
+    @torch.inference_mode()
+    def inspect_encoded(self, encoded: EncodedConversation, weights: AttributeWeights | None = None) -> InspectResult:
+        """`inspect` on a prompt already encoded with `encode_prompt` (the server tokenizes in its handler
+        threads and leaves only the model to its batcher thread)."""
+        if weights is not None:
+            weights.check_attributes(self.attributes)
+        hidden = self.backbone.hidden_at([list(encoded.input_ids)], [[encoded.prompt_anchor]])  # (1, 1, H)
+        gating = self._weights_used(hidden[:, 0], weights)  # (1, K)
+        coefficients = gating @ self.heads.reward_transform_matrix.T  # (1, K), as in ArmoHeads.combine
+        return InspectResult(
+            gating=self._named(gating[0]),
+            coefficients=self._named(coefficients[0]),
+            num_tokens=encoded.num_tokens,
+            truncated=encoded.truncated,
+            weights_source=weights_source(weights),
+            model_id=self.model_id,
+        )
+
+    def model_info(self) -> dict[str, Any]:
+        return {
+            "model_id": self.model_id,
+            "trained": self.trained,
+            "attributes": list(self.attributes),
+            "backbone": self.backbone.model_id,
+            "dtype": str(self.backbone.dtype).replace("torch.", ""),
+            "device": str(self.backbone.device),
+            "max_tokens": self.config.max_tokens,
+            "truncation": self.config.truncation,
+            "label_scales": self.label_scales,
+            "provenance": self.provenance,
+        }
+
+    def with_config(self, config: ScorerConfig) -> "Scorer":
+        """The same loaded model under other limits (no reload)."""
+        clone = Scorer.__new__(Scorer)
+        clone.__dict__.update(self.__dict__)
+        clone.config = config
+        clone.encoder = ChatEncoder(self.backbone.tokenizer, config.max_tokens, config.truncation)
+        return clone

@@ -1,0 +1,270 @@
+"""What one RPC does, without protobuf: check limits, encode (tokenize) in the caller's thread, hand the
+model work to the batcher, wait for it, and compute group / pairwise statistics.
+
+The servicer translates protobuf to these calls and back; the batcher owns the model.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .. import __version__
+from ..errors import DeadlineExceededError, InvalidInputError, NotReadyError
+from ..model.conversation import Messages, as_prompt, validate_prompt, with_response
+from ..model.encoding import EncodedConversation
+from ..model.scorer import InspectResult, ScoreResult
+from ..model.steering import AttributeWeights
+from .batching import Batcher, WorkItem
+
+SERVICE_NAME = "rewardsvc.v1.RewardService"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits; over any of them the request is INVALID_ARGUMENT, naming the field and limit."""
+
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_conversations_per_request: int = 256
+    max_tokens_per_conversation: int = 4096
+    max_group_size: int = 256
+    max_tokens_in_flight: int = 262_144
+
+
+@dataclass(frozen=True)
+class GroupResult:
+    """Scores of N responses to one prompt (a GRPO / RLOO group) and the group's statistics."""
+
+    results: list[ScoreResult]
+    mean: float
+    std: float  # sample standard deviation (ddof=1, as TRL's GRPO); 0 for a single response
+    ranks: list[int]  # 1 = highest score; ties broken by request order
+
+    @property
+    def scores(self) -> list[float]:
+        return [r.score for r in self.results]
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    """One (prompt, chosen, rejected) pair: P(chosen preferred) = sigmoid(s_chosen - s_rejected)."""
+
+    p_chosen: float
+    score_chosen: float
+    score_rejected: float
+    chosen: ScoreResult
+    rejected: ScoreResult
+
+
+@dataclass(frozen=True)
+class Call:
+    """What the transport knows about one call."""
+
+    deadline: float | None = None  # time.monotonic() value
+    on_cancel: Callable[[Callable[[], None]], Any] | None = None  # registers a callback run when the call ends
+
+
+def group_statistics(scores: Sequence[float]) -> tuple[float, float, list[int]]:
+    """(mean, sample std with ddof=1 (0 for n=1), ranks with 1 = highest, ties by position)."""
+    n = len(scores)
+    if n == 0:
+        return 0.0, 0.0, []
+    mean = math.fsum(scores) / n
+    std = math.sqrt(math.fsum((s - mean) ** 2 for s in scores) / (n - 1)) if n > 1 else 0.0
+    order = sorted(range(n), key=lambda i: (-scores[i], i))
+    ranks = [0] * n
+    for rank, i in enumerate(order, start=1):
+        ranks[i] = rank
+    return mean, std, ranks
+
+
+def sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)  # no overflow for very negative margins
+    return z / (1.0 + z)
+
+
+def _check_count(field: str, count: int, what: str, limit: int, limit_name: str) -> None:
+    if count > limit:
+        raise InvalidInputError(f"{field}: {count} {what}, over {limit_name}={limit}", field=field)
+
+
+class RewardService:
+    """One per server. Methods run on gRPC handler threads; they block until the batcher answers."""
+
+    def __init__(self, limits: Limits = Limits()):
+        self.limits = limits
+        self.scorer = None
+        self.batcher: Batcher | None = None
+        # Handler threads tokenize concurrently; one lock keeps the (Rust) tokenizer's mutable state out of
+        # reach of races. Tokenizing is ~1 ms; the model runs outside this lock, on the batcher thread.
+        self._encode_lock = threading.Lock()
+
+    def attach(self, scorer, batcher: Batcher) -> None:
+        """Start serving with a loaded scorer (until then every call is UNAVAILABLE)."""
+        self.limits = replace(self.limits, max_tokens_per_conversation=scorer.config.max_tokens)
+        self.scorer, self.batcher = scorer, batcher
+
+    @property
+    def ready(self) -> bool:
+        return self.batcher is not None
+
+    def _require_ready(self):
+        if self.scorer is None or self.batcher is None:
+            raise NotReadyError("the model is still loading; retry shortly")
+        return self.scorer
+
+    @property
+    def model_id(self) -> str:
+        return self.scorer.model_id if self.scorer is not None else ""
+
+    # ---- checks ------------------------------------------------------------------------------------
+
+    def check_message_bytes(self, size: int) -> None:
+        if size > self.limits.max_message_bytes:
+            raise InvalidInputError(
+                f"request: {size} bytes, over max_message_bytes={self.limits.max_message_bytes}", field="request"
+            )
+
+    def _check_weights(self, weights: AttributeWeights | None) -> None:
+        # Checked here so that a bad name fails fast and never reaches (and fails) a shared batch.
+        if weights is not None:
+            weights.check_attributes(self.scorer.attributes)
+
+    def _encode(self, messages: Any, field: str) -> EncodedConversation:
+        with self._encode_lock:
+            return self.scorer.encode(messages, field)
+
+    # ---- waiting -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def wait(item: WorkItem, call: Call) -> Any:
+        """The item's result; cancels the item if the call ends (client cancel) or its deadline passes."""
+        if call.on_cancel is not None:
+            call.on_cancel(item.cancel)
+        timeout = None if call.deadline is None else max(0.0, call.deadline - time.monotonic())
+        try:
+            return item.future.result(timeout=timeout)
+        except FutureTimeout:
+            item.cancel()
+            raise DeadlineExceededError("the deadline passed before the work was computed") from None
+
+    # ---- calls -------------------------------------------------------------------------------------
+
+    def submit_score(self, conversations: Sequence[Any], weights: AttributeWeights | None, call: Call) -> WorkItem:
+        """Check, encode and enqueue; does not wait (ScoreStream keeps several in flight)."""
+        self._require_ready()
+        _check_count(
+            "conversations", len(conversations), "conversations",
+            self.limits.max_conversations_per_request, "max_conversations_per_request",
+        )  # fmt: skip
+        self._check_weights(weights)
+        encoded = [self._encode(c, f"conversations[{i}]") for i, c in enumerate(conversations)]
+        return self.batcher.submit_score(encoded, weights, deadline=call.deadline)
+
+    def score(self, conversations: Sequence[Any], weights: AttributeWeights | None, call: Call = Call()) -> list[ScoreResult]:
+        if not conversations:
+            self._require_ready()
+            return []
+        return self.wait(self.submit_score(conversations, weights, call), call)
+
+    def score_group(
+        self, prompt: Any, responses: Sequence[Any], weights: AttributeWeights | None, call: Call = Call()
+    ) -> GroupResult:
+        """The same steps as Scorer.score_group (validate the prompt once, encode each response after it,
+        score_encoded), split so that tokenizing happens here and the model runs on the batcher thread.
+
+        Today the prompt's tokens still run through the backbone once per response. KV-cache prefix reuse
+        (roadmap) would run the shared prompt once and only the N responses after it, and gate once: the
+        prompt anchor's hidden state is the same for every response under causal attention."""
+        scorer = self._require_ready()
+        if not responses:
+            raise InvalidInputError("responses: a group needs at least one response", field="responses")
+        _check_count("responses", len(responses), "responses", self.limits.max_group_size, "max_group_size")
+        self._check_weights(weights)
+        prompt_messages: Messages = validate_prompt(prompt, "prompt")
+        encoded = []
+        for i, response in enumerate(responses):
+            field = f"responses[{i}]"
+            conversation = with_response(prompt_messages, response, field)
+            with self._encode_lock:
+                encoded.append(scorer.encoder.encode(conversation, field))
+        results = self.wait(self.batcher.submit_score(encoded, weights, deadline=call.deadline), call)
+        mean, std, ranks = group_statistics([r.score for r in results])
+        return GroupResult(results=results, mean=mean, std=std, ranks=ranks)
+
+    def compare(
+        self, pairs: Sequence[tuple[Any, Any, Any]], weights: AttributeWeights | None, call: Call = Call()
+    ) -> list[CompareResult]:
+        """pairs: (prompt, chosen, rejected); prompt = messages or a string, chosen/rejected = strings."""
+        scorer = self._require_ready()
+        limit = self.limits.max_conversations_per_request
+        if 2 * len(pairs) > limit:  # each pair is two conversations
+            raise InvalidInputError(
+                f"pairs: {len(pairs)} pairs ({2 * len(pairs)} conversations), over max_conversations_per_request={limit}",
+                field="pairs",
+            )
+        if not pairs:
+            return []
+        self._check_weights(weights)
+        encoded = []
+        for i, (prompt, chosen, rejected) in enumerate(pairs):
+            prompt_messages = as_prompt(prompt, f"pairs[{i}].prompt")
+            for name, response in (("chosen", chosen), ("rejected", rejected)):
+                field = f"pairs[{i}].{name}"
+                conversation = with_response(prompt_messages, response, field)
+                with self._encode_lock:
+                    encoded.append(scorer.encoder.encode(conversation, field))
+        results = self.wait(self.batcher.submit_score(encoded, weights, deadline=call.deadline), call)
+        out = []
+        for i in range(len(pairs)):
+            chosen, rejected = results[2 * i], results[2 * i + 1]
+            out.append(
+                CompareResult(
+                    p_chosen=sigmoid(chosen.score - rejected.score),
+                    score_chosen=chosen.score,
+                    score_rejected=rejected.score,
+                    chosen=chosen,
+                    rejected=rejected,
+                )
+            )
+        return out
+
+    def inspect(self, prompt: Any, weights: AttributeWeights | None, top_k: int = 0, call: Call = Call()) -> InspectResult:
+        """Gating weights for a prompt, sorted by weight (descending), cut to the top_k (0 = all)."""
+        scorer = self._require_ready()
+        if top_k < 0:
+            raise InvalidInputError(f"top_k must be >= 0 (0 = all), got {top_k}", field="top_k")
+        self._check_weights(weights)
+        with self._encode_lock:
+            encoded = scorer.encode_prompt(prompt, "prompt")
+        result: InspectResult = self.wait(self.batcher.submit_inspect(encoded, weights, deadline=call.deadline), call)
+        order = sorted(scorer.attributes, key=lambda a: -result.gating[a])
+        if top_k:
+            order = order[:top_k]
+        return replace(
+            result,
+            gating={a: result.gating[a] for a in order},
+            coefficients={a: result.coefficients[a] for a in order},
+        )
+
+    def model_info(self) -> dict[str, Any]:
+        scorer = self._require_ready()
+        info = dict(scorer.model_info())
+        provenance = info.get("provenance") or {}
+        info["metrics"] = info.get("metrics") or (provenance.get("metrics") if isinstance(provenance, dict) else None) or {}
+        info["server_version"] = __version__
+        info["limits"] = {
+            "max_message_bytes": self.limits.max_message_bytes,
+            "max_conversations_per_request": self.limits.max_conversations_per_request,
+            "max_tokens_per_conversation": self.limits.max_tokens_per_conversation,
+            "max_group_size": self.limits.max_group_size,
+            "max_tokens_in_flight": self.limits.max_tokens_in_flight,
+        }
+        return info

@@ -1,0 +1,169 @@
+"""Verbosity debiasing: per-attribute penalties lambda_j and the transform T (K, K) with r' = r T.
+
+Symbols: N rows of a reference set, K attributes, H hidden size, v the verbosity attribute's index.
+
+lambda_j is the smallest value on a grid such that Spearman(r_j - lambda_j r_v, r_v) <= threshold (the reference
+criterion, signed: an attribute already negatively correlated with verbosity passes at lambda 0). lambda_v = 1,
+so T[v, v] = 0 and verbosity contributes nothing to the score.
+
+Grid: 0 .. 5 in steps of 0.01 by default. Stage-1 rewards are in standardized label units, so the lambda that
+removes a linear dependence is about corr(r_j, r_v) * std(r_j) / std(r_v), of order 1; 5 leaves room for heads
+of very different spreads, and a step of 0.01 moves the Spearman by roughly 0.01 (below the 0.03 threshold).
+The reference used a coarser 24-value grid on 0 .. 0.95 and silently set lambda = 1 when none passed; here the
+value with the smallest |Spearman| is used instead and `report` says the threshold was not reached.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from scipy import stats
+
+from ..errors import InvalidInputError
+from .stage1 import fit_stage1
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLD = 0.03
+DEFAULT_GRID: tuple[float, ...] = tuple(float(x) for x in np.round(np.arange(0, 501) * 0.01, 2))
+"""0.00, 0.01, ..., 5.00."""
+
+# Grid values scanned per vectorized batch: the scan stops at the first passing value, so most attributes only
+# rank a few hundred candidate columns; a chunk bounds the memory of (chunk, N) ranks.
+_CHUNK = 64
+
+
+def fit_verbosity_penalties(
+    rewards: torch.Tensor | np.ndarray,
+    verbosity_index: int,
+    attributes: Sequence[str],
+    threshold: float = DEFAULT_THRESHOLD,
+    grid: Sequence[float] | None = None,
+) -> tuple[dict[str, float], torch.Tensor, dict[str, dict[str, float | bool]]]:
+    """Penalties, transform and a per-attribute report from raw rewards r (N, K) of a reference set.
+
+    Returns (lambdas, transform (K, K) float32, report) where report[name] = {"lambda", "spearman" (achieved, at
+    that lambda), "spearman_at_zero", "reached" (whether spearman <= threshold)}. The verbosity attribute itself
+    gets lambda 1 and is not in the report.
+    """
+    attributes = tuple(attributes)
+    r = _rewards_matrix(rewards, len(attributes))  # (N, K)
+    K = r.shape[1]
+    if not 0 <= verbosity_index < K:
+        raise InvalidInputError(f"verbosity_index {verbosity_index} is outside 0..{K - 1}", field="verbosity_index")
+    values = np.asarray(sorted(DEFAULT_GRID if grid is None else grid), dtype=np.float64)  # (G,)
+    if values.size == 0 or not np.all(np.isfinite(values)) or values[0] < 0:
+        raise InvalidInputError("grid must be a non-empty list of finite values >= 0", field="grid")
+    r_v = r[:, verbosity_index]  # (N,)
+    verbosity_name = attributes[verbosity_index]
+    if np.ptp(r_v) == 0:
+        raise InvalidInputError(
+            f"verbosity attribute {verbosity_name!r} is constant on the reference set; Spearman is undefined",
+            field="verbosity_index",
+        )
+    rank_v = _centered_unit(stats.rankdata(r_v))  # (N,)
+
+    lambdas: dict[str, float] = {}
+    report: dict[str, dict[str, float | bool]] = {}
+    for j, name in enumerate(attributes):
+        if j == verbosity_index:
+            lambdas[name] = 1.0
+            continue
+        lam, rho, rho0, reached = _smallest_passing(r[:, j], r_v, rank_v, values, threshold)
+        lambdas[name] = lam
+        report[name] = {"lambda": lam, "spearman": rho, "spearman_at_zero": rho0, "reached": reached}
+        if not reached:
+            logger.warning(
+                "debias: attribute %r never reaches Spearman <= %g with %r on the grid [%g, %g]; using lambda %g "
+                "(Spearman %.4f)", name, threshold, verbosity_name, values[0], values[-1], lam, rho,
+            )
+    return lambdas, verbosity_transform(lambdas, verbosity_index, attributes), report
+
+
+def verbosity_transform(lambdas: dict[str, float], verbosity_index: int, attributes: Sequence[str]) -> torch.Tensor:
+    """T (K, K) = I with row v set to -lambda_j (j != v) and T[v, v] = 0: r' = r T gives r'_j = r_j - lambda_j r_v
+    and r'_v = 0."""
+    attributes = tuple(attributes)
+    transform = torch.eye(len(attributes), dtype=torch.float64)
+    for j, name in enumerate(attributes):
+        transform[verbosity_index, j] -= float(lambdas[name])
+    transform[verbosity_index, verbosity_index] = 0.0  # lambda_v = 1 by definition, whatever the dict says
+    return transform.to(torch.float32)  # (K, K)
+
+
+def fit_length_head(
+    embeddings: torch.Tensor | np.ndarray,
+    log_lengths: torch.Tensor | np.ndarray,
+    *,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    alphas: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """A verbosity head for data without a verbosity attribute: ridge from response embeddings X (N, H) to
+    log response length (N,). Returns weight (H,) float32.
+
+    It is stage 1 itself (one implementation of ridge) on one attribute, with a seeded random split for alpha,
+    so the head is in standardized log-length units like every other head and can be appended as a row of the
+    regression layer. Call `fit_stage1` directly for its validation metrics and label scale.
+    """
+    x = embeddings.detach().cpu().numpy() if isinstance(embeddings, torch.Tensor) else np.asarray(embeddings)
+    y = log_lengths.detach().cpu().numpy() if isinstance(log_lengths, torch.Tensor) else np.asarray(log_lengths)
+    y = np.asarray(y, dtype=np.float64).reshape(-1, 1)  # (N, 1)
+    if x.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise InvalidInputError(
+            f"embeddings {tuple(x.shape)} and log_lengths ({y.shape[0]},) must have the same number of rows",
+            field="log_lengths",
+        )
+    if not 0 < val_fraction < 1:
+        raise InvalidInputError(f"val_fraction must be in (0, 1), got {val_fraction}", field="val_fraction")
+    order = np.random.default_rng(seed).permutation(x.shape[0])
+    n_val = max(1, int(round(val_fraction * x.shape[0])))
+    val, train = order[:n_val], order[n_val:]
+    result = fit_stage1(x[train], y[train], x[val], y[val], ("log_length",), alphas=alphas)
+    return result.weight[0]  # (H,)
+
+
+def _smallest_passing(r_j, r_v, rank_v, values, threshold) -> tuple[float, float, float, bool]:
+    """Scan the grid upward in vectorized chunks; stop at the first value whose Spearman <= threshold."""
+    best_abs, best = np.inf, (float(values[0]), float("nan"))
+    rho0 = float("nan")
+    for start in range(0, values.size, _CHUNK):
+        lam = values[start : start + _CHUNK]  # (C,)
+        adjusted = r_j[None, :] - lam[:, None] * r_v[None, :]  # (C, N)
+        ranks = _centered_unit(stats.rankdata(adjusted, axis=1))  # (C, N)
+        rho = ranks @ rank_v  # (C,) Pearson of ranks = Spearman (average ranks on ties)
+        if start == 0:
+            rho0 = float(rho[0])
+        passing = np.flatnonzero(rho <= threshold)
+        if passing.size:
+            i = int(passing[0])
+            return float(lam[i]), float(rho[i]), rho0, True
+        i = int(np.argmin(np.abs(rho)))
+        if abs(rho[i]) < best_abs:
+            best_abs, best = abs(rho[i]), (float(lam[i]), float(rho[i]))
+    return best[0], best[1], rho0, False
+
+
+def _centered_unit(x: np.ndarray) -> np.ndarray:
+    """Center and L2-normalize along the last axis, so that a dot product of two rows is their Pearson."""
+    x = x - x.mean(axis=-1, keepdims=True)
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    # A constant row (r_j exactly proportional to r_v) has no rank correlation left: all zeros, Spearman 0.
+    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
+
+
+def _rewards_matrix(rewards, k: int) -> np.ndarray:
+    r = rewards.detach().to("cpu", torch.float64).numpy() if isinstance(rewards, torch.Tensor) else rewards
+    r = np.asarray(r, dtype=np.float64)
+    if r.ndim != 2 or r.shape[1] != k:
+        raise InvalidInputError(f"rewards must be (N, {k}) for {k} attributes, got {tuple(r.shape)}", field="rewards")
+    if r.shape[0] < 3:
+        raise InvalidInputError(
+            f"rewards needs at least 3 rows for a Spearman correlation, got {r.shape[0]}", field="rewards"
+        )
+    if not np.all(np.isfinite(r)):
+        raise InvalidInputError("rewards has non-finite values", field="rewards")
+    return r
