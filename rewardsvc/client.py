@@ -4,7 +4,7 @@
         client.score([[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]])
         reward_func = client.trl_reward_func()  # for TRL's GRPOTrainer / RLOOTrainer
 
-- Typed results (ScoreResult, InspectResult from rewardsvc.model.scorer; GroupResult, CompareResult) and typed
+- Typed results (ScoreResult, InspectResult, GroupResult, CompareResult from rewardsvc.types) and typed
   errors (InvalidInputError, OverloadedError, NotReadyError, DeadlineExceededError, UnauthenticatedError,
   else RemoteError), each with `.code` set to the gRPC status name.
 - Retries with exponential backoff and jitter on UNAVAILABLE, and on RESOURCE_EXHAUSTED when the server
@@ -38,12 +38,11 @@ from .errors import (
     RewardError,
     UnauthenticatedError,
 )
-from .model.scorer import InspectResult, ScoreResult
-from .model.steering import AttributeWeights
-from .serving.service import SERVICE_NAME, CompareResult, GroupResult
-from .serving.servicer import (
+from .types import AttributeWeights, CompareResult, GroupResult, InspectResult, ScoreResult
+from .wire import (
     FIELD_KEY,
     RETRY_AFTER_KEY,
+    SERVICE_NAME,
     compare_from_pb,
     group_from_pb,
     inspect_from_pb,

@@ -85,10 +85,30 @@ class HeadsConfig:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Per-request limits of the service: the one definition. The server's flags and ServerConfig, the
+    batcher's admission control and the scorer's max_tokens take their defaults from here; the data plane
+    enforces them; GetModelInfo reports them as the proto's ServerLimits (the same fields, checked by a test),
+    and docs/SERVING.md lists them (checked too). Over a limit a request is INVALID_ARGUMENT naming the field
+    and the limit, except max_tokens_in_flight (RESOURCE_EXHAUSTED with a retry hint)."""
+
+    max_message_bytes: int = 4 * 1024 * 1024
+    """Largest request accepted. gRPC itself refuses messages over twice this size before parsing them."""
+    max_conversations_per_request: int = 256
+    """Most conversations in one Score (or ScoreStream message); a Compare pair counts as two."""
+    max_tokens_per_conversation: int = 4096
+    """Most tokens per templated conversation (the scorer's max_tokens)."""
+    max_group_size: int = 256
+    """Most responses in one ScoreGroup."""
+    max_tokens_in_flight: int = 262_144
+    """Admission control: most tokens queued or computing; beyond it, RESOURCE_EXHAUSTED + retry-after-ms."""
+
+
+@dataclass(frozen=True)
 class ScorerConfig:
     """Length limits and batching of the scorer."""
 
-    max_tokens: int = 4096
+    max_tokens: int = Limits.max_tokens_per_conversation
     """Most tokens one templated conversation may have."""
     truncation: str = "error"
     """`error`: an over-long conversation raises ConversationTooLongError. `left`: cut the prompt from the

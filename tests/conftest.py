@@ -1,4 +1,11 @@
-"""Shared fixtures. Tests never touch the network: the hub is off."""
+"""Shared fixtures. Tests never touch the network: the hub is off.
+
+tests/ mirrors the packages (model/, serving/, client/, training/, evaluation/, cli/); test modules are
+imported by basename (no __init__.py), so basenames are unique across the tree. Helpers shared by several
+directories live here at the top: tiny_models.py (a tiny random Llama, heads for it) and
+service_fixtures.py (servers, requests, metrics). Tests that load the real embedded backbone are marked
+`slow`; the unit tier is `pytest -m "not slow"`.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-from tiny_models import build_tokenizer, save_tiny_llama
+from tiny_models import build_tokenizer, save_tiny_heads, save_tiny_llama
 
 
 def pytest_collection_modifyitems(config, items):
@@ -44,3 +51,14 @@ def embedded_scorer():
     from rewardsvc.model.scorer import Scorer
 
     return Scorer.load()
+
+
+@pytest.fixture(scope="session")
+def tiny_scorer(tiny_llama_dir, tmp_path_factory):
+    """A real Scorer over the tiny random Llama (hidden 32, attributes tiny_models.TINY_ATTRIBUTES): the small
+    backend of the unit tests of scoring and serving. Small budgets so that batching is exercised."""
+    from rewardsvc.config import ScorerConfig
+    from rewardsvc.model.scorer import Scorer
+
+    directory = save_tiny_heads(tmp_path_factory.mktemp("tiny-heads"), tiny_llama_dir)
+    return Scorer.load(directory, config=ScorerConfig(token_budget=200, max_batch_size=5))

@@ -20,7 +20,8 @@ import pytest
 
 from rewardsvc._proto.rewardsvc.v1 import reward_pb2 as pb
 from rewardsvc._proto.rewardsvc.v1 import reward_pb2_grpc as pb_grpc
-from rewardsvc.serving.server import RunningServer, ServerConfig, build_server
+from rewardsvc.serving.config import ServerConfig
+from rewardsvc.serving.server import RunningServer, build_server
 
 
 def short_conversation(i: int) -> list[dict[str, str]]:

@@ -15,8 +15,8 @@ import pytest
 from rewardsvc.serving.batching import Batcher, BatcherConfig
 from rewardsvc.model.encoding import EncodedConversation
 from rewardsvc.errors import DeadlineExceededError, InvalidInputError, NotReadyError, OverloadedError
-from rewardsvc.model.scorer import InspectResult, ScoreResult
-from rewardsvc.model.steering import AttributeWeights
+from rewardsvc.types import InspectResult, ScoreResult
+from rewardsvc.types import AttributeWeights
 
 POISON = -1  # a token id that makes the double raise, as a forward pass running out of memory would
 

@@ -21,8 +21,9 @@ from rewardsvc.client import (
     retry_delay,
 )
 from rewardsvc.errors import DeadlineExceededError, InvalidInputError, UnauthenticatedError
-from rewardsvc.model.scorer import InspectResult, ScoreResult
-from rewardsvc.serving.server import ServerConfig, build_server
+from rewardsvc.types import InspectResult, ScoreResult
+from rewardsvc.serving.config import ServerConfig
+from rewardsvc.serving.server import build_server
 from service_fixtures import (  # noqa: F401  (fixtures)
     make_certs,
     metric_value,

@@ -5,16 +5,13 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
-from rewardsvc.model.checkpoint import HeadsCheckpoint, save_heads
-from rewardsvc.config import HeadsConfig, ScorerConfig
+from rewardsvc.config import ScorerConfig
 from rewardsvc.errors import ConversationTooLongError, InvalidConversationError, InvalidInputError
-from rewardsvc.model.heads import ArmoHeads
-from rewardsvc.model.scorer import Scorer
-from rewardsvc.model.steering import AttributeWeights
+from rewardsvc.types import AttributeWeights
+from tiny_models import TINY_ATTRIBUTES
 
-ATTRS = ("helpful", "safe", "verbose")
+ATTRS = TINY_ATTRIBUTES
 
 
 def conversation(i: int) -> list[dict]:
@@ -27,16 +24,6 @@ def conversation(i: int) -> list[dict]:
         messages = messages[:-1] + [{"role": "assistant", "content": "Earlier."}, {"role": "user", "content": "More?"},
                                     messages[-1]]  # fmt: skip
     return messages
-
-
-@pytest.fixture(scope="module")
-def tiny_scorer(tiny_llama_dir, tmp_path_factory):
-    torch.manual_seed(1)
-    heads = ArmoHeads(HeadsConfig(attributes=ATTRS, hidden_size=32, gating_hidden_dim=16, verbosity_attribute="verbose"))
-    heads.reward_transform_matrix.copy_(torch.tensor([[1.0, 0, 0], [0, 1, 0], [-0.3, -0.1, 0]]))
-    directory = tmp_path_factory.mktemp("heads")
-    save_heads(directory, HeadsCheckpoint(heads=heads, backbone={"model": str(tiny_llama_dir)}, name="tiny", trained=True))
-    return Scorer.load(directory, config=ScorerConfig(token_budget=200, max_batch_size=5))
 
 
 def test_batch_neighbours_do_not_change_scores(tiny_scorer):

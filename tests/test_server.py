@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from rewardsvc._proto.rewardsvc.v1 import reward_pb2 as pb
 from rewardsvc._proto.rewardsvc.v1 import reward_pb2_grpc as pb_grpc
-from rewardsvc.model.steering import AttributeWeights
+from rewardsvc.types import AttributeWeights
 from service_fixtures import (  # noqa: F401  (fixtures)
     make_certs,
     metric_value,

@@ -9,7 +9,7 @@ import pytest
 from rewardsvc._proto.rewardsvc.v1 import reward_pb2 as pb
 from rewardsvc._proto.rewardsvc.v1 import reward_pb2_grpc as pb_grpc
 from rewardsvc.errors import InvalidInputError
-from rewardsvc.serving.server import ServerConfig
+from rewardsvc.serving.config import ServerConfig
 from service_fixtures import score_request, short_conversation, start_server, wait_until
 
 pytestmark = pytest.mark.slow

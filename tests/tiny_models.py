@@ -82,3 +82,20 @@ def save_tiny_llama(directory: Path, template: str = "chatml", seed: int = 0, ca
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return Path(directory)
+
+
+TINY_ATTRIBUTES = ("helpful", "safe", "verbose")
+
+
+def save_tiny_heads(directory: Path, backbone_dir: Path, seed: int = 1) -> Path:
+    """Random heads (3 attributes, the verbosity row of T debiasing the others) for the tiny Llama, saved in
+    our heads format; `Scorer.load(directory)` then gives a small but real scorer."""
+    from rewardsvc.config import HeadsConfig
+    from rewardsvc.model.checkpoint import HeadsCheckpoint, save_heads
+    from rewardsvc.model.heads import ArmoHeads
+
+    torch.manual_seed(seed)
+    heads = ArmoHeads(HeadsConfig(attributes=TINY_ATTRIBUTES, hidden_size=32, gating_hidden_dim=16, verbosity_attribute="verbose"))
+    heads.reward_transform_matrix.copy_(torch.tensor([[1.0, 0, 0], [0, 1, 0], [-0.3, -0.1, 0]]))
+    save_heads(directory, HeadsCheckpoint(heads=heads, backbone={"model": str(backbone_dir)}, name="tiny", trained=True))
+    return Path(directory)

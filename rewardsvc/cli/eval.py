@@ -13,8 +13,6 @@ from collections import defaultdict
 from typing import Any
 
 from ..errors import RewardError
-from ..evaluation.report import evaluate_pairs, write_report
-from ..model.checkpoint import json_safe
 from ..training.data.schema import PreferencePair
 from .rows import read_jsonl
 
@@ -38,6 +36,8 @@ def mean_gating_by_category(records: list[dict[str, Any]]) -> dict[str, dict[str
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..evaluation.report import evaluate_pairs, write_report
+    from ..model.checkpoint import json_safe
     from .main import load_scorer
 
     scorer = load_scorer(args)

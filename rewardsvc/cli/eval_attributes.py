@@ -13,8 +13,6 @@ import json
 from typing import Any
 
 from ..errors import RewardError
-from ..evaluation.report import attribute_correlations
-from ..model.checkpoint import json_safe
 from .rows import conversation_of, read_jsonl
 
 uses_model = True
@@ -33,6 +31,8 @@ def original_scale(rewards: dict[str, float], label_scales: dict[str, dict[str, 
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..evaluation.report import attribute_correlations
+    from ..model.checkpoint import json_safe
     from .main import load_scorer
 
     scorer = load_scorer(args)

@@ -6,6 +6,7 @@ Each subcommand is a thin edge: parse flags into the frozen configs, call the li
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -16,7 +17,7 @@ from typing import Any
 from .. import __version__
 from ..config import BackboneConfig, ScorerConfig
 from ..errors import InvalidInputError, RewardError
-from ..model.steering import AttributeWeights
+from ..types import AttributeWeights
 from .rows import conversation_of, read_jsonl
 
 log = logging.getLogger("rewardsvc")
@@ -170,10 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(func=cmd_inspect)
 
     for name, module, help_text in EXTENSIONS:
-        try:
-            ext = __import__(f"rewardsvc.cli.{module}", fromlist=["add_arguments"])
-        except ImportError:
-            continue
+        # No `except ImportError`: a broken subcommand must fail loudly, not vanish from the CLI. The modules
+        # are light (heavy imports live inside their run()), so importing them all keeps --help fast.
+        ext = importlib.import_module(f"{__package__}.{module}")
         p = sub.add_parser(name, help=help_text)
         ext.add_arguments(p)
         if hasattr(ext, "uses_model") and ext.uses_model:

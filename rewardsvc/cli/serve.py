@@ -14,7 +14,7 @@ import sys
 import threading
 
 from ..errors import InvalidInputError, RewardError
-from ..serving.server import ServerConfig, build_server, kv
+from ..serving.config import ServerConfig
 
 log = logging.getLogger("rewardsvc.server")
 
@@ -94,6 +94,8 @@ def _setup_logging() -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Load, serve, block until SIGTERM/SIGINT, stop gracefully. 0 after a clean stop, 1 if loading failed."""
+    from ..serving.logs import kv
+    from ..serving.server import build_server
     from .main import load_scorer
 
     _setup_logging()

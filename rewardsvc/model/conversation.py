@@ -24,7 +24,10 @@ def _message(raw: Any, field: str) -> dict[str, str]:
     return {"role": role, "content": content}
 
 
-def _messages(raw: Any, field: str) -> Messages:
+def validate_messages(raw: Any, field: str = "messages") -> Messages:
+    """The one message validator (serving's requests, the CLI's rows and training's data rows all go through
+    it): a list of {"role": system | user | assistant, "content": str}, a system message only first. Returns
+    copies holding just role and content."""
     if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence):
         raise InvalidConversationError(f"{field} must be a list of messages, got {type(raw).__name__}", field)
     messages = [_message(m, f"{field}[{i}]") for i, m in enumerate(raw)]
@@ -36,7 +39,7 @@ def _messages(raw: Any, field: str) -> Messages:
 
 def validate_conversation(raw: Any, field: str = "messages") -> Messages:
     """A prompt (at least one user message) followed by the final assistant response to be scored."""
-    messages = _messages(raw, field)
+    messages = validate_messages(raw, field)
     if not messages or messages[-1]["role"] != "assistant":
         raise InvalidConversationError(f"{field}: the last message must be the assistant response to score", field)
     if not any(m["role"] == "user" for m in messages[:-1]):
@@ -46,7 +49,7 @@ def validate_conversation(raw: Any, field: str = "messages") -> Messages:
 
 def validate_prompt(raw: Any, field: str = "prompt") -> Messages:
     """Prompt messages only: they must end with a user message."""
-    messages = _messages(raw, field)
+    messages = validate_messages(raw, field)
     if not messages or messages[-1]["role"] != "user":
         raise InvalidConversationError(f"{field}: the last prompt message must be a user message", field)
     return messages

@@ -1,4 +1,4 @@
-"""Pure scoring: conversations -> ScoreResult. No I/O beyond loading, no protobuf.
+"""Pure scoring: conversations -> ScoreResult (rewardsvc.types). No I/O beyond loading, no protobuf.
 
 Not thread-safe: one thread (the server's batcher, or the CLI) owns a Scorer.
 """
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,39 +14,18 @@ import torch
 
 from ..config import BackboneConfig, ScorerConfig
 from ..errors import CheckpointError
+from ..types import AttributeWeights, InspectResult, ScoreResult, weights_source
 from .backbone import Backbone, load_backbone, load_tokenizer, resolve_device, resolve_dtype
 from .checkpoint import is_heads_checkpoint, is_reference_checkpoint, load_heads, load_reference
 from .conversation import validate_conversation, validate_prompt, with_response
 from .embedding import Embeddings, embed_encoded
 from .encoding import ChatEncoder, EncodedConversation
 from .heads import ArmoHeads
-from .steering import AttributeWeights, weights_source
+from .steering import steer
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "default_model"
-
-
-@dataclass(frozen=True)
-class ScoreResult:
-    score: float
-    rewards: dict[str, float]  # raw attribute rewards r (before debiasing), by name
-    gating: dict[str, float]  # weights used: the gating's, or the steered ones
-    coefficients: dict[str, float]  # c = g T^T, so that score = sum_k c_k r_k
-    num_tokens: int  # tokens scored (after truncation)
-    truncated: bool
-    weights_source: str  # "gating", "override" or "mask"
-    model_id: str
-
-
-@dataclass(frozen=True)
-class InspectResult:
-    gating: dict[str, float]
-    coefficients: dict[str, float]
-    num_tokens: int
-    truncated: bool
-    weights_source: str
-    model_id: str
 
 
 class Scorer:
@@ -130,7 +108,7 @@ class Scorer:
     def _weights_used(self, prompt_embedding: torch.Tensor, weights: AttributeWeights | None) -> torch.Tensor:
         """The gating for these prompts (N, K), steered by `weights` when given."""
         gating = self.heads.gate(prompt_embedding)  # (N, K)
-        return gating if weights is None else weights.apply(gating, self.attributes)
+        return gating if weights is None else steer(gating, weights, self.attributes)
 
     @torch.inference_mode()
     def _head_outputs(self, embeddings: Embeddings, weights: AttributeWeights | None):

@@ -1,53 +1,16 @@
-"""Per-call attribute weights: steer the score by overriding or masking the gating."""
+"""Per-call steering: the gating weights replaced (override) or scaled (mask) by AttributeWeights."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-
 import torch
 
-from ..errors import InvalidInputError
-
-MODES = ("override", "mask")
+from ..types import AttributeWeights
 
 
-@dataclass(frozen=True)
-class AttributeWeights:
-    """`override`: the given weights replace the gating (attributes not named get weight 0).
-    `mask`: the gating weight of each named attribute is multiplied by its value (e.g. {"safety": 0.0}
-    removes safety); the others keep the gating's weight."""
-
-    mode: str
-    values: Mapping[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise InvalidInputError(f"weights.mode must be one of {MODES}, got {self.mode!r}", field="weights.mode")
-        for name, value in self.values.items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                raise InvalidInputError(f"weights.values[{name!r}] must be a finite number, got {value!r}", field="weights.values")
-            if value < 0:
-                raise InvalidInputError(f"weights.values[{name!r}] must be >= 0, got {value}", field="weights.values")
-        object.__setattr__(self, "values", dict(self.values))
-
-    def check_attributes(self, attributes: tuple[str, ...]) -> None:
-        unknown = sorted(set(self.values) - set(attributes))
-        if unknown:
-            raise InvalidInputError(
-                f"weights.values names unknown attributes {unknown}; the model's attributes are {list(attributes)}",
-                field="weights.values",
-            )
-
-    def apply(self, gating: torch.Tensor, attributes: tuple[str, ...]) -> torch.Tensor:
-        """gating (B, K) -> the weights actually used (B, K)."""
-        self.check_attributes(attributes)
-        vector = torch.tensor([self.values.get(a, 0.0 if self.mode == "override" else 1.0) for a in attributes])
-        if self.mode == "override":
-            return vector.to(gating).expand_as(gating).clone()
-        return gating * vector.to(gating)
-
-
-def weights_source(weights: AttributeWeights | None) -> str:
-    return "gating" if weights is None else weights.mode
+def steer(gating: torch.Tensor, weights: AttributeWeights, attributes: tuple[str, ...]) -> torch.Tensor:
+    """gating (B, K) -> the weights actually used (B, K)."""
+    weights.check_attributes(attributes)
+    vector = torch.tensor([weights.values.get(a, 0.0 if weights.mode == "override" else 1.0) for a in attributes])
+    if weights.mode == "override":
+        return vector.to(gating).expand_as(gating).clone()
+    return gating * vector.to(gating)

@@ -28,9 +28,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..config import Limits
 from ..errors import DeadlineExceededError, InvalidInputError, NotReadyError, OverloadedError
 from ..model.encoding import EncodedConversation
-from ..model.steering import AttributeWeights
+from ..types import AttributeWeights
+from .backend import ScorerBackend
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ class BatcherConfig:
     """Most tokens (sum over conversations) handed to the scorer in one call; a larger request goes alone."""
     max_wait_s: float = 0.003
     """How long the batcher waits for more work after the first item before computing a partial batch."""
-    max_tokens_in_flight: int = 262_144
+    max_tokens_in_flight: int = Limits.max_tokens_in_flight
     """Admission control: most tokens queued or computing; beyond it, OverloadedError (RESOURCE_EXHAUSTED)."""
     max_items_per_batch: int = 512
     """Most requests grouped into one scorer call (bounds the work lost to a split-and-retry)."""
@@ -128,7 +130,9 @@ _STOP = object()
 class Batcher:
     """Owns the scorer: exactly one thread calls it."""
 
-    def __init__(self, scorer, config: BatcherConfig = BatcherConfig(), observer: BatchObserver | None = None):
+    def __init__(
+        self, scorer: ScorerBackend, config: BatcherConfig = BatcherConfig(), observer: BatchObserver | None = None
+    ):
         self.scorer = scorer
         self.config = config
         self.observer: BatchObserver = observer or _NullObserver()

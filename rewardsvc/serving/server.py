@@ -11,14 +11,13 @@ model is loaded and one warm-up score has run, SERVING after, NOT_SERVING again 
 
 from __future__ import annotations
 
-import hmac
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,279 +26,19 @@ from grpc_reflection.v1alpha import reflection
 from .._proto.rewardsvc.v1 import reward_pb2 as pb
 from .._proto.rewardsvc.v1 import reward_pb2_grpc as pb_grpc
 from ..errors import InvalidInputError
-from .batching import Batcher, BatcherConfig
+from ..wire import SERVICE_NAME
+from .backend import ScorerBackend
+from .batching import Batcher
+from .config import ServerConfig
+from .interceptors import ActiveCalls, BearerAuthInterceptor, ObservingInterceptor
+from .logs import kv
 from .metrics import ServiceMetrics
-from .service import SERVICE_NAME, Limits, RewardService
+from .service import RewardService
 from .servicer import RewardServicer
 
 log = logging.getLogger("rewardsvc.server")
 
-METHOD_PREFIX = f"/{SERVICE_NAME}/"
-# Health and reflection stay open when auth is on: load balancers and grpcurl probe without credentials.
-OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 WARMUP_CONVERSATION = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """Network, limits, batching, security and shutdown of one server."""
-
-    host: str = "127.0.0.1"
-    """Address to bind; 0.0.0.0 (or ::) to listen on every interface."""
-    port: int = 50051
-    """gRPC port; 0 = an ephemeral port (see RunningServer.port)."""
-    metrics_port: int | None = None
-    """Prometheus /metrics HTTP port on the same host; None = off, 0 = ephemeral."""
-    max_message_bytes: int = 4 * 1024 * 1024
-    """Largest request accepted (INVALID_ARGUMENT above it). gRPC itself refuses messages over twice this
-    size with RESOURCE_EXHAUSTED before they are parsed."""
-    max_conversations_per_request: int = 256
-    """Most conversations in one Score (or ScoreStream message); a Compare pair counts as two."""
-    max_tokens_per_conversation: int | None = None
-    """Most tokens per templated conversation; None = the scorer's own max_tokens."""
-    max_group_size: int = 256
-    """Most responses in one ScoreGroup."""
-    token_budget: int = 8192
-    """Most tokens the batcher hands to the scorer in one call."""
-    max_wait_ms: float = 3.0
-    """How long the batcher waits for more requests after the first before computing."""
-    max_tokens_in_flight: int = 262_144
-    """Admission control: more tokens than this queued or computing -> RESOURCE_EXHAUSTED + retry-after-ms."""
-    handler_threads: int = 64
-    """gRPC handler threads (they only translate, encode and wait; one thread per concurrent call)."""
-    auth_token: str | None = field(default=None, repr=False)
-    """If set, every RewardService call needs `authorization: Bearer <token>` metadata."""
-    tls_cert: str | None = None
-    """PEM server certificate chain; with tls_key, the server speaks TLS only."""
-    tls_key: str | None = None
-    """PEM private key of tls_cert."""
-    tls_client_ca: str | None = None
-    """PEM CA bundle; if set, clients must present a certificate it signed (mutual TLS)."""
-    grace_s: float = 30.0
-    """On shutdown, how long in-flight calls may take to finish before they are cancelled."""
-
-    def __post_init__(self) -> None:
-        def bad(name: str, message: str) -> None:
-            raise InvalidInputError(f"server.{name} {message}", field=f"server.{name}")
-
-        if not self.host:
-            bad("host", "must be a non-empty address")
-        if not 0 <= self.port <= 65535:
-            bad("port", f"must be in [0, 65535], got {self.port}")
-        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            bad("metrics_port", f"must be None or in [0, 65535], got {self.metrics_port}")
-        for name in ("max_message_bytes", "max_conversations_per_request", "max_group_size", "token_budget",
-                     "max_tokens_in_flight", "handler_threads"):  # fmt: skip
-            if int(getattr(self, name)) < 1:
-                bad(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.max_tokens_per_conversation is not None and self.max_tokens_per_conversation < 2:
-            bad("max_tokens_per_conversation", f"must be None or >= 2, got {self.max_tokens_per_conversation}")
-        if not 0 <= self.max_wait_ms <= 1000:
-            bad("max_wait_ms", f"must be in [0, 1000], got {self.max_wait_ms}")
-        if self.grace_s < 0:
-            bad("grace_s", f"must be >= 0, got {self.grace_s}")
-        if self.auth_token is not None and not self.auth_token.strip():
-            bad("auth_token", "must be None or a non-empty token")
-        if bool(self.tls_cert) != bool(self.tls_key):
-            bad("tls_cert", "and server.tls_key must be given together")
-        if self.tls_client_ca and not self.tls_cert:
-            bad("tls_client_ca", "needs server.tls_cert and server.tls_key (mutual TLS is TLS first)")
-
-    @property
-    def tls(self) -> bool:
-        return bool(self.tls_cert)
-
-    def batcher_config(self) -> BatcherConfig:
-        return BatcherConfig(
-            token_budget=self.token_budget,
-            max_wait_s=self.max_wait_ms / 1000.0,
-            max_tokens_in_flight=self.max_tokens_in_flight,
-        )
-
-    def limits(self) -> Limits:
-        return Limits(
-            max_message_bytes=self.max_message_bytes,
-            max_conversations_per_request=self.max_conversations_per_request,
-            max_group_size=self.max_group_size,
-            max_tokens_in_flight=self.max_tokens_in_flight,
-        )
-
-
-def kv(event: str, **fields: Any) -> str:
-    """`event=... key=value ...` with values quoted when they hold spaces (one line, grep- and parse-able)."""
-    parts = [f"event={event}"]
-    for key, value in fields.items():
-        text = str(value)
-        if not text or any(c.isspace() or c in '"=' for c in text):
-            text = '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-        parts.append(f"{key}={text}")
-    return " ".join(parts)
-
-
-# ---- interceptors ------------------------------------------------------------------------------------
-
-
-def _rebuild(handler, wrap_unary_response, wrap_stream_response):
-    """The same handler kind, with its behaviour wrapped."""
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(
-            wrap_unary_response(handler.unary_unary), handler.request_deserializer, handler.response_serializer
-        )
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(
-            wrap_stream_response(handler.unary_stream), handler.request_deserializer, handler.response_serializer
-        )
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(
-            wrap_unary_response(handler.stream_unary), handler.request_deserializer, handler.response_serializer
-        )
-    return grpc.stream_stream_rpc_method_handler(
-        wrap_stream_response(handler.stream_stream), handler.request_deserializer, handler.response_serializer
-    )
-
-
-class _ActiveCalls:
-    """Counts RewardService calls in progress, so shutdown knows when in-flight work is done; once closed,
-    refuses new ones (checked and counted under one lock, so no call slips between)."""
-
-    def __init__(self) -> None:
-        self._count = 0
-        self._closed = False
-        self._idle = threading.Condition()
-
-    def try_enter(self) -> bool:
-        with self._idle:
-            if self._closed:
-                return False
-            self._count += 1
-            return True
-
-    def close(self) -> None:
-        with self._idle:
-            self._closed = True
-
-    def exit(self) -> None:
-        with self._idle:
-            self._count -= 1
-            if self._count == 0:
-                self._idle.notify_all()
-
-    @property
-    def count(self) -> int:
-        return self._count
-
-    def wait_idle(self, timeout: float) -> bool:
-        with self._idle:
-            return self._idle.wait_for(lambda: self._count == 0, timeout)
-
-
-def _code_name(context) -> str | None:
-    code = context.code()
-    return None if code is None else code.name
-
-
-class ObservingInterceptor(grpc.ServerInterceptor):
-    """Metrics (requests by method and code, latency, in progress), a log line per call, and the count of
-    calls in progress. Only RewardService methods: health's Watch must keep its non-blocking handler."""
-
-    def __init__(self, metrics: ServiceMetrics, active: _ActiveCalls):
-        self.metrics = metrics
-        self.active = active
-
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        full = handler_call_details.method
-        if handler is None or not full.startswith(METHOD_PREFIX):
-            return handler
-        method = full[len(METHOD_PREFIX) :]
-        metrics, active = self.metrics, self.active
-
-        def begin(context):
-            if not active.try_enter():
-                # Draining: an explicit UNAVAILABLE (retryable: go to another replica), while health says
-                # NOT_SERVING. gRPC's own refusal during its shutdown would be CANCELLED, which is not.
-                metrics.observe_rpc(method, "UNAVAILABLE", 0.0)
-                context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
-            metrics.in_progress.labels(method).inc()
-            return time.monotonic()
-
-        def end(context, started: float, code: str | None) -> None:
-            seconds = time.monotonic() - started
-            code = code or _code_name(context) or "OK"
-            metrics.in_progress.labels(method).dec()
-            metrics.observe_rpc(method, code, seconds)
-            active.exit()
-            level = logging.DEBUG if code == "OK" else logging.INFO
-            if log.isEnabledFor(level):
-                log.log(level, kv("rpc", method=method, code=code, ms=f"{seconds * 1000:.1f}", peer=context.peer()))
-
-        def wrap_unary(behavior):
-            def wrapped(request, context):
-                started, code = begin(context), None
-                try:
-                    return behavior(request, context)
-                except BaseException:
-                    code = _code_name(context) or "UNKNOWN"
-                    raise
-                finally:
-                    end(context, started, code)
-
-            return wrapped
-
-        def wrap_stream(behavior):
-            def wrapped(request, context):
-                started, code = begin(context), None
-                try:
-                    yield from behavior(request, context)
-                except GeneratorExit:
-                    code = "CANCELLED"
-                    raise
-                except BaseException:
-                    code = _code_name(context) or "UNKNOWN"
-                    raise
-                finally:
-                    end(context, started, code)
-
-            return wrapped
-
-        return _rebuild(handler, wrap_unary, wrap_stream)
-
-
-class BearerAuthInterceptor(grpc.ServerInterceptor):
-    """`authorization: Bearer <token>` on every call except health and reflection -> else UNAUTHENTICATED."""
-
-    def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
-
-    def _authorized(self, metadata) -> bool:
-        for key, value in metadata or ():
-            if key == "authorization":
-                given = value.encode() if isinstance(value, str) else bytes(value)
-                return hmac.compare_digest(given, self._expected)  # constant time
-        return False
-
-    def intercept_service(self, continuation, handler_call_details):
-        method = handler_call_details.method
-        if method.startswith(OPEN_METHOD_PREFIXES) or self._authorized(handler_call_details.invocation_metadata):
-            return continuation(handler_call_details)
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-
-        def deny_unary(_behavior):
-            def deny(_request, context):
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid 'authorization: Bearer <token>' metadata")
-
-            return deny
-
-        def deny_stream(_behavior):
-            def deny(_request, context):
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid 'authorization: Bearer <token>' metadata")
-                yield  # pragma: no cover - makes this a generator, like the handler it replaces
-
-            return deny
-
-        return _rebuild(handler, deny_unary, deny_stream)
 
 
 # ---- server ------------------------------------------------------------------------------------------
@@ -324,14 +63,14 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-ScorerOrLoader = Any  # a loaded Scorer, or a zero-argument callable returning one
+ScorerOrLoader = ScorerBackend | Callable[[], ScorerBackend]  # a loaded scorer, or a loader of one
 
 
 class RunningServer:
     """A started server. `port` / `metrics_port` are the bound ports."""
 
     def __init__(self, config: ServerConfig, server: grpc.Server, port: int, service: RewardService,
-                 health_servicer: health.HealthServicer, metrics: ServiceMetrics, active: _ActiveCalls):  # fmt: skip
+                 health_servicer: health.HealthServicer, metrics: ServiceMetrics, active: ActiveCalls):  # fmt: skip
         self.config = config
         self.port = port
         self.metrics_port: int | None = None
@@ -372,7 +111,7 @@ class RunningServer:
     def _load(self, scorer: ScorerOrLoader) -> None:
         try:
             started = time.monotonic()
-            if callable(scorer) and not hasattr(scorer, "score_encoded"):
+            if not isinstance(scorer, ScorerBackend):
                 scorer = scorer()
             if self.config.max_tokens_per_conversation is not None:
                 scorer = scorer.with_config(replace(scorer.config, max_tokens=self.config.max_tokens_per_conversation))
@@ -431,7 +170,7 @@ def build_server(scorer: ScorerOrLoader, config: ServerConfig = ServerConfig(), 
     wait_ready=False loading runs on a background thread (see RunningServer.wait_ready / load_error);
     with wait_ready=True (default) this returns once SERVING and raises if loading failed."""
     metrics = ServiceMetrics()
-    active = _ActiveCalls()
+    active = ActiveCalls()
     service = RewardService(config.limits())
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     for name in (health.OVERALL_HEALTH, SERVICE_NAME):

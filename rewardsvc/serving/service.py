@@ -15,50 +15,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .. import __version__
+from ..config import Limits
 from ..errors import DeadlineExceededError, InvalidInputError, NotReadyError
 from ..model.conversation import Messages, as_prompt, validate_prompt, with_response
 from ..model.encoding import EncodedConversation
-from ..model.scorer import InspectResult, ScoreResult
-from ..model.steering import AttributeWeights
+from ..types import AttributeWeights, CompareResult, GroupResult, InspectResult, ScoreResult
+from .backend import ScorerBackend
 from .batching import Batcher, WorkItem
-
-SERVICE_NAME = "rewardsvc.v1.RewardService"
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Per-request limits; over any of them the request is INVALID_ARGUMENT, naming the field and limit."""
-
-    max_message_bytes: int = 4 * 1024 * 1024
-    max_conversations_per_request: int = 256
-    max_tokens_per_conversation: int = 4096
-    max_group_size: int = 256
-    max_tokens_in_flight: int = 262_144
-
-
-@dataclass(frozen=True)
-class GroupResult:
-    """Scores of N responses to one prompt (a GRPO / RLOO group) and the group's statistics."""
-
-    results: list[ScoreResult]
-    mean: float
-    std: float  # sample standard deviation (ddof=1, as TRL's GRPO); 0 for a single response
-    ranks: list[int]  # 1 = highest score; ties broken by request order
-
-    @property
-    def scores(self) -> list[float]:
-        return [r.score for r in self.results]
-
-
-@dataclass(frozen=True)
-class CompareResult:
-    """One (prompt, chosen, rejected) pair: P(chosen preferred) = sigmoid(s_chosen - s_rejected)."""
-
-    p_chosen: float
-    score_chosen: float
-    score_rejected: float
-    chosen: ScoreResult
-    rejected: ScoreResult
 
 
 @dataclass(frozen=True)
@@ -100,13 +63,13 @@ class RewardService:
 
     def __init__(self, limits: Limits = Limits()):
         self.limits = limits
-        self.scorer = None
+        self.scorer: ScorerBackend | None = None
         self.batcher: Batcher | None = None
         # Handler threads tokenize concurrently; one lock keeps the (Rust) tokenizer's mutable state out of
         # reach of races. Tokenizing is ~1 ms; the model runs outside this lock, on the batcher thread.
         self._encode_lock = threading.Lock()
 
-    def attach(self, scorer, batcher: Batcher) -> None:
+    def attach(self, scorer: ScorerBackend, batcher: Batcher) -> None:
         """Start serving with a loaded scorer (until then every call is UNAVAILABLE)."""
         self.limits = replace(self.limits, max_tokens_per_conversation=scorer.config.max_tokens)
         self.scorer, self.batcher = scorer, batcher
@@ -115,7 +78,7 @@ class RewardService:
     def ready(self) -> bool:
         return self.batcher is not None
 
-    def _require_ready(self):
+    def _require_ready(self) -> ScorerBackend:
         if self.scorer is None or self.batcher is None:
             raise NotReadyError("the model is still loading; retry shortly")
         return self.scorer
@@ -255,16 +218,11 @@ class RewardService:
         )
 
     def model_info(self) -> dict[str, Any]:
+        """The scorer's model_info, plus metrics, server_version and limits (a config.Limits)."""
         scorer = self._require_ready()
         info = dict(scorer.model_info())
         provenance = info.get("provenance") or {}
         info["metrics"] = info.get("metrics") or (provenance.get("metrics") if isinstance(provenance, dict) else None) or {}
         info["server_version"] = __version__
-        info["limits"] = {
-            "max_message_bytes": self.limits.max_message_bytes,
-            "max_conversations_per_request": self.limits.max_conversations_per_request,
-            "max_tokens_per_conversation": self.limits.max_tokens_per_conversation,
-            "max_group_size": self.limits.max_group_size,
-            "max_tokens_in_flight": self.limits.max_tokens_in_flight,
-        }
+        info["limits"] = self.limits
         return info

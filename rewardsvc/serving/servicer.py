@@ -1,12 +1,12 @@
-"""protobuf <-> dataclasses, and typed errors -> gRPC status (through `errors.grpc_status_name`).
+"""The RPC handlers: protobuf -> plain Python (rewardsvc.wire), the RewardService call, and back; typed errors
+-> gRPC status (through `errors.grpc_status_name`).
 
-Nothing here decides anything about scoring: the RewardService does. The conversion functions are shared
-with the client (rewardsvc.client), so both ends read the wire the same way.
+Nothing here decides anything about scoring: the RewardService does. The conversion functions live in
+rewardsvc.wire, shared with the client, so both ends read the wire the same way.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import queue
@@ -17,169 +17,24 @@ from concurrent.futures import CancelledError
 from typing import Any
 
 import grpc
-from google.protobuf import struct_pb2
 
 from .._proto.rewardsvc.v1 import reward_pb2 as pb
 from .._proto.rewardsvc.v1 import reward_pb2_grpc as pb_grpc
-from ..errors import InvalidInputError, OverloadedError, grpc_status_name
-from ..model.scorer import InspectResult, ScoreResult
-from ..model.steering import AttributeWeights, weights_source
-from .service import Call, CompareResult, GroupResult, RewardService
+from ..errors import OverloadedError, grpc_status_name
+from ..types import weights_source
+from ..wire import (
+    FIELD_KEY,
+    RETRY_AFTER_KEY,
+    compare_to_pb,
+    inspect_attributes_to_pb,
+    messages_from_pb,
+    model_info_to_pb,
+    result_to_pb,
+    weights_from_pb,
+)
+from .service import Call, RewardService
 
 log = logging.getLogger("rewardsvc.server")
-
-RETRY_AFTER_KEY = "retry-after-ms"
-FIELD_KEY = "rewardsvc-field"
-
-_MODE_TO_PB = {"override": pb.AttributeWeights.OVERRIDE, "mask": pb.AttributeWeights.MASK}
-_MODE_FROM_PB = {v: k for k, v in _MODE_TO_PB.items()}
-
-# ---- protobuf -> dataclasses / plain Python -----------------------------------------------------------
-
-
-def messages_from_pb(messages) -> list[dict[str, str]]:
-    return [{"role": m.role, "content": m.content} for m in messages]
-
-
-def weights_from_pb(request) -> AttributeWeights | None:
-    if not request.HasField("weights"):
-        return None
-    w = request.weights
-    if w.mode == pb.AttributeWeights.MODE_UNSPECIFIED:
-        if w.values:
-            raise InvalidInputError("weights.mode must be OVERRIDE or MASK when weights.values are given", "weights.mode")
-        return None
-    if w.mode not in _MODE_FROM_PB:
-        raise InvalidInputError(f"weights.mode: unknown mode {w.mode}", field="weights.mode")
-    return AttributeWeights(mode=_MODE_FROM_PB[w.mode], values=dict(w.values))
-
-
-def result_from_pb(r) -> ScoreResult:
-    return ScoreResult(
-        score=r.score,
-        rewards=dict(r.rewards),
-        gating=dict(r.gating),
-        coefficients=dict(r.coefficients),
-        num_tokens=r.num_tokens,
-        truncated=r.truncated,
-        weights_source=r.weights_source,
-        model_id=r.model_id,
-    )
-
-
-def group_from_pb(response) -> GroupResult:
-    return GroupResult(
-        results=[result_from_pb(r) for r in response.results],
-        mean=response.mean,
-        std=response.std,
-        ranks=list(response.ranks),
-    )
-
-
-def compare_from_pb(r) -> CompareResult:
-    return CompareResult(
-        p_chosen=r.p_chosen,
-        score_chosen=r.score_chosen,
-        score_rejected=r.score_rejected,
-        chosen=result_from_pb(r.chosen),
-        rejected=result_from_pb(r.rejected),
-    )
-
-
-def inspect_from_pb(response) -> InspectResult:
-    return InspectResult(
-        gating={a.attribute: a.weight for a in response.attributes},
-        coefficients={a.attribute: a.coefficient for a in response.attributes},
-        num_tokens=response.num_tokens,
-        truncated=response.truncated,
-        weights_source=response.weights_source,
-        model_id=response.model_id,
-    )
-
-
-def struct_to_python(s) -> dict[str, Any]:
-    from google.protobuf.json_format import MessageToDict
-
-    return MessageToDict(s)
-
-
-def model_info_from_pb(info) -> dict[str, Any]:
-    return {
-        "model_id": info.model_id,
-        "attributes": list(info.attributes),
-        "backbone": info.backbone,
-        "dtype": info.dtype,
-        "device": info.device,
-        "max_tokens": info.max_tokens,
-        "truncation": info.truncation,
-        "trained": info.trained,
-        "provenance": struct_to_python(info.provenance),
-        "metrics": struct_to_python(info.metrics),
-        "label_scales": struct_to_python(info.label_scales),
-        "server_version": info.server_version,
-        "limits": {
-            "max_message_bytes": info.limits.max_message_bytes,
-            "max_conversations_per_request": info.limits.max_conversations_per_request,
-            "max_tokens_per_conversation": info.limits.max_tokens_per_conversation,
-            "max_group_size": info.limits.max_group_size,
-            "max_tokens_in_flight": info.limits.max_tokens_in_flight,
-        },
-    }
-
-
-# ---- dataclasses / plain Python -> protobuf -----------------------------------------------------------
-
-
-def messages_to_pb(messages) -> list:
-    if isinstance(messages, str):
-        messages = [{"role": "user", "content": messages}]
-    return [pb.Message(role=m["role"], content=m["content"]) for m in messages]
-
-
-def weights_to_pb(weights: AttributeWeights | None):
-    if weights is None:
-        return None
-    return pb.AttributeWeights(mode=_MODE_TO_PB[weights.mode], values=dict(weights.values))
-
-
-def result_to_pb(r: ScoreResult):
-    return pb.ScoreResult(
-        score=r.score,
-        rewards=r.rewards,
-        gating=r.gating,
-        coefficients=r.coefficients,
-        num_tokens=r.num_tokens,
-        truncated=r.truncated,
-        model_id=r.model_id,
-        weights_source=r.weights_source,
-    )
-
-
-def _struct(value: Any):
-    s = struct_pb2.Struct()
-    if isinstance(value, dict) and value:
-        # Round-trip through JSON: Struct holds only JSON types (paths, tuples, numpy scalars become JSON).
-        s.update(json.loads(json.dumps(value, default=str)))
-    return s
-
-
-def model_info_to_pb(info: dict[str, Any]):
-    limits = info.get("limits", {})
-    return pb.ModelInfo(
-        model_id=info["model_id"],
-        attributes=info["attributes"],
-        backbone=info["backbone"],
-        dtype=info["dtype"],
-        device=info["device"],
-        max_tokens=info["max_tokens"],
-        truncation=info.get("truncation", ""),
-        trained=info["trained"],
-        provenance=_struct(info.get("provenance")),
-        metrics=_struct(info.get("metrics")),
-        label_scales=_struct(info.get("label_scales")),
-        server_version=info.get("server_version", ""),
-        limits=pb.ServerLimits(**limits),
-    )
 
 
 def error_to_pb(exc: BaseException, method: str) -> Any:
@@ -282,16 +137,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         pairs = [(messages_from_pb(p.prompt), p.chosen, p.rejected) for p in request.pairs]
         results = self.service.compare(pairs, weights, call_of(context))
         return pb.CompareResponse(
-            results=[
-                pb.CompareResult(
-                    p_chosen=r.p_chosen,
-                    score_chosen=r.score_chosen,
-                    score_rejected=r.score_rejected,
-                    chosen=result_to_pb(r.chosen),
-                    rejected=result_to_pb(r.rejected),
-                )
-                for r in results
-            ],
+            results=[compare_to_pb(r) for r in results],
             request_id=request.request_id,
             **self._source(weights),
         )
@@ -301,10 +147,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         weights = weights_from_pb(request)
         result = self.service.inspect(messages_from_pb(request.prompt), weights, request.top_k, call_of(context))
         return pb.InspectWeightsResponse(
-            attributes=[
-                pb.AttributeWeight(attribute=a, weight=w, coefficient=result.coefficients[a])
-                for a, w in result.gating.items()
-            ],
+            attributes=inspect_attributes_to_pb(result),
             num_tokens=result.num_tokens,
             truncated=result.truncated,
             model_id=result.model_id,

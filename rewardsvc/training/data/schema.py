@@ -13,20 +13,17 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ...errors import InvalidInputError
+from ...model.conversation import validate_messages
 from .grouping import group_key
 
-ROLES = ("system", "user", "assistant")
 _STAGE1_RESERVED = frozenset({"id", "source", "split", "messages", "group"})
 
 
 def _check_messages(messages: Any, field: str) -> None:
+    """A non-empty list that passes the one message validator (the rows keep their own message dicts)."""
     if not isinstance(messages, list) or not messages:
         raise InvalidInputError(f"{field} must be a non-empty list of messages", field=field)
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise InvalidInputError(
-                f"{field}[{i}] must be {{'role': one of {ROLES}, 'content': str}}, got {m!r:.200}", field=field
-            )
+    validate_messages(messages, field)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,94 @@
+"""ServerConfig: network, limits, batching, security and shutdown of one server. Plain Python (no grpc), so that
+`rewardsvc serve --help` can show the defaults without loading the server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import Limits
+from ..errors import InvalidInputError
+from .batching import BatcherConfig
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Network, limits, batching, security and shutdown of one server."""
+
+    host: str = "127.0.0.1"
+    """Address to bind; 0.0.0.0 (or ::) to listen on every interface."""
+    port: int = 50051
+    """gRPC port; 0 = an ephemeral port (see RunningServer.port)."""
+    metrics_port: int | None = None
+    """Prometheus /metrics HTTP port on the same host; None = off, 0 = ephemeral."""
+    max_message_bytes: int = Limits.max_message_bytes
+    """A limit: meaning and default in config.Limits (so for the other Limits fields below)."""
+    max_conversations_per_request: int = Limits.max_conversations_per_request
+    """A limit (config.Limits)."""
+    max_tokens_per_conversation: int | None = None
+    """Most tokens per templated conversation; None = the scorer's own max_tokens."""
+    max_group_size: int = Limits.max_group_size
+    """A limit (config.Limits)."""
+    token_budget: int = BatcherConfig.token_budget
+    """Most tokens the batcher hands to the scorer in one call."""
+    max_wait_ms: float = BatcherConfig.max_wait_s * 1000.0
+    """How long the batcher waits for more requests after the first before computing."""
+    max_tokens_in_flight: int = Limits.max_tokens_in_flight
+    """A limit (config.Limits): the batcher's admission control."""
+    handler_threads: int = 64
+    """gRPC handler threads (they only translate, encode and wait; one thread per concurrent call)."""
+    auth_token: str | None = field(default=None, repr=False)
+    """If set, every RewardService call needs `authorization: Bearer <token>` metadata."""
+    tls_cert: str | None = None
+    """PEM server certificate chain; with tls_key, the server speaks TLS only."""
+    tls_key: str | None = None
+    """PEM private key of tls_cert."""
+    tls_client_ca: str | None = None
+    """PEM CA bundle; if set, clients must present a certificate it signed (mutual TLS)."""
+    grace_s: float = 30.0
+    """On shutdown, how long in-flight calls may take to finish before they are cancelled."""
+
+    def __post_init__(self) -> None:
+        def bad(name: str, message: str) -> None:
+            raise InvalidInputError(f"server.{name} {message}", field=f"server.{name}")
+
+        if not self.host:
+            bad("host", "must be a non-empty address")
+        if not 0 <= self.port <= 65535:
+            bad("port", f"must be in [0, 65535], got {self.port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            bad("metrics_port", f"must be None or in [0, 65535], got {self.metrics_port}")
+        for name in ("max_message_bytes", "max_conversations_per_request", "max_group_size", "token_budget",
+                     "max_tokens_in_flight", "handler_threads"):  # fmt: skip
+            if int(getattr(self, name)) < 1:
+                bad(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.max_tokens_per_conversation is not None and self.max_tokens_per_conversation < 2:
+            bad("max_tokens_per_conversation", f"must be None or >= 2, got {self.max_tokens_per_conversation}")
+        if not 0 <= self.max_wait_ms <= 1000:
+            bad("max_wait_ms", f"must be in [0, 1000], got {self.max_wait_ms}")
+        if self.grace_s < 0:
+            bad("grace_s", f"must be >= 0, got {self.grace_s}")
+        if self.auth_token is not None and not self.auth_token.strip():
+            bad("auth_token", "must be None or a non-empty token")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            bad("tls_cert", "and server.tls_key must be given together")
+        if self.tls_client_ca and not self.tls_cert:
+            bad("tls_client_ca", "needs server.tls_cert and server.tls_key (mutual TLS is TLS first)")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+    def batcher_config(self) -> BatcherConfig:
+        return BatcherConfig(
+            token_budget=self.token_budget,
+            max_wait_s=self.max_wait_ms / 1000.0,
+            max_tokens_in_flight=self.max_tokens_in_flight,
+        )
+
+    def limits(self) -> Limits:
+        return Limits(
+            max_message_bytes=self.max_message_bytes,
+            max_conversations_per_request=self.max_conversations_per_request,
+            max_group_size=self.max_group_size,
+            max_tokens_in_flight=self.max_tokens_in_flight,
+        )

@@ -1,0 +1,185 @@
+"""Server interceptors: metrics, a log line and the count of calls in progress (ObservingInterceptor), and
+bearer-token auth (BearerAuthInterceptor). Only RewardService methods are observed; health and reflection stay
+open when auth is on."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+
+import grpc
+
+from ..wire import SERVICE_NAME
+from .logs import kv
+from .metrics import ServiceMetrics
+
+log = logging.getLogger("rewardsvc.server")
+
+METHOD_PREFIX = f"/{SERVICE_NAME}/"
+# Health and reflection stay open when auth is on: load balancers and grpcurl probe without credentials.
+OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def _rebuild(handler, wrap_unary_response, wrap_stream_response):
+    """The same handler kind, with its behaviour wrapped."""
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            wrap_unary_response(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+        )
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            wrap_stream_response(handler.unary_stream), handler.request_deserializer, handler.response_serializer
+        )
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(
+            wrap_unary_response(handler.stream_unary), handler.request_deserializer, handler.response_serializer
+        )
+    return grpc.stream_stream_rpc_method_handler(
+        wrap_stream_response(handler.stream_stream), handler.request_deserializer, handler.response_serializer
+    )
+
+
+class ActiveCalls:
+    """Counts RewardService calls in progress, so shutdown knows when in-flight work is done; once closed,
+    refuses new ones (checked and counted under one lock, so no call slips between)."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._closed = False
+        self._idle = threading.Condition()
+
+    def try_enter(self) -> bool:
+        with self._idle:
+            if self._closed:
+                return False
+            self._count += 1
+            return True
+
+    def close(self) -> None:
+        with self._idle:
+            self._closed = True
+
+    def exit(self) -> None:
+        with self._idle:
+            self._count -= 1
+            if self._count == 0:
+                self._idle.notify_all()
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._count == 0, timeout)
+
+
+def _code_name(context) -> str | None:
+    code = context.code()
+    return None if code is None else code.name
+
+
+class ObservingInterceptor(grpc.ServerInterceptor):
+    """Metrics (requests by method and code, latency, in progress), a log line per call, and the count of
+    calls in progress. Only RewardService methods: health's Watch must keep its non-blocking handler."""
+
+    def __init__(self, metrics: ServiceMetrics, active: ActiveCalls):
+        self.metrics = metrics
+        self.active = active
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        full = handler_call_details.method
+        if handler is None or not full.startswith(METHOD_PREFIX):
+            return handler
+        method = full[len(METHOD_PREFIX) :]
+        metrics, active = self.metrics, self.active
+
+        def begin(context):
+            if not active.try_enter():
+                # Draining: an explicit UNAVAILABLE (retryable: go to another replica), while health says
+                # NOT_SERVING. gRPC's own refusal during its shutdown would be CANCELLED, which is not.
+                metrics.observe_rpc(method, "UNAVAILABLE", 0.0)
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
+            metrics.in_progress.labels(method).inc()
+            return time.monotonic()
+
+        def end(context, started: float, code: str | None) -> None:
+            seconds = time.monotonic() - started
+            code = code or _code_name(context) or "OK"
+            metrics.in_progress.labels(method).dec()
+            metrics.observe_rpc(method, code, seconds)
+            active.exit()
+            level = logging.DEBUG if code == "OK" else logging.INFO
+            if log.isEnabledFor(level):
+                log.log(level, kv("rpc", method=method, code=code, ms=f"{seconds * 1000:.1f}", peer=context.peer()))
+
+        def wrap_unary(behavior):
+            def wrapped(request, context):
+                started, code = begin(context), None
+                try:
+                    return behavior(request, context)
+                except BaseException:
+                    code = _code_name(context) or "UNKNOWN"
+                    raise
+                finally:
+                    end(context, started, code)
+
+            return wrapped
+
+        def wrap_stream(behavior):
+            def wrapped(request, context):
+                started, code = begin(context), None
+                try:
+                    yield from behavior(request, context)
+                except GeneratorExit:
+                    code = "CANCELLED"
+                    raise
+                except BaseException:
+                    code = _code_name(context) or "UNKNOWN"
+                    raise
+                finally:
+                    end(context, started, code)
+
+            return wrapped
+
+        return _rebuild(handler, wrap_unary, wrap_stream)
+
+
+class BearerAuthInterceptor(grpc.ServerInterceptor):
+    """`authorization: Bearer <token>` on every call except health and reflection -> else UNAUTHENTICATED."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+    def _authorized(self, metadata) -> bool:
+        for key, value in metadata or ():
+            if key == "authorization":
+                given = value.encode() if isinstance(value, str) else bytes(value)
+                return hmac.compare_digest(given, self._expected)  # constant time
+        return False
+
+    def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if method.startswith(OPEN_METHOD_PREFIXES) or self._authorized(handler_call_details.invocation_metadata):
+            return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+
+        def deny_unary(_behavior):
+            def deny(_request, context):
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid 'authorization: Bearer <token>' metadata")
+
+            return deny
+
+        def deny_stream(_behavior):
+            def deny(_request, context):
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid 'authorization: Bearer <token>' metadata")
+                yield  # pragma: no cover - makes this a generator, like the handler it replaces
+
+            return deny
+
+        return _rebuild(handler, deny_unary, deny_stream)

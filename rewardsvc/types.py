@@ -1,0 +1,95 @@
+"""Plain data that crosses the package boundaries: what a call asks (AttributeWeights) and what it answers
+(ScoreResult, InspectResult, GroupResult, CompareResult).
+
+No torch and no protobuf: the model produces these, the data plane passes them on, `rewardsvc.wire`
+converts them, and the client returns them to a process that never loads the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .errors import InvalidInputError
+
+MODES = ("override", "mask")
+
+
+@dataclass(frozen=True)
+class AttributeWeights:
+    """`override`: the given weights replace the gating (attributes not named get weight 0).
+    `mask`: the gating weight of each named attribute is multiplied by its value (e.g. {"safety": 0.0}
+    removes safety); the others keep the gating's weight. Applied by `rewardsvc.model.steering.steer`."""
+
+    mode: str
+    values: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise InvalidInputError(f"weights.mode must be one of {MODES}, got {self.mode!r}", field="weights.mode")
+        for name, value in self.values.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise InvalidInputError(f"weights.values[{name!r}] must be a finite number, got {value!r}", field="weights.values")
+            if value < 0:
+                raise InvalidInputError(f"weights.values[{name!r}] must be >= 0, got {value}", field="weights.values")
+        object.__setattr__(self, "values", dict(self.values))
+
+    def check_attributes(self, attributes: tuple[str, ...]) -> None:
+        unknown = sorted(set(self.values) - set(attributes))
+        if unknown:
+            raise InvalidInputError(
+                f"weights.values names unknown attributes {unknown}; the model's attributes are {list(attributes)}",
+                field="weights.values",
+            )
+
+
+def weights_source(weights: AttributeWeights | None) -> str:
+    return "gating" if weights is None else weights.mode
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    score: float
+    rewards: dict[str, float]  # raw attribute rewards r (before debiasing), by name
+    gating: dict[str, float]  # weights used: the gating's, or the steered ones
+    coefficients: dict[str, float]  # c = g T^T, so that score = sum_k c_k r_k
+    num_tokens: int  # tokens scored (after truncation)
+    truncated: bool
+    weights_source: str  # "gating", "override" or "mask"
+    model_id: str
+
+
+@dataclass(frozen=True)
+class InspectResult:
+    gating: dict[str, float]
+    coefficients: dict[str, float]
+    num_tokens: int
+    truncated: bool
+    weights_source: str
+    model_id: str
+
+
+@dataclass(frozen=True)
+class GroupResult:
+    """Scores of N responses to one prompt (a GRPO / RLOO group) and the group's statistics."""
+
+    results: list[ScoreResult]
+    mean: float
+    std: float  # sample standard deviation (ddof=1, as TRL's GRPO); 0 for a single response
+    ranks: list[int]  # 1 = highest score; ties broken by request order
+
+    @property
+    def scores(self) -> list[float]:
+        return [r.score for r in self.results]
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    """One (prompt, chosen, rejected) pair: P(chosen preferred) = sigmoid(s_chosen - s_rejected)."""
+
+    p_chosen: float
+    score_chosen: float
+    score_rejected: float
+    chosen: ScoreResult
+    rejected: ScoreResult

@@ -1,0 +1,190 @@
+"""protobuf <-> the plain types of rewardsvc.types / rewardsvc.config, both directions, for both ends.
+
+The servicer (rewardsvc.serving.servicer) and the client (rewardsvc.client) both convert through here, so the
+two ends read the wire the same way. Needs protobuf only: no grpc, no torch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, fields
+from typing import Any
+
+from google.protobuf import struct_pb2
+
+from ._proto.rewardsvc.v1 import reward_pb2 as pb
+from .config import Limits
+from .errors import InvalidInputError
+from .types import AttributeWeights, CompareResult, GroupResult, InspectResult, ScoreResult
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RewardService"].full_name  # "rewardsvc.v1.RewardService"
+# Trailing metadata of an error: how long to wait before a retry, and the request field at fault.
+RETRY_AFTER_KEY = "retry-after-ms"
+FIELD_KEY = "rewardsvc-field"
+
+_MODE_TO_PB = {"override": pb.AttributeWeights.OVERRIDE, "mask": pb.AttributeWeights.MASK}
+_MODE_FROM_PB = {v: k for k, v in _MODE_TO_PB.items()}
+
+# ---- protobuf -> dataclasses / plain Python -----------------------------------------------------------
+
+
+def messages_from_pb(messages) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def weights_from_pb(request) -> AttributeWeights | None:
+    if not request.HasField("weights"):
+        return None
+    w = request.weights
+    if w.mode == pb.AttributeWeights.MODE_UNSPECIFIED:
+        if w.values:
+            raise InvalidInputError("weights.mode must be OVERRIDE or MASK when weights.values are given", "weights.mode")
+        return None
+    if w.mode not in _MODE_FROM_PB:
+        raise InvalidInputError(f"weights.mode: unknown mode {w.mode}", field="weights.mode")
+    return AttributeWeights(mode=_MODE_FROM_PB[w.mode], values=dict(w.values))
+
+
+def result_from_pb(r) -> ScoreResult:
+    return ScoreResult(
+        score=r.score,
+        rewards=dict(r.rewards),
+        gating=dict(r.gating),
+        coefficients=dict(r.coefficients),
+        num_tokens=r.num_tokens,
+        truncated=r.truncated,
+        weights_source=r.weights_source,
+        model_id=r.model_id,
+    )
+
+
+def group_from_pb(response) -> GroupResult:
+    return GroupResult(
+        results=[result_from_pb(r) for r in response.results],
+        mean=response.mean,
+        std=response.std,
+        ranks=list(response.ranks),
+    )
+
+
+def compare_from_pb(r) -> CompareResult:
+    return CompareResult(
+        p_chosen=r.p_chosen,
+        score_chosen=r.score_chosen,
+        score_rejected=r.score_rejected,
+        chosen=result_from_pb(r.chosen),
+        rejected=result_from_pb(r.rejected),
+    )
+
+
+def inspect_from_pb(response) -> InspectResult:
+    return InspectResult(
+        gating={a.attribute: a.weight for a in response.attributes},
+        coefficients={a.attribute: a.coefficient for a in response.attributes},
+        num_tokens=response.num_tokens,
+        truncated=response.truncated,
+        weights_source=response.weights_source,
+        model_id=response.model_id,
+    )
+
+
+def limits_from_pb(limits) -> Limits:
+    return Limits(**{f.name: getattr(limits, f.name) for f in fields(Limits)})
+
+
+def struct_to_python(s) -> dict[str, Any]:
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(s)
+
+
+def model_info_from_pb(info) -> dict[str, Any]:
+    return {
+        "model_id": info.model_id,
+        "attributes": list(info.attributes),
+        "backbone": info.backbone,
+        "dtype": info.dtype,
+        "device": info.device,
+        "max_tokens": info.max_tokens,
+        "truncation": info.truncation,
+        "trained": info.trained,
+        "provenance": struct_to_python(info.provenance),
+        "metrics": struct_to_python(info.metrics),
+        "label_scales": struct_to_python(info.label_scales),
+        "server_version": info.server_version,
+        "limits": asdict(limits_from_pb(info.limits)),
+    }
+
+
+# ---- dataclasses / plain Python -> protobuf -----------------------------------------------------------
+
+
+def messages_to_pb(messages) -> list:
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    return [pb.Message(role=m["role"], content=m["content"]) for m in messages]
+
+
+def weights_to_pb(weights: AttributeWeights | None):
+    if weights is None:
+        return None
+    return pb.AttributeWeights(mode=_MODE_TO_PB[weights.mode], values=dict(weights.values))
+
+
+def result_to_pb(r: ScoreResult):
+    return pb.ScoreResult(
+        score=r.score,
+        rewards=r.rewards,
+        gating=r.gating,
+        coefficients=r.coefficients,
+        num_tokens=r.num_tokens,
+        truncated=r.truncated,
+        model_id=r.model_id,
+        weights_source=r.weights_source,
+    )
+
+
+def compare_to_pb(r: CompareResult):
+    return pb.CompareResult(
+        p_chosen=r.p_chosen,
+        score_chosen=r.score_chosen,
+        score_rejected=r.score_rejected,
+        chosen=result_to_pb(r.chosen),
+        rejected=result_to_pb(r.rejected),
+    )
+
+
+def inspect_attributes_to_pb(r: InspectResult) -> list:
+    """The InspectWeightsResponse's attributes, in the result's (weight-sorted) order."""
+    return [pb.AttributeWeight(attribute=a, weight=w, coefficient=r.coefficients[a]) for a, w in r.gating.items()]
+
+
+def limits_to_pb(limits: Limits):
+    return pb.ServerLimits(**asdict(limits))
+
+
+def _struct(value: Any):
+    s = struct_pb2.Struct()
+    if isinstance(value, dict) and value:
+        # Round-trip through JSON: Struct holds only JSON types (paths, tuples, numpy scalars become JSON).
+        s.update(json.loads(json.dumps(value, default=str)))
+    return s
+
+
+def model_info_to_pb(info: dict[str, Any]):
+    """info: RewardService.model_info(), whose "limits" is a config.Limits."""
+    return pb.ModelInfo(
+        model_id=info["model_id"],
+        attributes=info["attributes"],
+        backbone=info["backbone"],
+        dtype=info["dtype"],
+        device=info["device"],
+        max_tokens=info["max_tokens"],
+        truncation=info.get("truncation", ""),
+        trained=info["trained"],
+        provenance=_struct(info.get("provenance")),
+        metrics=_struct(info.get("metrics")),
+        label_scales=_struct(info.get("label_scales")),
+        server_version=info.get("server_version", ""),
+        limits=limits_to_pb(info.get("limits", Limits())),
+    )
