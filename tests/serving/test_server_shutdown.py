@@ -19,7 +19,7 @@ from rewardsvc._proto.rewardsvc.v1 import reward_pb2_grpc as pb_grpc
 from service_fixtures import metric_value, score_request, short_conversation, start_server, wait_until
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-5
 
 

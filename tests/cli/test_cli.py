@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-SAMPLE = Path(__file__).resolve().parents[1] / "rewardsvc" / "samples" / "conversations.jsonl"
+SAMPLE = Path(__file__).resolve().parents[2] / "rewardsvc" / "samples" / "conversations.jsonl"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 

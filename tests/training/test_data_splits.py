@@ -25,7 +25,7 @@ DATA = default_data_dir()
 needs_data = pytest.mark.skipif(
     not DATA.is_dir(), reason=f"staged data not found at {DATA} (set REWARDSVC_DATA_DIR to run these tests)"
 )
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def eval_digest(sets) -> str:
