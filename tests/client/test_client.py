@@ -18,7 +18,6 @@ from rewardsvc.client import (
     RetryPolicy,
     RewardClient,
     StreamResult,
-    retry_delay,
 )
 from rewardsvc.errors import DeadlineExceededError, InvalidInputError, UnauthenticatedError
 from rewardsvc.types import InspectResult, ScoreResult
@@ -86,26 +85,6 @@ def test_typed_errors(client):
     assert info.value.code == "INVALID_ARGUMENT" and info.value.field == "conversations[1]"
     with pytest.raises(DeadlineExceededError):
         client.score([short_conversation(i) for i in range(8)], timeout=0.05)
-
-
-def test_retry_policy_decisions():
-    class Err(grpc.RpcError):
-        def __init__(self, code, metadata=()):
-            self._code, self._metadata = code, metadata
-
-        def code(self):
-            return self._code
-
-        def trailing_metadata(self):
-            return self._metadata
-
-    policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.1)
-    assert retry_delay(Err(grpc.StatusCode.INVALID_ARGUMENT), 0, policy) is None
-    assert 0.05 <= retry_delay(Err(grpc.StatusCode.UNAVAILABLE), 0, policy) <= 0.1
-    assert retry_delay(Err(grpc.StatusCode.UNAVAILABLE), 2, policy) is None  # attempts used up
-    assert retry_delay(Err(grpc.StatusCode.RESOURCE_EXHAUSTED), 0, policy) is None  # gRPC's own, no hint
-    hinted = Err(grpc.StatusCode.RESOURCE_EXHAUSTED, (("retry-after-ms", "700"),))
-    assert retry_delay(hinted, 0, policy) >= 0.7
 
 
 def test_retries_resource_exhausted_after_the_hint(embedded_scorer):

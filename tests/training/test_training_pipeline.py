@@ -1,4 +1,6 @@
-"""The whole training recipe on the real shared data, with a tiny random backbone so it runs in CI time.
+"""The whole training recipe, end to end, with a tiny random backbone: once on a small synthetic data set
+(fast, in the unit tier) and once on the real shared data (slow: reading and splitting the data sets and
+embedding ~800 conversations take most of two minutes on a 2-core CPU).
 
 What is checked: a loadable, trained checkpoint with provenance; stage-1 metrics per attribute; the
 debiasing transform's structure; before/after evaluation; resumability (a re-run embeds nothing new).
@@ -7,15 +9,21 @@ debiasing transform's structure; before/after evaluation; resumability (a re-run
 from __future__ import annotations
 
 import json
+import random
+from pathlib import Path
 
 import pytest
 import torch
 
+import rewardsvc.training.pipeline as pipeline
 from rewardsvc.config import BackboneConfig
-from rewardsvc.training.data.attributes import ATTRIBUTE_NAMES, VERBOSITY
-from rewardsvc.training.data.files import default_data_dir
 from rewardsvc.model.scorer import Scorer
+from rewardsvc.training.data.attributes import ATTRIBUTE_NAMES, ATTRIBUTES, VERBOSITY, make_labels
+from rewardsvc.training.data.build import TrainingSets
+from rewardsvc.training.data.files import default_data_dir
+from rewardsvc.training.data.schema import PreferencePair, RatedConversation
 from rewardsvc.training.pipeline import TrainConfig, run_training
+from rewardsvc.training.stage2 import Stage2Config
 
 CAPS = {
     "stage1/just-eval": 150, "stage1/just-eval-safety": 150, "stage1/prometheus-mt-bench": 60,
@@ -25,16 +33,49 @@ CAPS = {
     "eval/llmbar": 12, "eval/prometheus-hhh": 12, "eval/ultrafeedback": 6, "eval/pandalm": 6,
     "eval/mt-bench-human": 6, "eval/xstest": 6, "eval/hh-harmless": 6,
 }  # fmt: skip
+WORDS = "the answer explains each step with care and stays brief unless the question needs more detail".split()
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_llama_dir, tmp_path_factory):
-    if not default_data_dir().is_dir():
-        pytest.skip(f"shared data not found at {default_data_dir()}")
-    root = tmp_path_factory.mktemp("train")
-    config = TrainConfig(out_dir=str(root / "heads"), work_dir=str(root / "work"),
-                         backbone=BackboneConfig(model=str(tiny_llama_dir)), name="tiny-trained",
-                         max_tokens=2048, max_chars=800, caps=CAPS)  # fmt: skip
+def _text(rng: random.Random, low: int, high: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+
+
+def synthetic_sets(n_rated: int = 48, n_pairs: int = 24, n_eval: int = 12) -> TrainingSets:
+    """Rated conversations with a rating for every attribute, and preference pairs, in two categories."""
+    rng = random.Random(0)
+
+    def rated(i: int) -> RatedConversation:
+        response = _text(rng, 1, 40)
+        ratings = {a.name: rng.uniform(a.low, a.high) for a in ATTRIBUTES if a.name != VERBOSITY}
+        messages = [{"role": "user", "content": f"Question {i}: {_text(rng, 2, 8)}?"}, {"role": "assistant", "content": response}]
+        return RatedConversation(f"r{i}", "synthetic", messages, make_labels(response, **ratings), f"r{i}")
+
+    def pair(i: int) -> PreferencePair:
+        return PreferencePair(f"p{i}", "synthetic", [{"role": "user", "content": f"Task {i}: {_text(rng, 2, 8)}."}],
+                              _text(rng, 5, 30), _text(rng, 1, 20), f"subset-{i % 3}", ("chat", "safety")[i % 2],
+                              f"p{i}")  # fmt: skip
+
+    stage1 = [rated(i) for i in range(n_rated)]
+    pairs = [pair(i) for i in range(n_pairs + n_eval)]
+    cut, val = n_rated * 3 // 4, n_pairs * 3 // 4
+    return TrainingSets(stage1[:cut], stage1[cut:], pairs[:val], pairs[val:n_pairs], pairs[n_pairs:])
+
+
+@pytest.fixture(scope="module", params=["synthetic", pytest.param("shared-data", marks=pytest.mark.slow)])
+def trained(request, tiny_llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"train-{request.param}")
+    common = dict(out_dir=str(root / "heads"), work_dir=str(root / "work"), backbone=BackboneConfig(model=str(tiny_llama_dir)),
+                  name="tiny-trained", max_tokens=2048)  # fmt: skip
+    if request.param == "shared-data":
+        if not default_data_dir().is_dir():
+            pytest.skip(f"shared data not found at {default_data_dir()}")
+        config = TrainConfig(**common, max_chars=800, caps=CAPS)
+        return config, run_training(config)
+    sets = synthetic_sets()
+    config = TrainConfig(**common, gating_hidden_dim=16, stage2=Stage2Config(lr=1e-2, patience=3, max_epochs=15))
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(pipeline, "build_training_sets", lambda *args, **kwargs: sets)
+    request.addfinalizer(monkeypatch.undo)  # kept for the re-run test below
     return config, run_training(config)
 
 
@@ -43,7 +84,7 @@ def test_checkpoint_is_trained_and_loadable(trained):
     scorer = Scorer.load(config.out_dir)
     assert scorer.trained and scorer.model_id == "tiny-trained"
     assert scorer.attributes == ATTRIBUTE_NAMES
-    saved = json.loads((__import__("pathlib").Path(config.out_dir) / "rewardsvc.json").read_text())
+    saved = json.loads((Path(config.out_dir) / "rewardsvc.json").read_text())
     assert saved["provenance"]["data"]["stage1_train"] > 0 and saved["label_scales"]
     # The transform is the verbosity debiasing: identity except the verbosity row, whose own entry is 0.
     T = scorer.heads.reward_transform_matrix
@@ -73,7 +114,6 @@ def test_metrics_and_evaluation_are_recorded(trained):
 
 def test_rerun_reuses_the_cached_embeddings(trained, monkeypatch):
     config, _ = trained
-    import rewardsvc.training.pipeline as pipeline
 
     def no_backbone_pass(*args, **kwargs):
         raise AssertionError("a re-run must not embed again")

@@ -1,0 +1,132 @@
+"""The import rules of docs/ARCHITECTURE.md, checked statically over every module of rewardsvc (imports inside
+functions included, so a lazy import cannot dodge a rule)."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_DIR = ROOT / "rewardsvc"
+
+SHARED = {"rewardsvc", "rewardsvc.config", "rewardsvc.errors", "rewardsvc.types"}
+CLIENT_SIDE = SHARED | {"rewardsvc.client", "rewardsvc.wire"}
+PROTOBUF_USERS = {"rewardsvc.wire", "rewardsvc.client", "rewardsvc.serving.servicer", "rewardsvc.serving.server"}
+GRPC_USERS = {"rewardsvc.client", "rewardsvc.serving.servicer", "rewardsvc.serving.interceptors", "rewardsvc.serving.server"}
+GRPC_PACKAGES = {"grpc", "grpc_health", "grpc_reflection"}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+@cache
+def modules() -> dict[str, Path]:
+    found = {_module_name(p): p for p in PACKAGE_DIR.rglob("*.py") if "_proto" not in p.parts}
+    assert "rewardsvc.model.scorer" in found and "rewardsvc.client" in found
+    return found
+
+
+@cache
+def imports(module: str) -> frozenset[str]:
+    """Absolute names of everything `module` imports; `from X import a` gives X and X.a."""
+    path = modules()[module]
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module
+            names.add(source)
+            names.update(f"{source}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "__import__":
+            pytest.fail(f"{module}: __import__ hides an import from these rules; use importlib or a plain import")
+    return frozenset(names)
+
+
+def internal(names) -> set[str]:
+    """The rewardsvc modules among `names` (X.a is kept only when it is a module)."""
+    return {n for n in names if n in modules()}
+
+
+def top_levels(names) -> set[str]:
+    return {n.split(".")[0] for n in names}
+
+
+def closure(module: str) -> set[str]:
+    seen, todo = set(), [module]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo.extend(internal(imports(m)))
+    return seen
+
+
+def in_package(module: str, *packages: str) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def test_the_client_side_is_torch_free():
+    reached = closure("rewardsvc.client")
+    assert reached <= CLIENT_SIDE, f"the client reaches {sorted(reached - CLIENT_SIDE)}"
+    external = set().union(*(top_levels(imports(m)) for m in reached)) - {"rewardsvc"}
+    allowed = set(sys.stdlib_module_names) | {"grpc", "grpc_health", "google"}
+    assert external <= allowed, f"the client side imports {sorted(external - allowed)}"
+
+
+def test_model_never_imports_grpc_protobuf_or_upper_layers():
+    for module in modules():
+        if not in_package(module, "rewardsvc.model"):
+            continue
+        names = imports(module)
+        assert not top_levels(names) & (GRPC_PACKAGES | {"google"}), module
+        upper = {n for n in internal(names) if in_package(n, "rewardsvc.serving", "rewardsvc.training", "rewardsvc.evaluation",
+                                                          "rewardsvc.cli", "rewardsvc.client", "rewardsvc.wire")}  # fmt: skip
+        assert not upper, f"{module} imports {sorted(upper)}"
+
+
+def test_protobuf_and_grpc_stay_in_the_wire_modules():
+    for module in modules():
+        names = imports(module)
+        if "google" in top_levels(names) or any(n.startswith("rewardsvc._proto") for n in names):
+            assert module in PROTOBUF_USERS, f"{module} imports protobuf"
+        if top_levels(names) & GRPC_PACKAGES:
+            assert module in GRPC_USERS, f"{module} imports grpc"
+
+
+@pytest.mark.parametrize(
+    "package, forbidden",
+    [
+        ("rewardsvc.serving", ("rewardsvc.training", "rewardsvc.evaluation", "rewardsvc.cli", "rewardsvc.client")),
+        ("rewardsvc.training", ("rewardsvc.serving", "rewardsvc.cli", "rewardsvc.client", "rewardsvc.wire")),
+        ("rewardsvc.evaluation", ("rewardsvc.serving", "rewardsvc.training", "rewardsvc.cli", "rewardsvc.client")),
+        ("rewardsvc.client", ("rewardsvc.cli",)),
+    ],
+)
+def test_layers_import_downwards(package, forbidden):
+    for module in modules():
+        if in_package(module, package):
+            bad = {n for n in internal(imports(module)) if in_package(n, *forbidden)}
+            assert not bad, f"{module} imports {sorted(bad)}"
+
+
+def test_shared_modules_import_only_each_other():
+    for module in SHARED:
+        assert internal(imports(module)) <= SHARED, module
+        assert top_levels(imports(module)) - {"rewardsvc"} <= set(sys.stdlib_module_names), module
+
+
+def test_rules_see_lazy_imports():
+    # The rules would be toothless if imports inside functions were missed: cli.main imports the scorer lazily.
+    assert "rewardsvc.model.scorer" in internal(imports("rewardsvc.cli.main"))
