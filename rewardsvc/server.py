@@ -27,16 +27,18 @@ from grpc_reflection.v1alpha import reflection
 from ._proto.rewardsvc.v1 import reward_pb2 as pb
 from ._proto.rewardsvc.v1 import reward_pb2_grpc as pb_grpc
 from .batching import Batcher, BatcherConfig
-from .errors import InvalidInputError
+from .errors import InvalidInputError, RewardError
 from .metrics import ServiceMetrics
 from .service import SERVICE_NAME, Limits, RewardService
-from .servicer import RewardServicer
+from .servicer import RewardServicer, tolerant_deserializer
 
 log = logging.getLogger("rewardsvc.server")
 
 METHOD_PREFIX = f"/{SERVICE_NAME}/"
 # Health and reflection stay open when auth is on: load balancers and grpcurl probe without credentials.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+FLUSH_S = 1.0  # after the drain, how long gRPC may take to send replies already written before it cancels
+BATCHER_JOIN_S = 120.0  # on stop, the longest wait for the batcher's current scorer call to end
 WARMUP_CONVERSATION = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
 
 
@@ -139,32 +141,37 @@ def kv(event: str, **fields: Any) -> str:
 # ---- interceptors ------------------------------------------------------------------------------------
 
 
-def _rebuild(handler, wrap_unary_response, wrap_stream_response):
-    """The same handler kind, with its behaviour wrapped."""
+def _rebuild(handler, wrap_unary_response, wrap_stream_response, wrap_deserializer=None):
+    """The same handler kind, with its behaviour (and optionally its request deserializer) wrapped."""
+    deserializer = handler.request_deserializer
+    if wrap_deserializer is not None and deserializer is not None:
+        deserializer = wrap_deserializer(deserializer)
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
-            wrap_unary_response(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+            wrap_unary_response(handler.unary_unary), deserializer, handler.response_serializer
         )
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(
-            wrap_stream_response(handler.unary_stream), handler.request_deserializer, handler.response_serializer
+            wrap_stream_response(handler.unary_stream), deserializer, handler.response_serializer
         )
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(
-            wrap_unary_response(handler.stream_unary), handler.request_deserializer, handler.response_serializer
+            wrap_unary_response(handler.stream_unary), deserializer, handler.response_serializer
         )
     return grpc.stream_stream_rpc_method_handler(
-        wrap_stream_response(handler.stream_stream), handler.request_deserializer, handler.response_serializer
+        wrap_stream_response(handler.stream_stream), deserializer, handler.response_serializer
     )
 
 
 class _ActiveCalls:
     """Counts RewardService calls in progress, so shutdown knows when in-flight work is done; once closed,
-    refuses new ones (checked and counted under one lock, so no call slips between)."""
+    refuses new ones (checked and counted under one lock, so no call slips between). A call counts until
+    gRPC has written its reply (status sent, call closed), not merely until its handler returned."""
 
     def __init__(self) -> None:
         self._count = 0
         self._closed = False
+        self.cancelling = False  # set when shutdown cancels what outlived the grace (clients see UNAVAILABLE)
         self._idle = threading.Condition()
 
     def try_enter(self) -> bool:
@@ -198,13 +205,31 @@ def _code_name(context) -> str | None:
     return None if code is None else code.name
 
 
+def _client_gone(context) -> bool:
+    """Whether the call ended without the client receiving our status (it cancelled, its deadline passed, or
+    the server cancelled the call). grpc's sync server keeps this in private state once the call is over;
+    while the call runs, is_active() says the same."""
+    state = getattr(context, "_state", None)
+    client = getattr(state, "client", None)
+    if isinstance(client, str):
+        return client == "cancelled"
+    return False
+
+
 class ObservingInterceptor(grpc.ServerInterceptor):
     """Metrics (requests by method and code, latency, in progress), a log line per call, and the count of
-    calls in progress. Only RewardService methods: health's Watch must keep its non-blocking handler."""
+    calls in progress. Only RewardService methods: health's Watch must keep its non-blocking handler.
 
-    def __init__(self, metrics: ServiceMetrics, active: _ActiveCalls):
+    Requests are decoded by a tolerant deserializer (servicer.tolerant_deserializer): bytes that do not parse
+    reach the handler, which answers INVALID_ARGUMENT and is counted. A call is counted, and leaves the
+    in-flight count, when gRPC has finished it (context callback), with the code the client saw: a call
+    whose client went away is CANCELLED (DEADLINE_EXCEEDED past its deadline; UNAVAILABLE when shutdown
+    cancelled it), whatever the handler returned."""
+
+    def __init__(self, metrics: ServiceMetrics, active: _ActiveCalls, max_message_bytes: int = 4 * 1024 * 1024):
         self.metrics = metrics
         self.active = active
+        self.max_message_bytes = max_message_bytes
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -224,14 +249,32 @@ class ObservingInterceptor(grpc.ServerInterceptor):
             return time.monotonic()
 
         def end(context, started: float, code: str | None) -> None:
-            seconds = time.monotonic() - started
+            """The handler returned or raised; the reply may not be written yet."""
             code = code or _code_name(context) or "OK"
-            metrics.in_progress.labels(method).dec()
-            metrics.observe_rpc(method, code, seconds)
-            active.exit()
-            level = logging.DEBUG if code == "OK" else logging.INFO
-            if log.isEnabledFor(level):
-                log.log(level, kv("rpc", method=method, code=code, ms=f"{seconds * 1000:.1f}", peer=context.peer()))
+            gone_already = not context.is_active()  # the client left while the handler ran
+            finished = threading.Lock()
+
+            def on_finished() -> None:  # gRPC has sent the status (or the call was cancelled)
+                if not finished.acquire(blocking=False):
+                    return  # once only
+                final = code
+                if gone_already or _client_gone(context):
+                    if active.cancelling:
+                        final = "UNAVAILABLE"
+                    elif context.time_remaining() <= 0:
+                        final = "DEADLINE_EXCEEDED"
+                    else:
+                        final = "CANCELLED"
+                seconds = time.monotonic() - started
+                metrics.in_progress.labels(method).dec()
+                metrics.observe_rpc(method, final, seconds)
+                active.exit()
+                level = logging.DEBUG if final == "OK" else logging.INFO
+                if log.isEnabledFor(level):
+                    log.log(level, kv("rpc", method=method, code=final, ms=f"{seconds * 1000:.1f}", peer=context.peer()))
+
+            if not context.add_callback(on_finished):  # the call is already over
+                on_finished()
 
         def wrap_unary(behavior):
             def wrapped(request, context):
@@ -262,7 +305,10 @@ class ObservingInterceptor(grpc.ServerInterceptor):
 
             return wrapped
 
-        return _rebuild(handler, wrap_unary, wrap_stream)
+        def wrap_deserializer(deserialize):
+            return tolerant_deserializer(deserialize, self.max_message_bytes)
+
+        return _rebuild(handler, wrap_unary, wrap_stream, wrap_deserializer)
 
 
 class BearerAuthInterceptor(grpc.ServerInterceptor):
@@ -386,7 +432,8 @@ class RunningServer:
             self.service.attach(scorer, self.batcher)
             # Warm-up: the first forward pass allocates and picks kernels; a trainer should not pay for it.
             self.service.score([WARMUP_CONVERSATION], None)
-            if self._stopped.is_set():
+            if self._stopped.is_set():  # stopped while loading: stop() found no batcher to join
+                self.batcher.close(timeout=BATCHER_JOIN_S)
                 return
             self._set_health(health_pb2.HealthCheckResponse.SERVING)
             self._ready.set()
@@ -394,14 +441,24 @@ class RunningServer:
                         load_s=f"{time.monotonic() - started:.1f}", trained=scorer.trained))  # fmt: skip
         except BaseException as exc:
             self.load_error = exc
-            log.error(kv("serve.load_failed", error=repr(exc)), exc_info=exc)
+            # An expected failure (bad checkpoint, missing directory, bad limits) is one line; anything else
+            # keeps its traceback for the bug report.
+            expected = isinstance(exc, RewardError)
+            log.error(kv("serve.load_failed", error=str(exc) if expected else repr(exc)), exc_info=None if expected else exc)
             raise
         finally:
             self._finished.set()
 
     def stop(self, grace: float | None = None) -> None:
         """Graceful stop: health NOT_SERVING, refuse new calls, let in-flight calls finish within `grace`
-        seconds (default config.grace_s), then cancel what is left and stop the batcher. Idempotent."""
+        seconds (default config.grace_s), then answer what is left UNAVAILABLE, stop the server and join the
+        batcher thread. Idempotent.
+
+        The order cannot lose a reply or abort the process: a call counts as in flight until gRPC has
+        written its reply; the server stops with FLUSH_S of its own grace so the transport sends what it
+        holds; past the grace the batcher gives up on its queue first (handlers answer UNAVAILABLE at once)
+        and its thread is joined after the server stopped, once its current scorer call ends (at most
+        BATCHER_JOIN_S), so no thread is inside the model when the interpreter exits."""
         grace = self.config.grace_s if grace is None else grace
         with self._stop_lock:
             if self._stopped.is_set():
@@ -413,12 +470,24 @@ class RunningServer:
             self._active.close()  # new RewardService calls -> UNAVAILABLE; health keeps answering
             log.info(kv("serve.draining", address=self.address, calls_in_progress=self._active.count))
             drained = self._active.wait_idle(max(0.0, deadline - time.monotonic()))
-            # Cancels whatever outlived the grace, and health Watch streams (they never end by themselves).
-            self._server.stop(0).wait()
+            if not drained:
+                if self.batcher is not None:  # queued and computing work -> UNAVAILABLE now
+                    self.batcher.abandon("the server's shutdown grace ran out before this request was computed")
+                self._active.wait_idle(FLUSH_S)  # handlers write those replies
+                self._active.cancelling = True
+            # Cancels whatever is left (open streams, health Watch streams, which never end by themselves)
+            # after letting the transport flush the replies already written.
+            self._server.stop(FLUSH_S).wait()
+            batcher_stopped = True
             if self.batcher is not None:
-                self.batcher.close(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
+                batcher_stopped = self.batcher.close(timeout=BATCHER_JOIN_S)
             self.metrics.stop_http()
-            log.info(kv("serve.stopped", address=self.address, drained=drained))
+            log.info(kv("serve.stopped", address=self.address, drained=drained, batcher_stopped=batcher_stopped))
+
+    @property
+    def batcher_running(self) -> bool:
+        """True if the batcher thread outlived stop() (stuck in a scorer call longer than BATCHER_JOIN_S)."""
+        return self.batcher is not None and self.batcher.thread_alive
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         return self._server.wait_for_termination(timeout)
@@ -437,7 +506,7 @@ def build_server(scorer: ScorerOrLoader, config: ServerConfig = ServerConfig(), 
     for name in (health.OVERALL_HEALTH, SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    interceptors: list[grpc.ServerInterceptor] = [ObservingInterceptor(metrics, active)]
+    interceptors: list[grpc.ServerInterceptor] = [ObservingInterceptor(metrics, active, config.max_message_bytes)]
     if config.auth_token:
         interceptors.append(BearerAuthInterceptor(config.auth_token))
     transport_limit = 2 * config.max_message_bytes  # see ServerConfig.max_message_bytes
