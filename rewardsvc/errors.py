@@ -56,6 +56,11 @@ class DeadlineExceededError(RewardError):
     """The caller's deadline passed before the work was computed."""
 
 
+class NonFiniteResultError(RewardError):
+    """A computed result holds inf or NaN. Never sent as a score: not in the table below, so INTERNAL
+    (with an error id; the details are logged)."""
+
+
 class UnauthenticatedError(RewardError):
     """A call lacked valid credentials."""
 

@@ -14,13 +14,18 @@ from dataclasses import dataclass, field
 from .errors import InvalidInputError
 
 MODES = ("override", "mask")
+MAX_WEIGHT = 1e6
+"""Largest steering weight accepted. The heads run in float32 (largest finite value ~3.4e38): weights in
+[0, MAX_WEIGHT] times rewards and transform entries of any trained head stay many orders of magnitude
+inside that range, while 1e39 (or 1e308, a valid float64 on the wire) would overflow to inf / NaN."""
 
 
 @dataclass(frozen=True)
 class AttributeWeights:
     """`override`: the given weights replace the gating (attributes not named get weight 0).
     `mask`: the gating weight of each named attribute is multiplied by its value (e.g. {"safety": 0.0}
-    removes safety); the others keep the gating's weight. Applied by `rewardsvc.model.steering.steer`."""
+    removes safety); the others keep the gating's weight. Every value is a finite number in
+    [0, MAX_WEIGHT]. Applied by `rewardsvc.model.steering.steer`."""
 
     mode: str
     values: Mapping[str, float] = field(default_factory=dict)
@@ -31,8 +36,10 @@ class AttributeWeights:
         for name, value in self.values.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise InvalidInputError(f"weights.values[{name!r}] must be a finite number, got {value!r}", field="weights.values")
-            if value < 0:
-                raise InvalidInputError(f"weights.values[{name!r}] must be >= 0, got {value}", field="weights.values")
+            if not 0 <= value <= MAX_WEIGHT:
+                raise InvalidInputError(
+                    f"weights.values[{name!r}] must be in [0, {MAX_WEIGHT:g}], got {value}", field="weights.values"
+                )
         object.__setattr__(self, "values", dict(self.values))
 
     def check_attributes(self, attributes: tuple[str, ...]) -> None:

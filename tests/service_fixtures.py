@@ -74,6 +74,12 @@ def metric_value(metrics_port: int, name: str, labels: dict[str, str] | None = N
     return total
 
 
+def has_metric(metrics_port: int, name: str) -> bool:
+    """Whether the /metrics page has at least one sample named `name` (metric_value is 0 for a missing one)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    return any(re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})?\s", line) for line in text.splitlines())
+
+
 def wait_until(predicate, timeout: float = 60.0, interval: float = 0.01) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -82,8 +82,11 @@ def result_row(row_id: Any, result) -> dict[str, Any]:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    scorer = load_scorer(args)
+    # Checked before the model loads (seconds) and before the output file is created (never left empty).
+    if not Path(args.input).is_file():
+        raise InvalidInputError(f"input: {args.input} does not exist or is not a file", field="input")
     weights = parse_weights(args.weights)
+    scorer = load_scorer(args)
     if weights is not None:
         weights.check_attributes(scorer.attributes)
     failed = 0

@@ -118,9 +118,18 @@ def run_serve(args: argparse.Namespace) -> int:
         while not stop.wait(0.2):
             if running.load_error is not None:
                 running.stop(0)
+                print(f"error: cannot load the model: {running.load_error}", file=sys.stderr)
                 return 1
         log.info(kv("serve.signal", signal=signal.Signals(received[0]).name if received else "?"))
         running.stop(config.grace_s)
+        if running.batcher_running:
+            # A scorer call outlived BATCHER_JOIN_S. Exiting the interpreter while a thread is inside torch
+            # aborts the process (SIGABRT); leave without running C++ destructors instead.
+            log.warning(kv("serve.exit_forced", reason="the batcher thread is still inside a scorer call"))
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
         return 0
     finally:
         for sig, handler in previous.items():

@@ -62,6 +62,8 @@ class Scorer:
         """model: None (the packaged default heads on the embedded backbone), a directory in our heads format,
         or a directory in the reference ArmoRM format. `backbone` overrides where/how the backbone loads."""
         directory = Path(model) if model is not None else DEFAULT_MODEL_DIR
+        if not directory.exists():
+            raise CheckpointError(f"model directory {directory} does not exist")
         if is_heads_checkpoint(directory):
             ckpt = load_heads(directory)
             backbone_config = backbone or BackboneConfig(**ckpt.backbone)

@@ -103,9 +103,13 @@ class WorkItem:
     future: Future = field(default_factory=Future)
     enqueued_at: float = field(default_factory=time.monotonic)
     _cancelled: threading.Event = field(default_factory=threading.Event)
+    cancel_reason: str = "cancelled"  # "cancelled" (the caller went away) or "deadline" (its deadline passed)
 
-    def cancel(self) -> None:
-        """Mark the caller as gone (client cancelled, handler timed out): the batcher will skip the work."""
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Mark the caller as gone (client cancelled, handler timed out): the batcher will skip the work.
+        `reason` ("cancelled" or "deadline") labels the drop in the metrics; the first cancel wins."""
+        if not self._cancelled.is_set():
+            self.cancel_reason = reason
         self._cancelled.set()
         self.future.cancel()
 
@@ -141,6 +145,8 @@ class Batcher:
         self._tokens_in_flight = 0
         self._queued_items = 0
         self._closed = False
+        self._abandoned: str | None = None  # set by abandon(): the reason every remaining item fails with
+        self._current: list[WorkItem] = []  # the items of the scorer call in progress (for abandon)
         self._throughput = 0.0  # tokens/s, exponential moving average over batches
         self._thread = threading.Thread(target=self._run, name="rewardsvc-batcher", daemon=True)
         self._started = False
@@ -227,13 +233,34 @@ class Batcher:
             return False
         return True
 
-    def _fail_queued(self) -> None:
+    def abandon(self, message: str = "the server shut down before this request was computed") -> None:
+        """Stop admitting and give up on everything admitted: queued items and the items of the scorer call
+        in progress fail at once with NotReadyError(message) (UNAVAILABLE, retryable). The scorer call in
+        progress cannot be interrupted; the thread finishes it, discards its results, starts nothing new and
+        exits. Join it with close(timeout)."""
+        with self._lock:
+            self._abandoned = message
+            if not self._closed:
+                self._closed = True
+                self._queue.put(_STOP)
+            current = list(self._current)
+        for item in current:
+            self._set_exception(item, NotReadyError(message))
+        self._fail_queued(message)
+        self._queue.put(_STOP)  # _fail_queued may have taken the first one: the thread must still see a stop
+
+    @property
+    def thread_alive(self) -> bool:
+        """Whether the batcher thread still runs (e.g. inside a scorer call after close() timed out)."""
+        return self._thread.is_alive()
+
+    def _fail_queued(self, message: str = "the server shut down before this request was computed") -> None:
         while True:
             item = self._take(0)
             if item is None:
                 return
             if item is not _STOP:
-                self._set_exception(item, NotReadyError("the server shut down before this request was computed"))
+                self._set_exception(item, NotReadyError(message))
 
     # ---- batcher thread ----------------------------------------------------------------------------
 
@@ -281,7 +308,13 @@ class Batcher:
                 batch.append(item)
                 tokens += item.tokens
             self.observer.on_load(self._queued_items, self._tokens_in_flight)
-            self._process(batch)
+            with self._lock:
+                self._current = batch
+            try:
+                self._process(batch)
+            finally:
+                with self._lock:
+                    self._current = []
 
     def _process(self, batch: list[WorkItem]) -> None:
         groups: dict[Any, list[WorkItem]] = {}
@@ -294,12 +327,14 @@ class Batcher:
             self._score(items)
 
     def _alive(self, items: list[WorkItem]) -> list[WorkItem]:
-        """Drop cancelled and expired items right before compute."""
+        """Drop cancelled and expired items right before compute (and every item once abandoned)."""
         now = time.monotonic()
         alive = []
         for item in items:
-            if item.cancelled:
-                self.observer.on_drop("cancelled")
+            if self._abandoned is not None:
+                self._set_exception(item, NotReadyError(self._abandoned))
+            elif item.cancelled:
+                self.observer.on_drop("deadline" if item.cancel_reason == "deadline" else "cancelled")
                 item.future.cancel()
             elif item.expired(now):
                 self.observer.on_drop("deadline")

@@ -11,9 +11,11 @@ import time
 
 import grpc
 
+from ..config import Limits
 from ..wire import SERVICE_NAME
 from .logs import kv
 from .metrics import ServiceMetrics
+from .servicer import tolerant_deserializer
 
 log = logging.getLogger("rewardsvc.server")
 
@@ -22,32 +24,37 @@ METHOD_PREFIX = f"/{SERVICE_NAME}/"
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
-def _rebuild(handler, wrap_unary_response, wrap_stream_response):
-    """The same handler kind, with its behaviour wrapped."""
+def _rebuild(handler, wrap_unary_response, wrap_stream_response, wrap_deserializer=None):
+    """The same handler kind, with its behaviour (and optionally its request deserializer) wrapped."""
+    deserializer = handler.request_deserializer
+    if wrap_deserializer is not None and deserializer is not None:
+        deserializer = wrap_deserializer(deserializer)
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
-            wrap_unary_response(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+            wrap_unary_response(handler.unary_unary), deserializer, handler.response_serializer
         )
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(
-            wrap_stream_response(handler.unary_stream), handler.request_deserializer, handler.response_serializer
+            wrap_stream_response(handler.unary_stream), deserializer, handler.response_serializer
         )
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(
-            wrap_unary_response(handler.stream_unary), handler.request_deserializer, handler.response_serializer
+            wrap_unary_response(handler.stream_unary), deserializer, handler.response_serializer
         )
     return grpc.stream_stream_rpc_method_handler(
-        wrap_stream_response(handler.stream_stream), handler.request_deserializer, handler.response_serializer
+        wrap_stream_response(handler.stream_stream), deserializer, handler.response_serializer
     )
 
 
 class ActiveCalls:
     """Counts RewardService calls in progress, so shutdown knows when in-flight work is done; once closed,
-    refuses new ones (checked and counted under one lock, so no call slips between)."""
+    refuses new ones (checked and counted under one lock, so no call slips between). A call counts until
+    gRPC has written its reply (status sent, call closed), not merely until its handler returned."""
 
     def __init__(self) -> None:
         self._count = 0
         self._closed = False
+        self.cancelling = False  # set when shutdown cancels what outlived the grace (clients see UNAVAILABLE)
         self._idle = threading.Condition()
 
     def try_enter(self) -> bool:
@@ -81,13 +88,31 @@ def _code_name(context) -> str | None:
     return None if code is None else code.name
 
 
+def _client_gone(context) -> bool:
+    """Whether the call ended without the client receiving our status (it cancelled, its deadline passed, or
+    the server cancelled the call). grpc's sync server keeps this in private state once the call is over;
+    while the call runs, is_active() says the same."""
+    state = getattr(context, "_state", None)
+    client = getattr(state, "client", None)
+    if isinstance(client, str):
+        return client == "cancelled"
+    return False
+
+
 class ObservingInterceptor(grpc.ServerInterceptor):
     """Metrics (requests by method and code, latency, in progress), a log line per call, and the count of
-    calls in progress. Only RewardService methods: health's Watch must keep its non-blocking handler."""
+    calls in progress. Only RewardService methods: health's Watch must keep its non-blocking handler.
 
-    def __init__(self, metrics: ServiceMetrics, active: ActiveCalls):
+    Requests are decoded by a tolerant deserializer (servicer.tolerant_deserializer): bytes that do not parse
+    reach the handler, which answers INVALID_ARGUMENT and is counted. A call is counted, and leaves the
+    in-flight count, when gRPC has finished it (context callback), with the code the client saw: a call
+    whose client went away is CANCELLED (DEADLINE_EXCEEDED past its deadline; UNAVAILABLE when shutdown
+    cancelled it), whatever the handler returned."""
+
+    def __init__(self, metrics: ServiceMetrics, active: ActiveCalls, max_message_bytes: int = Limits.max_message_bytes):
         self.metrics = metrics
         self.active = active
+        self.max_message_bytes = max_message_bytes
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -107,14 +132,32 @@ class ObservingInterceptor(grpc.ServerInterceptor):
             return time.monotonic()
 
         def end(context, started: float, code: str | None) -> None:
-            seconds = time.monotonic() - started
+            """The handler returned or raised; the reply may not be written yet."""
             code = code or _code_name(context) or "OK"
-            metrics.in_progress.labels(method).dec()
-            metrics.observe_rpc(method, code, seconds)
-            active.exit()
-            level = logging.DEBUG if code == "OK" else logging.INFO
-            if log.isEnabledFor(level):
-                log.log(level, kv("rpc", method=method, code=code, ms=f"{seconds * 1000:.1f}", peer=context.peer()))
+            gone_already = not context.is_active()  # the client left while the handler ran
+            finished = threading.Lock()
+
+            def on_finished() -> None:  # gRPC has sent the status (or the call was cancelled)
+                if not finished.acquire(blocking=False):
+                    return  # once only
+                final = code
+                if gone_already or _client_gone(context):
+                    if active.cancelling:
+                        final = "UNAVAILABLE"
+                    elif context.time_remaining() <= 0:
+                        final = "DEADLINE_EXCEEDED"
+                    else:
+                        final = "CANCELLED"
+                seconds = time.monotonic() - started
+                metrics.in_progress.labels(method).dec()
+                metrics.observe_rpc(method, final, seconds)
+                active.exit()
+                level = logging.DEBUG if final == "OK" else logging.INFO
+                if log.isEnabledFor(level):
+                    log.log(level, kv("rpc", method=method, code=final, ms=f"{seconds * 1000:.1f}", peer=context.peer()))
+
+            if not context.add_callback(on_finished):  # the call is already over
+                on_finished()
 
         def wrap_unary(behavior):
             def wrapped(request, context):
@@ -145,7 +188,10 @@ class ObservingInterceptor(grpc.ServerInterceptor):
 
             return wrapped
 
-        return _rebuild(handler, wrap_unary, wrap_stream)
+        def wrap_deserializer(deserialize):
+            return tolerant_deserializer(deserialize, self.max_message_bytes)
+
+        return _rebuild(handler, wrap_unary, wrap_stream, wrap_deserializer)
 
 
 class BearerAuthInterceptor(grpc.ServerInterceptor):

@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from .._proto.rewardsvc.v1 import reward_pb2 as pb
 from .._proto.rewardsvc.v1 import reward_pb2_grpc as pb_grpc
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, RewardError
 from ..wire import SERVICE_NAME
 from .backend import ScorerBackend
 from .batching import Batcher
@@ -38,6 +38,8 @@ from .servicer import RewardServicer
 
 log = logging.getLogger("rewardsvc.server")
 
+FLUSH_S = 1.0  # after the drain, how long gRPC may take to send replies already written before it cancels
+BATCHER_JOIN_S = 120.0  # on stop, the longest wait for the batcher's current scorer call to end
 WARMUP_CONVERSATION = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
 
 
@@ -125,7 +127,8 @@ class RunningServer:
             self.service.attach(scorer, self.batcher)
             # Warm-up: the first forward pass allocates and picks kernels; a trainer should not pay for it.
             self.service.score([WARMUP_CONVERSATION], None)
-            if self._stopped.is_set():
+            if self._stopped.is_set():  # stopped while loading: stop() found no batcher to join
+                self.batcher.close(timeout=BATCHER_JOIN_S)
                 return
             self._set_health(health_pb2.HealthCheckResponse.SERVING)
             self._ready.set()
@@ -133,14 +136,24 @@ class RunningServer:
                         load_s=f"{time.monotonic() - started:.1f}", trained=scorer.trained))  # fmt: skip
         except BaseException as exc:
             self.load_error = exc
-            log.error(kv("serve.load_failed", error=repr(exc)), exc_info=exc)
+            # An expected failure (bad checkpoint, missing directory, bad limits) is one line; anything else
+            # keeps its traceback for the bug report.
+            expected = isinstance(exc, RewardError)
+            log.error(kv("serve.load_failed", error=str(exc) if expected else repr(exc)), exc_info=None if expected else exc)
             raise
         finally:
             self._finished.set()
 
     def stop(self, grace: float | None = None) -> None:
         """Graceful stop: health NOT_SERVING, refuse new calls, let in-flight calls finish within `grace`
-        seconds (default config.grace_s), then cancel what is left and stop the batcher. Idempotent."""
+        seconds (default config.grace_s), then answer what is left UNAVAILABLE, stop the server and join the
+        batcher thread. Idempotent.
+
+        The order cannot lose a reply or abort the process: a call counts as in flight until gRPC has
+        written its reply; the server stops with FLUSH_S of its own grace so the transport sends what it
+        holds; past the grace the batcher gives up on its queue first (handlers answer UNAVAILABLE at once)
+        and its thread is joined after the server stopped, once its current scorer call ends (at most
+        BATCHER_JOIN_S), so no thread is inside the model when the interpreter exits."""
         grace = self.config.grace_s if grace is None else grace
         with self._stop_lock:
             if self._stopped.is_set():
@@ -152,12 +165,24 @@ class RunningServer:
             self._active.close()  # new RewardService calls -> UNAVAILABLE; health keeps answering
             log.info(kv("serve.draining", address=self.address, calls_in_progress=self._active.count))
             drained = self._active.wait_idle(max(0.0, deadline - time.monotonic()))
-            # Cancels whatever outlived the grace, and health Watch streams (they never end by themselves).
-            self._server.stop(0).wait()
+            if not drained:
+                if self.batcher is not None:  # queued and computing work -> UNAVAILABLE now
+                    self.batcher.abandon("the server's shutdown grace ran out before this request was computed")
+                self._active.wait_idle(FLUSH_S)  # handlers write those replies
+                self._active.cancelling = True
+            # Cancels whatever is left (open streams, health Watch streams, which never end by themselves)
+            # after letting the transport flush the replies already written.
+            self._server.stop(FLUSH_S).wait()
+            batcher_stopped = True
             if self.batcher is not None:
-                self.batcher.close(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
+                batcher_stopped = self.batcher.close(timeout=BATCHER_JOIN_S)
             self.metrics.stop_http()
-            log.info(kv("serve.stopped", address=self.address, drained=drained))
+            log.info(kv("serve.stopped", address=self.address, drained=drained, batcher_stopped=batcher_stopped))
+
+    @property
+    def batcher_running(self) -> bool:
+        """True if the batcher thread outlived stop() (stuck in a scorer call longer than BATCHER_JOIN_S)."""
+        return self.batcher is not None and self.batcher.thread_alive
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         return self._server.wait_for_termination(timeout)
@@ -176,7 +201,7 @@ def build_server(scorer: ScorerOrLoader, config: ServerConfig = ServerConfig(), 
     for name in (health.OVERALL_HEALTH, SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    interceptors: list[grpc.ServerInterceptor] = [ObservingInterceptor(metrics, active)]
+    interceptors: list[grpc.ServerInterceptor] = [ObservingInterceptor(metrics, active, config.max_message_bytes)]
     if config.auth_token:
         interceptors.append(BearerAuthInterceptor(config.auth_token))
     transport_limit = 2 * config.max_message_bytes  # see ServerConfig.max_message_bytes

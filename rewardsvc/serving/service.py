@@ -16,12 +16,14 @@ from typing import Any
 
 from .. import __version__
 from ..config import Limits
-from ..errors import DeadlineExceededError, InvalidInputError, NotReadyError
+from ..errors import DeadlineExceededError, InvalidInputError, NonFiniteResultError, NotReadyError
 from ..model.conversation import Messages, as_prompt, validate_prompt, with_response
 from ..model.encoding import EncodedConversation
 from ..types import AttributeWeights, CompareResult, GroupResult, InspectResult, ScoreResult
 from .backend import ScorerBackend
 from .batching import Batcher, WorkItem
+
+DEADLINE_SLACK_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,16 @@ class Call:
 
     deadline: float | None = None  # time.monotonic() value
     on_cancel: Callable[[Callable[[], None]], Any] | None = None  # registers a callback run when the call ends
+    deadline_passed: Callable[[], bool] | None = None  # by the transport's clock (labels drops: deadline/cancelled)
+
+    def cancel_reason(self) -> str:
+        """Why the call ended early: "deadline" when its deadline has passed (within DEADLINE_SLACK_S: the
+        transport's timer may fire a little before its own clock shows the deadline), else "cancelled"."""
+        if self.deadline_passed is not None and self.deadline_passed():
+            return "deadline"
+        if self.deadline is not None and time.monotonic() >= self.deadline - DEADLINE_SLACK_S:
+            return "deadline"
+        return "cancelled"
 
 
 def group_statistics(scores: Sequence[float]) -> tuple[float, float, list[int]]:
@@ -51,6 +63,30 @@ def sigmoid(x: float) -> float:
         return 1.0 / (1.0 + math.exp(-x))
     z = math.exp(x)  # no overflow for very negative margins
     return z / (1.0 + z)
+
+
+def _finite(value: float, where: str) -> float:
+    if not math.isfinite(value):
+        raise NonFiniteResultError(f"{where} is {value}: a non-finite result is never returned")
+    return value
+
+
+def check_finite(result: ScoreResult | InspectResult, where: str = "result") -> None:
+    """Raise NonFiniteResultError (INTERNAL) if any number of `result` is inf or NaN."""
+    if isinstance(result, ScoreResult):
+        _finite(result.score, f"{where}.score")
+        for name, value in result.rewards.items():
+            _finite(value, f"{where}.rewards[{name!r}]")
+    for name, value in result.gating.items():
+        _finite(value, f"{where}.gating[{name!r}]")
+    for name, value in result.coefficients.items():
+        _finite(value, f"{where}.coefficients[{name!r}]")
+
+
+def check_finite_results(results: Sequence[ScoreResult]) -> list[ScoreResult]:
+    for i, result in enumerate(results):
+        check_finite(result, f"results[{i}]")
+    return list(results)
 
 
 def _check_count(field: str, count: int, what: str, limit: int, limit_name: str) -> None:
@@ -110,12 +146,12 @@ class RewardService:
     def wait(item: WorkItem, call: Call) -> Any:
         """The item's result; cancels the item if the call ends (client cancel) or its deadline passes."""
         if call.on_cancel is not None:
-            call.on_cancel(item.cancel)
+            call.on_cancel(lambda: item.cancel(call.cancel_reason()))
         timeout = None if call.deadline is None else max(0.0, call.deadline - time.monotonic())
         try:
             return item.future.result(timeout=timeout)
         except FutureTimeout:
-            item.cancel()
+            item.cancel("deadline")
             raise DeadlineExceededError("the deadline passed before the work was computed") from None
 
     # ---- calls -------------------------------------------------------------------------------------
@@ -135,7 +171,7 @@ class RewardService:
         if not conversations:
             self._require_ready()
             return []
-        return self.wait(self.submit_score(conversations, weights, call), call)
+        return check_finite_results(self.wait(self.submit_score(conversations, weights, call), call))
 
     def score_group(
         self, prompt: Any, responses: Sequence[Any], weights: AttributeWeights | None, call: Call = Call()
@@ -158,23 +194,23 @@ class RewardService:
             conversation = with_response(prompt_messages, response, field)
             with self._encode_lock:
                 encoded.append(scorer.encoder.encode(conversation, field))
-        results = self.wait(self.batcher.submit_score(encoded, weights, deadline=call.deadline), call)
+        results = check_finite_results(self.wait(self.batcher.submit_score(encoded, weights, deadline=call.deadline), call))
         mean, std, ranks = group_statistics([r.score for r in results])
-        return GroupResult(results=results, mean=mean, std=std, ranks=ranks)
+        return GroupResult(results=results, mean=_finite(mean, "mean"), std=_finite(std, "std"), ranks=ranks)
 
     def compare(
         self, pairs: Sequence[tuple[Any, Any, Any]], weights: AttributeWeights | None, call: Call = Call()
     ) -> list[CompareResult]:
         """pairs: (prompt, chosen, rejected); prompt = messages or a string, chosen/rejected = strings."""
         scorer = self._require_ready()
+        if not pairs:  # the same rule as ScoreGroup's responses: a request must name its work
+            raise InvalidInputError("pairs: a Compare needs at least one pair", field="pairs")
         limit = self.limits.max_conversations_per_request
         if 2 * len(pairs) > limit:  # each pair is two conversations
             raise InvalidInputError(
                 f"pairs: {len(pairs)} pairs ({2 * len(pairs)} conversations), over max_conversations_per_request={limit}",
                 field="pairs",
             )
-        if not pairs:
-            return []
         self._check_weights(weights)
         encoded = []
         for i, (prompt, chosen, rejected) in enumerate(pairs):
@@ -184,7 +220,7 @@ class RewardService:
                 conversation = with_response(prompt_messages, response, field)
                 with self._encode_lock:
                     encoded.append(scorer.encoder.encode(conversation, field))
-        results = self.wait(self.batcher.submit_score(encoded, weights, deadline=call.deadline), call)
+        results = check_finite_results(self.wait(self.batcher.submit_score(encoded, weights, deadline=call.deadline), call))
         out = []
         for i in range(len(pairs)):
             chosen, rejected = results[2 * i], results[2 * i + 1]
@@ -208,6 +244,7 @@ class RewardService:
         with self._encode_lock:
             encoded = scorer.encode_prompt(prompt, "prompt")
         result: InspectResult = self.wait(self.batcher.submit_inspect(encoded, weights, deadline=call.deadline), call)
+        check_finite(result)
         order = sorted(scorer.attributes, key=lambda a: -result.gating[a])
         if top_k:
             order = order[:top_k]

@@ -20,7 +20,7 @@ import grpc
 
 from .._proto.rewardsvc.v1 import reward_pb2 as pb
 from .._proto.rewardsvc.v1 import reward_pb2_grpc as pb_grpc
-from ..errors import OverloadedError, grpc_status_name
+from ..errors import InvalidInputError, OverloadedError, grpc_status_name
 from ..types import weights_source
 from ..wire import (
     FIELD_KEY,
@@ -32,7 +32,7 @@ from ..wire import (
     result_to_pb,
     weights_from_pb,
 )
-from .service import Call, RewardService
+from .service import Call, RewardService, check_finite_results
 
 log = logging.getLogger("rewardsvc.server")
 
@@ -75,13 +75,50 @@ def abort_with(context, exc: BaseException, method: str):
     context.abort(grpc.StatusCode[name], message)
 
 
+class UndecodableRequest:
+    """Stands in for a request whose bytes do not parse (e.g. a string field with bad UTF-8) or exceed
+    max_message_bytes: the handler then answers INVALID_ARGUMENT, counted like any other call, instead of
+    gRPC answering INTERNAL before any handler (or metric) sees the call."""
+
+    def __init__(self, error: InvalidInputError):
+        self.error = error
+
+
+def tolerant_deserializer(deserialize, max_message_bytes: int):
+    """Wrap a protobuf `FromString`: bytes that do not parse give an UndecodableRequest, never an exception;
+    messages over max_message_bytes are refused before parsing."""
+
+    def parse(data: bytes):
+        if len(data) > max_message_bytes:
+            return UndecodableRequest(
+                InvalidInputError(f"request: {len(data)} bytes, over max_message_bytes={max_message_bytes}", field="request")
+            )
+        try:
+            return deserialize(data)
+        except Exception as exc:  # google.protobuf.message.DecodeError, or anything a parser may raise
+            return UndecodableRequest(
+                InvalidInputError(f"request: the message does not decode as protobuf ({exc}); "
+                                  "string fields must be valid UTF-8", field="request")  # fmt: skip
+            )
+
+    return parse
+
+
+def check_request(service: RewardService, request) -> None:
+    """The checks every request passes before its fields are read: it decoded, and it is within the size."""
+    if isinstance(request, UndecodableRequest):
+        raise request.error
+    service.check_message_bytes(request.ByteSize())
+
+
 NO_DEADLINE_S = 1e7  # gRPC reports "no deadline" as a time centuries ahead; waits that long overflow
 
 
 def call_of(context) -> Call:
     remaining = context.time_remaining()
     deadline = None if remaining is None or remaining > NO_DEADLINE_S else time.monotonic() + remaining
-    return Call(deadline=deadline, on_cancel=context.add_callback)
+    passed = None if deadline is None else (lambda: context.time_remaining() <= 0)
+    return Call(deadline=deadline, on_cancel=context.add_callback, deadline_passed=passed)
 
 
 def _unary(method):
@@ -89,7 +126,7 @@ def _unary(method):
 
     def wrapper(self, request, context):
         try:
-            self.service.check_message_bytes(request.ByteSize())
+            check_request(self.service, request)
             return method(self, request, context)
         except Exception as exc:  # every error leaves as a status, never as a stack trace on the wire
             abort_with(context, exc, name)
@@ -171,8 +208,9 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         def cancel_all() -> None:
             with lock:
                 alive = list(items)
+            reason = call.cancel_reason()
             for item in alive:  # outside the lock: cancelling runs respond(), which takes it
-                item.cancel()
+                item.cancel(reason)
 
         context.add_callback(cancel_all)
 
@@ -180,7 +218,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             with lock:
                 items.discard(item)
             try:
-                results = item.future.result()
+                results = check_finite_results(item.future.result())
             except BaseException as exc:  # CancelledError included: the stream is gone anyway
                 out.put(("done", pb.ScoreStreamResponse(request_id=request_id, error=error_to_pb(exc, "ScoreStream"))))
                 return
@@ -190,9 +228,9 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             out.put(("done", pb.ScoreStreamResponse(request_id=request_id, response=response)))
 
         def read_one(request) -> None:
-            rid = request.request_id
+            rid = "" if isinstance(request, UndecodableRequest) else request.request_id
             try:
-                self.service.check_message_bytes(request.ByteSize())
+                check_request(self.service, request)
                 weights = weights_from_pb(request)
                 conversations = [messages_from_pb(c.messages) for c in request.conversations]
                 if not conversations:

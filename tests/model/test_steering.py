@@ -39,9 +39,15 @@ def test_unknown_attribute_names_are_refused():
 
 @pytest.mark.parametrize(
     "mode, values, match",
-    [("boost", {}, "weights.mode"), ("mask", {"safe": float("nan")}, "finite"), ("mask", {"safe": True}, "finite"),
-     ("override", {"safe": -1.0}, ">= 0"), ("override", {"safe": "1"}, "finite")],
-)  # fmt: skip
+    [
+        ("boost", {}, "weights.mode"),
+        ("mask", {"safe": float("nan")}, "finite"),
+        ("mask", {"safe": True}, "finite"),
+        ("override", {"safe": "1"}, "finite"),
+        ("override", {"safe": -1.0}, r"in \[0, 1e\+06\]"),
+        ("mask", {"safe": 2e6}, r"in \[0, 1e\+06\]"),  # types.MAX_WEIGHT: larger would overflow float32 heads
+    ],
+)
 def test_weights_are_validated(mode, values, match):
     with pytest.raises(InvalidInputError, match=match):
         AttributeWeights(mode, values)

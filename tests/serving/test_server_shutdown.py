@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -91,6 +92,40 @@ def test_sigterm_during_load_loses_no_accepted_request(embedded_scorer, tmp_path
         text = _read(log_path)
         assert "event=serve.signal signal=SIGTERM" in text
         assert "event=serve.stopped" in text and "drained=True" in text, text
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+def test_grace_expiry_while_the_model_computes_exits_zero(tmp_path):
+    """Past --grace the calls left get UNAVAILABLE, the batcher thread is joined after its scorer call, and
+    the process exits 0 (it aborted with SIGABRT, rc -6, when the interpreter exited with that thread
+    inside torch)."""
+    log_path = tmp_path / "serve.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "rewardsvc.cli.serve", "--port", "0", "--grace", "0.5"]
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        assert wait_until(lambda: "event=serve.ready" in _read(log_path) or process.poll() is not None, 300, 0.2), _read(log_path)
+        port = int(re.search(r"event=serve.listening address=127\.0\.0\.1:(\d+)", _read(log_path)).group(1))
+        long = [{"role": "user", "content": "Tell me about rivers. " * 30}, {"role": "assistant", "content": "Rivers flow. " * 60}]
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            s = pb_grpc.RewardServiceStub(channel)
+            futures = [s.Score.future(score_request([long] * 4), timeout=300) for _ in range(3)]
+            time.sleep(0.5)  # the batcher is inside its first scorer call
+            process.send_signal(signal.SIGTERM)
+            codes = set()
+            for future in futures:
+                try:
+                    future.result()
+                    codes.add("OK")
+                except grpc.RpcError as exc:
+                    codes.add(exc.code().name)
+        assert codes <= {"OK", "UNAVAILABLE"}, codes
+        assert process.wait(200) == 0, _read(log_path)
+        assert "drained=False" in _read(log_path) and "batcher_stopped=True" in _read(log_path)
     finally:
         if process.poll() is None:
             process.kill()

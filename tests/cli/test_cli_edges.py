@@ -1,0 +1,39 @@
+"""Edges of the command line: clear one-line errors, before any model loads, and no files left behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=ENV, timeout=300)
+
+
+def test_score_with_a_missing_input_fails_before_loading_and_leaves_no_output(tmp_path):
+    out = tmp_path / "out.jsonl"
+    proc = run("rewardsvc.cli", "score", str(tmp_path / "missing.jsonl"), "-o", str(out), "--model", str(tmp_path / "no-model"))
+    assert proc.returncode == 2 and "missing.jsonl does not exist" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_a_missing_model_directory_says_it_does_not_exist(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": 1, "prompt": "hi", "response": "hello"}\n')
+    proc = run("rewardsvc.cli", "score", str(src), "--model", str(tmp_path / "nope"))
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "neither" not in proc.stderr, proc.stderr
+
+
+def test_serve_with_a_bad_model_is_one_clear_line(tmp_path):
+    proc = run("rewardsvc.cli.serve", "--port", "0", "--model", str(tmp_path / "nope"))
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "does not exist" in proc.stderr, proc.stderr
+    assert "error: cannot load the model" in proc.stderr
+
+
+def test_train_without_data_names_the_flag(tmp_path):
+    proc = run("rewardsvc.cli", "train", "--out", str(tmp_path / "heads"), "--data-dir", str(tmp_path / "no-data"))
+    assert proc.returncode == 2 and "--data-dir" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
