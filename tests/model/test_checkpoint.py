@@ -181,6 +181,9 @@ def test_heads_checkpoint_errors_name_the_problem(tmp_path):
     (tmp_path / "h" / "rewardsvc.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_heads(tmp_path / "h")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        Scorer.load(tmp_path / "nothing-here")
+    (tmp_path / "nothing-here").mkdir()  # a directory in neither format
     with pytest.raises(CheckpointError, match="neither"):
         Scorer.load(tmp_path / "nothing-here")
 

@@ -106,7 +106,9 @@ def test_compare_is_the_sigmoid_of_the_margin(service):
     [result] = service.compare([("Name a colour.", "Red.", "Seven.")], None)
     assert result.p_chosen == pytest.approx(sigmoid(result.score_chosen - result.score_rejected))
     assert result.chosen.score == result.score_chosen and result.rejected.score == result.score_rejected
-    assert service.compare([], None) == []
+    with pytest.raises(InvalidInputError, match="at least one pair") as info:
+        service.compare([], None)
+    assert info.value.field == "pairs"
     assert sigmoid(-1000.0) == 0.0 and sigmoid(1000.0) == 1.0 and sigmoid(0.0) == 0.5
 
 

@@ -17,7 +17,7 @@ from rewardsvc.config import Limits
 from rewardsvc.errors import InvalidInputError
 from rewardsvc.types import AttributeWeights, CompareResult, GroupResult, InspectResult, ScoreResult
 from rewardsvc.wire import FIELD_KEY
-from service_fixtures import metric_value, score_request, start_server
+from service_fixtures import metric_value, score_request, start_server, wait_until
 from tiny_models import TINY_ATTRIBUTES
 
 PROMPT = [{"role": "user", "content": "Name a colour."}]
@@ -114,6 +114,6 @@ def test_metrics_count_the_calls(tiny_served):
     before = metric_value(tiny_served.metrics_port, "rewardsvc_requests_total", {"method": "Score", "code": "OK"})
     with grpc.insecure_channel(f"127.0.0.1:{tiny_served.port}") as channel:
         pb_grpc.RewardServiceStub(channel).Score(score_request([conversation("Red.")]), timeout=30)
-    after = metric_value(tiny_served.metrics_port, "rewardsvc_requests_total", {"method": "Score", "code": "OK"})
-    assert after == before + 1
+    # Counted once gRPC has finished the call, a moment after the client has its reply.
+    assert wait_until(lambda: metric_value(tiny_served.metrics_port, "rewardsvc_requests_total", {"method": "Score", "code": "OK"}) == before + 1, 10)
     assert metric_value(tiny_served.metrics_port, "rewardsvc_scored_conversations_total") >= 1
