@@ -29,8 +29,8 @@ from ._proto.rewardsvc.v1 import reward_pb2_grpc as pb_grpc
 from .batching import Batcher, BatcherConfig
 from .errors import InvalidInputError, RewardError
 from .metrics import ServiceMetrics
-from .service import SERVICE_NAME, Limits, RewardService
-from .servicer import RewardServicer, tolerant_deserializer
+from .service import DEADLINE_SLACK_S, SERVICE_NAME, Limits, RewardService
+from .servicer import NO_DEADLINE_S, RewardServicer, tolerant_deserializer
 
 log = logging.getLogger("rewardsvc.server")
 
@@ -246,11 +246,12 @@ class ObservingInterceptor(grpc.ServerInterceptor):
                 metrics.observe_rpc(method, "UNAVAILABLE", 0.0)
                 context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
             metrics.in_progress.labels(method).inc()
-            return time.monotonic()
+            return time.monotonic(), context.time_remaining()
 
-        def end(context, started: float, code: str | None) -> None:
+        def end(context, begun: tuple[float, float], code: str | None) -> None:
             """The handler returned or raised; the reply may not be written yet."""
             code = code or _code_name(context) or "OK"
+            started, budget = begun
             gone_already = not context.is_active()  # the client left while the handler ran
             finished = threading.Lock()
 
@@ -261,7 +262,8 @@ class ObservingInterceptor(grpc.ServerInterceptor):
                 if gone_already or _client_gone(context):
                     if active.cancelling:
                         final = "UNAVAILABLE"
-                    elif context.time_remaining() <= 0:
+                    elif budget < NO_DEADLINE_S and context.time_remaining() <= max(DEADLINE_SLACK_S, 0.25 * budget):
+                        # A client's deadline reaches us as a cancel a little before our copy of it.
                         final = "DEADLINE_EXCEEDED"
                     else:
                         final = "CANCELLED"
