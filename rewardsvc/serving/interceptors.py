@@ -15,7 +15,8 @@ from ..config import Limits
 from ..wire import SERVICE_NAME
 from .logs import kv
 from .metrics import ServiceMetrics
-from .servicer import tolerant_deserializer
+from .service import DEADLINE_SLACK_S
+from .servicer import NO_DEADLINE_S, tolerant_deserializer
 
 log = logging.getLogger("rewardsvc.server")
 
@@ -129,11 +130,12 @@ class ObservingInterceptor(grpc.ServerInterceptor):
                 metrics.observe_rpc(method, "UNAVAILABLE", 0.0)
                 context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
             metrics.in_progress.labels(method).inc()
-            return time.monotonic()
+            return time.monotonic(), context.time_remaining()
 
-        def end(context, started: float, code: str | None) -> None:
+        def end(context, begun: tuple[float, float], code: str | None) -> None:
             """The handler returned or raised; the reply may not be written yet."""
             code = code or _code_name(context) or "OK"
+            started, budget = begun
             gone_already = not context.is_active()  # the client left while the handler ran
             finished = threading.Lock()
 
@@ -144,7 +146,8 @@ class ObservingInterceptor(grpc.ServerInterceptor):
                 if gone_already or _client_gone(context):
                     if active.cancelling:
                         final = "UNAVAILABLE"
-                    elif context.time_remaining() <= 0:
+                    elif budget < NO_DEADLINE_S and context.time_remaining() <= max(DEADLINE_SLACK_S, 0.25 * budget):
+                        # A client's deadline reaches us as a cancel a little before our copy of it.
                         final = "DEADLINE_EXCEEDED"
                     else:
                         final = "CANCELLED"

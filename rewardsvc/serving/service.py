@@ -33,14 +33,20 @@ class Call:
     deadline: float | None = None  # time.monotonic() value
     on_cancel: Callable[[Callable[[], None]], Any] | None = None  # registers a callback run when the call ends
     deadline_passed: Callable[[], bool] | None = None  # by the transport's clock (labels drops: deadline/cancelled)
+    started: float | None = None  # time.monotonic() when the call arrived
 
     def cancel_reason(self) -> str:
-        """Why the call ended early: "deadline" when its deadline has passed (within DEADLINE_SLACK_S: the
-        transport's timer may fire a little before its own clock shows the deadline), else "cancelled"."""
+        """Why the call ended early: "deadline" when its deadline has passed, else "cancelled".
+
+        A client whose deadline fires cancels the call; the server sees that cancel a little before its own
+        copy of the deadline (which started when the call arrived). So a cancel within the last quarter of
+        the call's time (at least DEADLINE_SLACK_S) counts as the deadline."""
         if self.deadline_passed is not None and self.deadline_passed():
             return "deadline"
-        if self.deadline is not None and time.monotonic() >= self.deadline - DEADLINE_SLACK_S:
-            return "deadline"
+        if self.deadline is not None:
+            budget = self.deadline - self.started if self.started is not None else 0.0
+            if time.monotonic() >= self.deadline - max(DEADLINE_SLACK_S, 0.25 * budget):
+                return "deadline"
         return "cancelled"
 
 

@@ -115,10 +115,10 @@ NO_DEADLINE_S = 1e7  # gRPC reports "no deadline" as a time centuries ahead; wai
 
 
 def call_of(context) -> Call:
-    remaining = context.time_remaining()
-    deadline = None if remaining is None or remaining > NO_DEADLINE_S else time.monotonic() + remaining
+    started, remaining = time.monotonic(), context.time_remaining()
+    deadline = None if remaining is None or remaining > NO_DEADLINE_S else started + remaining
     passed = None if deadline is None else (lambda: context.time_remaining() <= 0)
-    return Call(deadline=deadline, on_cancel=context.add_callback, deadline_passed=passed)
+    return Call(deadline=deadline, on_cancel=context.add_callback, deadline_passed=passed, started=started)
 
 
 def _unary(method):
