@@ -53,9 +53,18 @@ def backbone_override(args: argparse.Namespace) -> BackboneConfig | None:
                              "quantization": args.quantization, "adapter": args.adapter})  # fmt: skip
 
 
+def quiet_transformers() -> None:
+    """No progress bars from transformers on stderr. Called by the commands as they load a model (not by
+    main), so that a command that fails on its input first never pays the seconds of importing transformers."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def load_scorer(args: argparse.Namespace):
     from ..model.scorer import Scorer
 
+    quiet_transformers()
     config = ScorerConfig(max_tokens=args.max_tokens, truncation=args.truncation, token_budget=args.token_budget)
     scorer = Scorer.load(args.model, backbone=backbone_override(args), config=config)
     if not scorer.trained:
@@ -197,12 +206,6 @@ EXTENSIONS: list[tuple[str, str, str]] = [
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
     try:
         return int(args.func(args) or 0)
     except RewardError as exc:

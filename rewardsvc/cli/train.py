@@ -33,7 +33,6 @@ def scaled_caps(scale: float) -> dict[str, int | None]:
 def run(args: argparse.Namespace) -> int:
     from ..errors import InvalidInputError
     from ..training.data import DATA_DIR_ENV, default_data_dir
-    from ..training.pipeline import TrainConfig, run_training
 
     data_dir = args.data_dir or default_data_dir()
     if not os.path.isdir(data_dir):  # checked here so the message names the flag, not the Python argument
@@ -41,6 +40,10 @@ def run(args: argparse.Namespace) -> int:
             f"--data-dir: the data directory {data_dir} does not exist; pass --data-dir DIR or set ${DATA_DIR_ENV}",
             field="data_dir",
         )
+    from ..training.pipeline import TrainConfig, run_training  # torch and transformers: only past the checks
+    from .main import quiet_transformers
+
+    quiet_transformers()
 
     config = TrainConfig(
         out_dir=args.out, work_dir=args.work_dir, data_dir=args.data_dir, backbone=BackboneConfig(model=args.backbone),

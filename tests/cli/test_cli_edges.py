@@ -6,6 +6,9 @@ import os
 import subprocess
 import sys
 
+from rewardsvc.cli import main as cli
+from rewardsvc.cli import serve
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
@@ -20,18 +23,22 @@ def test_score_with_a_missing_input_fails_before_loading_and_leaves_no_output(tm
     assert "Traceback" not in proc.stderr and not out.exists()
 
 
-def test_a_missing_model_directory_says_it_does_not_exist(tmp_path):
+# The two below load the scorer module (torch): run in this process, where torch is loaded already, they
+# cost milliseconds instead of seconds of a fresh interpreter each.
+
+
+def test_a_missing_model_directory_says_it_does_not_exist(tmp_path, capsys):
     src = tmp_path / "in.jsonl"
     src.write_text('{"id": 1, "prompt": "hi", "response": "hello"}\n')
-    proc = run("rewardsvc.cli", "score", str(src), "--model", str(tmp_path / "nope"))
-    assert proc.returncode == 2 and "does not exist" in proc.stderr and "neither" not in proc.stderr, proc.stderr
+    assert cli.main(["score", str(src), "--model", str(tmp_path / "nope")]) == 2
+    stderr = capsys.readouterr().err
+    assert "does not exist" in stderr and "neither" not in stderr, stderr
 
 
-def test_serve_with_a_bad_model_is_one_clear_line(tmp_path):
-    proc = run("rewardsvc.cli.serve", "--port", "0", "--model", str(tmp_path / "nope"))
-    assert proc.returncode == 1, proc.stderr
-    assert "Traceback" not in proc.stderr and "does not exist" in proc.stderr, proc.stderr
-    assert "error: cannot load the model" in proc.stderr
+def test_serve_with_a_bad_model_is_one_clear_line(tmp_path, capsys):
+    assert serve.main(["--port", "0", "--model", str(tmp_path / "nope")]) == 1
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr and "error: cannot load the model" in stderr and "does not exist" in stderr, stderr
 
 
 def test_train_without_data_names_the_flag(tmp_path):
