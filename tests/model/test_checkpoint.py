@@ -183,9 +183,9 @@ def test_heads_checkpoint_errors_name_the_problem(tmp_path):
         load_heads(tmp_path / "h")
     with pytest.raises(CheckpointError, match="does not exist"):
         Scorer.load(tmp_path / "nothing-here")
-    (tmp_path / "nothing-here").mkdir()  # a directory in neither format
+    (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="neither"):
-        Scorer.load(tmp_path / "nothing-here")
+        Scorer.load(tmp_path / "empty")
 
 
 def test_heads_for_another_backbone_are_refused(tmp_path, tiny_llama_dir):
