@@ -2,8 +2,9 @@
 
     python training/train_default.py            # writes rewardsvc/default_model/ (heads only)
 
-Same as `rewardsvc train --out rewardsvc/default_model --work-dir artifacts/train --caps-scale 0.5 --max-chars 1500`.
-Embeddings are cached in artifacts/train/embeddings (resumable); a re-run with the same data only refits.
+Same as `rewardsvc train --out rewardsvc/default_model --work-dir artifacts/train`. Features are stored in
+artifacts/train/features (content-addressed, resumable: interrupt it and run it again); a re-run with the same
+data only refits. `--embed stored` fits on what is stored so far (how the packaged default was made on a CPU).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from rewardsvc.cli.main import main
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ARGS = [
     "train", "--out", str(REPO / "rewardsvc" / "default_model"), "--work-dir", str(REPO / "artifacts" / "train"),
-    "--caps-scale", "0.5", "--max-chars", "1500",
 ]  # fmt: skip
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
 from typing import Any
 
 from ..errors import RewardError
@@ -23,16 +22,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pairs", help="JSONL of preference pairs")
     parser.add_argument("--report", help="directory for PNG plots (accuracy vs length baseline, score vs length, gating)")
     parser.add_argument("--records", help="also write per-pair scores (JSONL) here")
-
-
-def mean_gating_by_category(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    counts: dict[str, int] = defaultdict(int)
-    for r in records:
-        counts[r["category"]] += 1
-        for name, value in r["gating"].items():
-            sums[r["category"]][name] += value
-    return {c: {n: v / counts[c] for n, v in attrs.items()} for c, attrs in sums.items()}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if errors:
         summary["errors"] = errors
     if args.report:
-        paths = write_report(summary, records, args.report, mean_gating_by_category(records))
+        paths = write_report(summary, records, args.report, summary.get("gating_by_category"))
         summary["report"] = {name: str(path) for name, path in paths.items()}
     if args.records:
         with open(args.records, "w", encoding="utf-8") as f:

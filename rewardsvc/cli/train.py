@@ -17,8 +17,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default=BackboneConfig.model, help="backbone: embedded default, directory, hub id or .gguf")
     parser.add_argument("--name", default="rewardsvc-default-smollm2-135m")
     parser.add_argument("--caps-scale", type=float, default=1.0,
-                        help="multiply every per-source cap of rewardsvc.training.data.build.DEFAULT_CAPS (CPU budget)")  # fmt: skip
-    parser.add_argument("--max-tokens", type=int, default=768, help="conversations longer than this are left out (counted)")
+                        help="multiply every per-source cap of rewardsvc.training.data.build.DEFAULT_CAPS (training "
+                             "sources are uncapped; this scales the evaluation caps)")  # fmt: skip
+    parser.add_argument("--max-tokens", type=int, default=1024, help="conversations longer than this are left out (counted)")
+    parser.add_argument("--layers", default="8,12,16",
+                        help="candidate feature layers (backbone blocks), comma-separated; the best on validation is served")  # fmt: skip
+    parser.add_argument("--embed", choices=("all", "stored"), default="all",
+                        help="all: embed every conversation the feature store lacks first; stored: fit on what the "
+                             "store already holds (a partial, resumable CPU run; provenance counts the rest)")  # fmt: skip
     parser.add_argument("--max-chars", type=int, default=2000, help="training prompts/responses longer than this are left out")
     parser.add_argument("--token-budget", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
@@ -28,6 +34,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def scaled_caps(scale: float) -> dict[str, int | None]:
     """Uncapped sources (None) stay uncapped."""
     return {k: None if v is None else max(1, round(v * scale)) for k, v in DEFAULT_CAPS.items()}
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    from ..errors import InvalidInputError
+
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise InvalidInputError(f"--layers: expected comma-separated integers, got {text!r}", field="layers") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         out_dir=args.out, work_dir=args.work_dir, data_dir=args.data_dir, backbone=BackboneConfig(model=args.backbone),
         name=args.name, max_tokens=args.max_tokens, token_budget=args.token_budget, max_chars=args.max_chars,
         caps=scaled_caps(args.caps_scale) if args.caps_scale != 1.0 else None, seed=args.seed, evaluate=not args.no_eval,
+        layers=_layers(args.layers), embed=args.embed,
     )  # fmt: skip
     provenance = run_training(config)
     print(json.dumps({"out": args.out, "data": provenance["data"], "metrics": provenance["metrics"],

@@ -78,7 +78,8 @@ def evaluate_pairs(records: Iterable[Any]) -> dict:
         {"overall": {"accuracy", "n"}, "categories": {name: {"accuracy", "n"}},
          "subsets": {name: {"accuracy", "n"}},
          "length_baseline": {"overall", "categories", "subsets"}  (same shapes),
-         "verbosity_spearman": float}
+         "verbosity_spearman": float,
+         "gating_by_category": {category: {attribute: mean weight}}  (only when every record has `gating`)}
     Ties count 0.5 (scores and lengths alike). "overall" is the mean over pairs (micro).
     Missing category/subset -> "uncategorized". verbosity_spearman pools every scored response
     (chosen and rejected); it is None only when undefined (a constant score or length).
@@ -99,7 +100,20 @@ def evaluate_pairs(records: Iterable[Any]) -> dict:
     result = _accuracy_block(model, categories, subsets)
     result["length_baseline"] = _accuracy_block(longer, categories, subsets)
     result["verbosity_spearman"] = _spearman(chosen + rejected, chosen_len + rejected_len)
+    if all(_get(r, "gating") for r in records):
+        result["gating_by_category"] = mean_gating_by_category(records, categories)
     return result
+
+
+def mean_gating_by_category(records: Sequence[Any], categories: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Mean gating weight of every attribute over the records of each category (records carry `gating`)."""
+    sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    counts: dict[str, int] = defaultdict(int)
+    for record, category in zip(records, categories):
+        counts[category] += 1
+        for name, value in _get(record, "gating").items():
+            sums[category][name] += float(value)
+    return {c: {n: v / counts[c] for n, v in attrs.items()} for c, attrs in sorted(sums.items())}
 
 
 def _rating(record: Any, name: str) -> float | None:

@@ -1,9 +1,14 @@
-"""The whole ArmoRM training run on precomputed embeddings: data -> embeddings -> stage 1 -> debiasing ->
-stage 2 -> heads checkpoint (+ evaluation on the held-out mix, before and after debiasing).
+"""The whole ArmoRM training run: data -> backbone features -> per candidate (feature layer, preference heads or
+not): stage 1 -> debiasing -> stage 2 -> the candidate best on stage-2 validation -> heads checkpoint, evaluated
+on the held-out mix before and after debiasing.
 
-Embeddings are the only expensive step (one backbone pass per unique conversation, cached and resumable
-in `work_dir/embeddings`); everything after it takes seconds, so re-running after a change of the heads'
-hyper-parameters costs no backbone time.
+Features are the only expensive step: one backbone pass per unique conversation, stopped after the deepest
+candidate layer, gives the prompt and response states of every candidate layer. They live in a content-addressed
+store (`work_dir/features`, training.feature_store): a re-run, a new source or a changed split embeds only
+conversations never seen, and a killed run resumes. Everything after it takes minutes on a CPU.
+
+`embed="stored"` fits on the conversations already in the store and counts the rest as not embedded yet: how a
+CPU too slow for the whole data set makes a model from a partial, resumable pass (the provenance says how much).
 """
 
 from __future__ import annotations
@@ -23,23 +28,27 @@ import torch
 
 from .. import __version__
 from ..config import BackboneConfig, HeadsConfig
-from ..errors import RewardError
+from ..errors import InvalidInputError, RewardError
 from ..evaluation.report import evaluate_pairs
-from ..model.backbone import Backbone, load_backbone
+from ..model.backbone import Backbone, load_backbone, truncate_backbone
+from ..model.batch_plan import plan_padded_batches
 from ..model.checkpoint import HeadsCheckpoint, save_heads
-from ..model.embedding import embed_encoded
 from ..model.encoding import ChatEncoder, EncodedConversation
 from ..model.heads import ArmoHeads
 from .data.attributes import ATTRIBUTE_NAMES, VERBOSITY
-from .data.build import TrainingSets, build_training_sets, conversation_key
+from .data.build import TrainingSets, build_training_sets, conversation_key, round_robin
 from .data.schema import PreferencePair, RatedConversation
 from .debias import fit_verbosity_penalties
-from .embedding_store import EmbeddingSet, extract_embeddings
+from .feature_store import FeatureStore, extract_features, feature_key
 from .model_card import write_model_card
+from .preference_heads import fit_preference_head
 from .stage1 import fit_stage1
-from .stage2 import PreferencePairs, Stage2Config, train_gating
+from .stage2 import PreferencePairs, Stage2Config, balanced_weights, standardize_gating_input, train_gating
 
 log = logging.getLogger(__name__)
+
+EMBED_MODES = ("all", "stored")
+PREFERENCE_PREFIX = "preference_"
 
 
 @dataclass(frozen=True)
@@ -49,80 +58,140 @@ class TrainConfig:
     out_dir: str
     """Where the heads checkpoint (rewardsvc.json, heads.safetensors, MODEL_CARD.md) is written."""
     work_dir: str
-    """Cache of the built data sets and the embedding shards (resumable)."""
+    """The built data sets, the feature store (`features/`) and the evaluation records."""
     data_dir: str | None = None
     """../shared/data by default (see rewardsvc.training.data.files)."""
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     name: str = "rewardsvc-default-smollm2-135m"
-    max_tokens: int = 768
+    max_tokens: int = 1024
     """Conversations longer than this (in tokens) are left out of training and evaluation, and counted."""
     token_budget: int = 4096
     max_chars: int = 2000
     """Training prompts/responses longer than this many characters are left out (rewardsvc.training.data.build)."""
     caps: dict[str, int | None] | None = None
+    layers: tuple[int, ...] = (8, 12, 16)
+    """Candidate feature layers, as numbers of backbone blocks (LayerSkip-style early exit). One pass stores all of
+    them; the served model stops the backbone after the chosen one. On SmolLM2-135M the middle blocks' states
+    predicted the ratings far better than the last block's (docs/TRAINING.md)."""
+    preference_heads: tuple[bool, ...] = (False, True)
+    """Candidates without and with one Bradley-Terry head per stage-2 category (training.preference_heads)."""
+    embed: str = "all"
+    """`all`: embed every conversation the store lacks first. `stored`: fit on what the store holds (partial run)."""
     seed: int = 0
     gating_hidden_dim: int = 256
     gating_n_hidden: int = 3
     gating_temperature: float = 10.0
     debias_threshold: float = 0.03
-    stage2: Stage2Config = field(default_factory=lambda: Stage2Config(lr=1e-3, weight_decay=1e-3, patience=15, max_epochs=200))
+    stage2: Stage2Config = field(default_factory=lambda: Stage2Config(lr=1e-3, weight_decay=1e-3, patience=30, max_epochs=300))
     evaluate: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+        if not self.layers or any(x < 1 for x in self.layers) or len(set(self.layers)) != len(self.layers):
+            raise InvalidInputError(f"layers must be distinct integers >= 1, got {self.layers}", field="layers")
+        if not self.preference_heads:
+            raise InvalidInputError("preference_heads must hold at least one of False / True", field="preference_heads")
+        if self.embed not in EMBED_MODES:
+            raise InvalidInputError(f"embed must be one of {EMBED_MODES}, got {self.embed!r}", field="embed")
+
+
+# ---- conversations -> features ----------------------------------------------------------------------------------
+
+# Order in which a partial run embeds: every (stage, source) advances at the same pace, except just-eval-safety
+# (2,811 answers, 95 % rated 5: the least information per backbone second) at a third of it, and evaluation pairs
+# slightly ahead, so that a model fit on a partial store is evaluated on a balanced share of every category.
+_PACE = {("stage1", "just-eval-safety"): 1 / 3, ("eval", None): 1.25}
+
+
+def _conversations(item: RatedConversation | PreferencePair) -> list[list[dict]]:
+    if isinstance(item, RatedConversation):
+        return [[*item.prompt, {"role": "assistant", "content": item.response}]]
+    return [[*item.prompt, {"role": "assistant", "content": r}] for r in (item.chosen, item.rejected)]
+
+
+def _in_embedding_order(sets: TrainingSets, seed: int) -> list[RatedConversation | PreferencePair]:
+    by_stream: dict[tuple[str, str], list] = {}
+    for stage, items in (("stage1", sets.stage1_train + sets.stage1_val),
+                         ("stage2", sets.stage2_train + sets.stage2_val), ("eval", sets.eval_pairs)):  # fmt: skip
+        for item in items:
+            by_stream.setdefault((stage, item.source), []).append(item)
+    ranked = []
+    for (stage, source), items in by_stream.items():
+        pace = _PACE.get((stage, source), _PACE.get((stage, None), 1.0))
+        for k, item in enumerate(round_robin(items, seed)):
+            ranked.append(((k + 0.5) / len(items) / pace, item))
+    ranked.sort(key=lambda kv: kv[0])
+    return [item for _, item in ranked]
+
+
+class _Features:
+    """conversation_key -> feature-store key, for the conversations that could be encoded."""
+
+    def __init__(self, store: FeatureStore):
+        self.store = store
+        self.key_of: dict[str, str] = {}
+        self.encoded: dict[str, EncodedConversation] = {}
+
+    def add(self, encoder: ChatEncoder, backbone_id: str, items: Sequence, dropped: dict[str, int]) -> None:
+        for item in items:
+            for messages in _conversations(item):
+                ckey = conversation_key(messages[:-1], messages[-1]["content"])
+                if ckey in self.key_of:
+                    continue
+                try:
+                    e = encoder.encode(messages)
+                except RewardError as exc:
+                    what = f"conversation over max_tokens={encoder.max_tokens} or invalid: {type(exc).__name__}"
+                    dropped[what] = dropped.get(what, 0) + 1
+                    self.key_of[ckey] = ""
+                    continue
+                fkey = feature_key(backbone_id, e.input_ids, e.prompt_anchor)
+                self.key_of[ckey] = fkey
+                self.encoded.setdefault(fkey, e)
+
+    def stored(self, prompt, response: str) -> bool:
+        return self.key_of.get(conversation_key(prompt, response), "") in self.store
+
+    def keys(self, prompts_responses) -> list[str]:
+        return [self.key_of[conversation_key(p, r)] for p, r in prompts_responses]
+
+
+def _features_fn(backbone: Backbone, layers: Sequence[int], token_budget: int):
+    def features(encoded: Sequence[EncodedConversation]) -> tuple[torch.Tensor, torch.Tensor]:
+        n, L, H = len(encoded), len(layers), backbone.hidden_size
+        response, prompt = torch.empty(n, L, H), torch.empty(n, L, H)
+        for batch in plan_padded_batches([e.num_tokens for e in encoded], token_budget, 64):
+            hidden = backbone.hidden_at_layers([list(encoded[i].input_ids) for i in batch],
+                                               [[encoded[i].prompt_anchor, encoded[i].response_anchor] for i in batch],
+                                               layers)  # (b, 2, L, H)  # fmt: skip
+            index = torch.tensor(batch)
+            prompt[index], response[index] = hidden[:, 0], hidden[:, 1]
+        return response, prompt
+
+    return features
+
+
+# ---- fitting ----------------------------------------------------------------------------------------------------
 
 
 @dataclass
-class _Conversation:
-    id: str  # conversation_key: one embedding per unique (prompt, response)
-    messages: list[dict]
-    encoded: EncodedConversation | None = None
+class _Split:
+    """Pairs of one split at every stored layer: prompt, chosen, rejected (N, L, H) and the pairs themselves."""
+
+    pairs: list[PreferencePair]
+    prompt: torch.Tensor
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+
+    def at(self, i: int) -> PreferencePairs:
+        return PreferencePairs(prompt=self.prompt[:, i], chosen=self.chosen[:, i], rejected=self.rejected[:, i])
 
 
-def _collect(sets_rows: Sequence[RatedConversation | PreferencePair]) -> dict[str, _Conversation]:
-    unique: dict[str, _Conversation] = {}
-    for item in sets_rows:
-        if isinstance(item, RatedConversation):
-            pairs = [(item.prompt, item.response)]
-        else:
-            pairs = [(item.prompt, item.chosen), (item.prompt, item.rejected)]
-        for prompt, response in pairs:
-            key = conversation_key(prompt, response)
-            unique.setdefault(key, _Conversation(key, [*prompt, {"role": "assistant", "content": response}]))
-    return unique
-
-
-def _encode_all(encoder: ChatEncoder, conversations: dict[str, _Conversation], dropped: dict[str, int], what: str) -> None:
-    for conv in conversations.values():
-        try:
-            conv.encoded = encoder.encode(conv.messages, what)
-        except RewardError as exc:
-            reason = type(exc).__name__
-            dropped[f"{what}: {reason}"] = dropped.get(f"{what}: {reason}", 0) + 1
-
-
-def _embed(backbone: Backbone, conversations: dict[str, _Conversation], directory: Path, token_budget: int) -> "_Lookup":
-    """Embed every encodable conversation (resumable store); embeddings by conversation key."""
-    rows = sorted((c for c in conversations.values() if c.encoded is not None), key=lambda c: c.id)
-
-    def embed_fn(chunk: Sequence[_Conversation]) -> dict[str, torch.Tensor]:
-        encoded = [c.encoded for c in chunk]
-        emb = embed_encoded(backbone, encoded, token_budget, max_batch_size=64)
-        return {"response": emb.response, "prompt": emb.prompt,
-                "num_tokens": torch.tensor([e.num_tokens for e in encoded], dtype=torch.int64)}  # fmt: skip
-
-    return _Lookup(extract_embeddings(rows, embed_fn, directory, backbone_id=backbone.model_id, shard_size=128))
-
-
-class _Lookup:
-    """Embeddings by conversation key."""
-
-    def __init__(self, store: EmbeddingSet):
-        self.store = store
-        self.index = {i: n for n, i in enumerate(store.ids)}
-
-    def has(self, prompt, response) -> bool:
-        return conversation_key(prompt, response) in self.index
-
-    def rows(self, keys: Sequence[str]) -> torch.Tensor:
-        return torch.tensor([self.index[k] for k in keys], dtype=torch.long)
+def _pair_split(pairs: list[PreferencePair], features: _Features) -> _Split:
+    chosen = features.store.get(features.keys((p.prompt, p.chosen) for p in pairs))
+    rejected = features.store.get(features.keys((p.prompt, p.rejected) for p in pairs))
+    # Both conversations share the prompt, so either one's prompt-anchor state is the prompt embedding.
+    return _Split(pairs, chosen.prompt, chosen.response, rejected.response)
 
 
 def _labels(rows: Sequence[RatedConversation], attributes: Sequence[str]) -> torch.Tensor:
@@ -135,20 +204,108 @@ def _labels(rows: Sequence[RatedConversation], attributes: Sequence[str]) -> tor
     return y  # (N, K)
 
 
-def _pairs_tensors(pairs: Sequence[PreferencePair], lookup: _Lookup) -> PreferencePairs:
-    keys_c = [conversation_key(p.prompt, p.chosen) for p in pairs]
-    keys_r = [conversation_key(p.prompt, p.rejected) for p in pairs]
-    rows_c, rows_r = lookup.rows(keys_c), lookup.rows(keys_r)
-    # Both conversations share the prompt, so either one's prompt-anchor state is the prompt embedding.
-    return PreferencePairs(prompt=lookup.store.prompt[rows_c], chosen=lookup.store.response[rows_c],
-                           rejected=lookup.store.response[rows_r])  # fmt: skip
+@dataclass
+class _Candidate:
+    layer: int
+    preference: bool
+    heads: ArmoHeads
+    variants: dict[str, ArmoHeads]
+    report: dict[str, Any]
+
+    @property
+    def rank(self) -> tuple:
+        # Best validation accuracy, then lower validation loss, then the cheaper model (fewer blocks, fewer heads).
+        s2 = self.report["stage2"]["after_debiasing"]
+        return (s2["best_val_accuracy"], -s2["best_val_loss"], -self.layer, not self.preference)
 
 
-def _usable(pairs: Sequence[PreferencePair], lookup: _Lookup, dropped: dict[str, int], what: str) -> list[PreferencePair]:
-    kept = [p for p in pairs if lookup.has(p.prompt, p.chosen) and lookup.has(p.prompt, p.rejected)]
-    if len(kept) < len(pairs):
-        dropped[f"{what}: a conversation could not be encoded"] = len(pairs) - len(kept)
-    return kept
+def _preference_heads(train: _Split, val: _Split, i: int, seed: int) -> tuple[list, dict, tuple[torch.Tensor, torch.Tensor]]:
+    """One head per stage-2 category, and the training pairs' out-of-fold rewards (N, P) of chosen and rejected.
+
+    The gating learns from the training pairs, so it must see these heads' rewards as they are on pairs the heads
+    did not fit: in-sample rewards look better than they are, and the gating would learn to trust them. Two folds
+    by prompt group give out-of-fold rewards with the C chosen on validation.
+    """
+    from .data.splits import unit_hash
+
+    categories = sorted({p.category for p in train.pairs})
+    heads, info = [], {}
+    oof_c = torch.zeros(len(train.pairs), len(categories))
+    oof_r = torch.zeros_like(oof_c)
+    fold = torch.tensor([unit_hash(p.group, f"rewardsvc-crossfit-{seed}") < 0.5 for p in train.pairs])
+    for j, category in enumerate(categories):
+        mine = torch.tensor([p.category == category for p in train.pairs])
+        mine_val = torch.tensor([p.category == category for p in val.pairs])
+        if mine.sum() < 2 or mine_val.sum() < 1:
+            raise InvalidInputError(f"stage-2 category {category!r} has too few pairs for a preference head", field="pairs")
+        head = fit_preference_head(train.chosen[mine, i], train.rejected[mine, i], val.chosen[mine_val, i],
+                                   val.rejected[mine_val, i])  # fmt: skip
+        heads.append((PREFERENCE_PREFIX + category, head))
+        info[PREFERENCE_PREFIX + category] = {"C": head.C, "val_accuracy": head.val_accuracy,
+                                              "train_accuracy": head.train_accuracy}  # fmt: skip
+        for held_out in (True, False):
+            fit_rows = mine & (fold != held_out)
+            if fit_rows.sum() < 2:
+                raise InvalidInputError(f"stage-2 category {category!r} has too few pairs for two folds", field="pairs")
+            part = fit_preference_head(train.chosen[fit_rows, i], train.rejected[fit_rows, i], val.chosen[mine_val, i],
+                                       val.rejected[mine_val, i], Cs=(head.C,))  # fmt: skip
+            rows = fold == held_out
+            oof_c[rows, j] = train.chosen[rows, i] @ part.weight + part.bias
+            oof_r[rows, j] = train.rejected[rows, i] @ part.weight + part.bias
+    return heads, info, (oof_c, oof_r)
+
+
+def _fit_candidate(config: TrainConfig, layer: int, i: int, preference: bool, stage1, train: _Split, val: _Split,
+                   hidden_size: int) -> _Candidate:  # fmt: skip
+    attributes = list(stage1.attributes)
+    weight, bias = stage1.weight, stage1.bias
+    train_rewards = None
+    report: dict[str, Any] = {"layer": layer, "preference_heads": preference}
+    if preference:
+        extra, report["preference_heads_fit"], oof = _preference_heads(train, val, i, config.seed)
+        attributes += [name for name, _ in extra]
+        weight = torch.cat([weight, torch.stack([h.weight for _, h in extra])])
+        bias = torch.cat([bias, torch.tensor([h.bias for _, h in extra])])
+        with torch.no_grad():
+            base_c = train.chosen[:, i] @ stage1.weight.T + stage1.bias
+            base_r = train.rejected[:, i] @ stage1.weight.T + stage1.bias
+        train_rewards = (torch.cat([base_c, oof[0]], 1), torch.cat([base_r, oof[1]], 1))
+    heads_config = HeadsConfig(
+        attributes=tuple(attributes), hidden_size=hidden_size, gating_hidden_dim=config.gating_hidden_dim,
+        gating_n_hidden=config.gating_n_hidden, gating_temperature=config.gating_temperature,
+        verbosity_attribute=VERBOSITY, regression_bias=True, feature_layer=layer,
+    )  # fmt: skip
+    torch.manual_seed(config.seed)
+    initial = ArmoHeads(heads_config)
+    with torch.no_grad():
+        initial.regression_layer.weight.copy_(weight)
+        initial.regression_layer.bias.copy_(bias)
+    standardize_gating_input(initial, train.prompt[:, i])
+
+    # Verbosity debiasing on the stage-2 training responses (the reference set).
+    train_pairs, val_pairs = train.at(i), val.at(i)
+    with torch.inference_mode():
+        reference = initial.rewards(torch.cat([train_pairs.chosen, train_pairs.rejected]))
+    lambdas, transform, debias_report = fit_verbosity_penalties(
+        reference, attributes.index(VERBOSITY), attributes, threshold=config.debias_threshold
+    )
+    report["debiasing"] = {"lambdas": lambdas, "report": debias_report, "threshold": config.debias_threshold}
+
+    weights = balanced_weights([(p.category, p.source) for p in train.pairs])
+    variants: dict[str, ArmoHeads] = {}
+    report["stage2"] = {}
+    for variant, T in (("before_debiasing", torch.eye(len(attributes))), ("after_debiasing", transform)):
+        heads = copy.deepcopy(initial)
+        heads.reward_transform_matrix.copy_(T)
+        t = time.perf_counter()
+        result = train_gating(heads, train_pairs, val_pairs, config.stage2, sample_weights=weights,
+                              train_rewards=train_rewards)  # fmt: skip
+        best = result.history[result.best_epoch]
+        report["stage2"][variant] = {"best_val_accuracy": result.best_val_accuracy, "best_val_loss": best["val_loss"],
+                                     "best_epoch": result.best_epoch, "steps": result.steps,
+                                     "seconds": round(time.perf_counter() - t, 2)}  # fmt: skip
+        variants[variant] = heads
+    return _Candidate(layer, preference, variants["after_debiasing"], variants, report)
 
 
 @torch.inference_mode()
@@ -165,13 +322,6 @@ def pair_records(heads: ArmoHeads, pairs: Sequence[PreferencePair], tensors: Pre
     ]
 
 
-def _accuracy(heads: ArmoHeads, pairs: PreferencePairs) -> float:
-    with torch.inference_mode():
-        g = heads.gate(pairs.prompt)
-        diff = heads.combine(heads.rewards(pairs.chosen), g).score - heads.combine(heads.rewards(pairs.rejected), g).score
-    return float(((diff > 0).float() + 0.5 * (diff == 0).float()).mean())
-
-
 def run_training(config: TrainConfig) -> dict[str, Any]:
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -181,74 +331,75 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     dropped: dict[str, int] = dict(sets.dropped)
 
     backbone = load_backbone(config.backbone)
+    depth = int(backbone.model.config.num_hidden_layers)
+    if max(config.layers) > depth:
+        raise InvalidInputError(f"layers {config.layers} go deeper than the backbone's {depth} blocks", field="layers")
+    layers = tuple(sorted(config.layers))
+    truncate_backbone(backbone, max(layers))  # the blocks after the deepest candidate never matter
     encoder = ChatEncoder(backbone.tokenizer, config.max_tokens, "error")
-    train_convs = _collect([*sets.stage1_train, *sets.stage1_val, *sets.stage2_train, *sets.stage2_val])
-    _encode_all(encoder, train_convs, dropped, f"training conversation over max_tokens={config.max_tokens} or invalid")
+    store = FeatureStore(work / "features", backbone.model_id, layers, backbone.hidden_size)
+    features = _Features(store)
+    ordered = _in_embedding_order(sets, config.seed)
+    features.add(encoder, backbone.model_id, ordered, dropped)
+    wanted = {k: features.encoded[k] for k in features.key_of.values() if k}  # embedding order, deduplicated
     t = time.perf_counter()
-    lookup = _embed(backbone, train_convs, work / "embeddings" / "train", config.token_budget)
-    timings["embed_train_s"] = time.perf_counter() - t
+    if config.embed == "all":
+        extract_features(store, wanted, _features_fn(backbone, layers, config.token_budget))
+    timings["embed_s"] = time.perf_counter() - t
+    coverage = {"conversations_wanted": len(wanted), "conversations_stored": sum(k in store for k in wanted)}
 
-    # ---- stage 1: ridge per attribute ------------------------------------------------------------
+    def usable(items, what):
+        kept = [it for it in items if all(features.stored(m[:-1], m[-1]["content"]) for m in _conversations(it))]
+        if len(kept) < len(items):
+            reason = "not embedded yet (embed=stored)" if config.embed == "stored" else "a conversation could not be encoded"
+            dropped[f"{what}: {reason}"] = dropped.get(f"{what}: {reason}", 0) + len(items) - len(kept)
+        return kept
+
+    s1_train, s1_val = usable(sets.stage1_train, "stage1 train row"), usable(sets.stage1_val, "stage1 val row")
+    train = _pair_split(usable(sets.stage2_train, "stage2 train pair"), features)
+    val = _pair_split(usable(sets.stage2_val, "stage2 val pair"), features)
+    x_train = store.get(features.keys((r.prompt, r.response) for r in s1_train)).response  # (N, L, H)
+    x_val = store.get(features.keys((r.prompt, r.response) for r in s1_val)).response
     attributes = tuple(ATTRIBUTE_NAMES)
-    s1_train = [r for r in sets.stage1_train if lookup.has(r.prompt, r.response)]
-    s1_val = [r for r in sets.stage1_val if lookup.has(r.prompt, r.response)]
-    x_train = lookup.store.response[lookup.rows([conversation_key(r.prompt, r.response) for r in s1_train])]
-    x_val = lookup.store.response[lookup.rows([conversation_key(r.prompt, r.response) for r in s1_val])]
-    stage1 = fit_stage1(x_train, _labels(s1_train, attributes), x_val, _labels(s1_val, attributes), attributes)
+    y_train, y_val = _labels(s1_train, attributes), _labels(s1_val, attributes)
 
-    # ---- stage-2 data ------------------------------------------------------------------------------
-    s2_train = _usable(sets.stage2_train, lookup, dropped, "stage2 train pair")
-    s2_val = _usable(sets.stage2_val, lookup, dropped, "stage2 val pair")
-    train_pairs, val_pairs = _pairs_tensors(s2_train, lookup), _pairs_tensors(s2_val, lookup)
+    # ---- candidates: every layer, without and with preference heads; the best on stage-2 validation wins ----
+    t = time.perf_counter()
+    candidates, stage1_by_layer, skipped = [], {}, []
+    for i, layer in enumerate(layers):
+        stage1 = fit_stage1(x_train[:, i], y_train, x_val[:, i], y_val, attributes, fit_intercept=True)
+        stage1_by_layer[layer] = stage1
+        for preference in config.preference_heads:
+            try:
+                candidate = _fit_candidate(config, layer, i, preference, stage1, train, val, backbone.hidden_size)
+            except InvalidInputError as exc:
+                if not preference:
+                    raise
+                skipped.append({"layer": layer, "preference_heads": True, "skipped": str(exc)})
+                continue
+            candidate.report["stage1_mean_val_pearson"] = _mean_pearson(stage1.metrics)
+            candidates.append(candidate)
+            log.info("candidate layer=%d preference=%s val=%.4f", layer, preference,
+                     candidate.report["stage2"]["after_debiasing"]["best_val_accuracy"])  # fmt: skip
+    best = max(candidates, key=lambda c: c.rank)
+    stage1 = stage1_by_layer[best.layer]
+    timings["fit_s"] = time.perf_counter() - t
 
-    heads_config = HeadsConfig(
-        attributes=attributes, hidden_size=backbone.hidden_size, gating_hidden_dim=config.gating_hidden_dim,
-        gating_n_hidden=config.gating_n_hidden, gating_temperature=config.gating_temperature,
-        verbosity_attribute=VERBOSITY,
-    )  # fmt: skip
-    torch.manual_seed(config.seed)
-    initial = ArmoHeads(heads_config)
-    with torch.no_grad():
-        initial.regression_layer.weight.copy_(stage1.weight)
-
-    # ---- verbosity debiasing on the stage-2 training responses (the reference set) ---------------
-    reference = torch.cat([train_pairs.chosen, train_pairs.rejected])
-    with torch.inference_mode():
-        reference_rewards = initial.rewards(reference)
-    lambdas, transform, debias_report = fit_verbosity_penalties(
-        reference_rewards, attributes.index(VERBOSITY), attributes, threshold=config.debias_threshold
-    )
-
-    # ---- stage 2: gating, before (T = I) and after debiasing (T from the penalties) -------------
-    variants: dict[str, ArmoHeads] = {}
-    stage2_results = {}
-    for variant, T in (("before_debiasing", torch.eye(len(attributes))), ("after_debiasing", transform)):
-        heads = copy.deepcopy(initial)
-        heads.reward_transform_matrix.copy_(T)
-        t = time.perf_counter()
-        result = train_gating(heads, train_pairs, val_pairs, config.stage2)
-        stage2_results[variant] = {"best_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch,
-                                   "steps": result.steps, "seconds": round(time.perf_counter() - t, 2),
-                                   "train_accuracy": _accuracy(heads, train_pairs)}  # fmt: skip
-        variants[variant] = heads
-
-    # ---- evaluation on the held-out mix ------------------------------------------------------------
+    # ---- evaluation on the held-out mix (the chosen candidate; the others for the record only) ----
     evaluation: dict[str, Any] = {}
     eval_records: dict[str, list[dict[str, Any]]] = {}
     if config.evaluate and sets.eval_pairs:
-        eval_convs = _collect(sets.eval_pairs)
-        _encode_all(encoder, eval_convs, dropped, f"eval conversation over max_tokens={config.max_tokens} or invalid")
-        t = time.perf_counter()
-        eval_lookup = _embed(backbone, eval_convs, work / "embeddings" / "eval", config.token_budget)
-        timings["embed_eval_s"] = time.perf_counter() - t
-        eval_pairs = _usable(sets.eval_pairs, eval_lookup, dropped, "eval pair")
-        eval_tensors = _pairs_tensors(eval_pairs, eval_lookup)
-        for variant, heads in variants.items():
-            records = pair_records(heads, eval_pairs, eval_tensors)
-            eval_records[variant] = records
-            evaluation[variant] = evaluate_pairs(records)
+        held_out = _pair_split(usable(sets.eval_pairs, "eval pair"), features)
+        i = layers.index(best.layer)
+        for variant, heads in best.variants.items():
+            eval_records[variant] = pair_records(heads, held_out.pairs, held_out.at(i))
+            evaluation[variant] = evaluate_pairs(eval_records[variant])
+        for c in candidates:
+            c.report["eval_accuracy"] = evaluate_pairs(pair_records(c.heads, held_out.pairs, held_out.at(layers.index(c.layer))))["overall"]
 
-    heads = variants["after_debiasing"]
+    heads = best.heads
+    if best.layer == depth:
+        heads.config = HeadsConfig(**{**asdict(heads.config), "feature_layer": None})
     timings["total_s"] = time.perf_counter() - started
     provenance = {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -257,15 +408,18 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         "machine": f"{platform.machine()} {platform.processor()} threads={torch.get_num_threads()}",
         "recipe": {k: v for k, v in asdict(config).items() if k not in ("out_dir", "work_dir", "data_dir")},
         "data": {
-            "stage1_train": len(s1_train), "stage1_val": len(s1_val), "stage2_train": len(s2_train),
-            "stage2_val": len(s2_val), "eval_pairs": len(eval_records.get("after_debiasing", [])),
-            "unique_training_conversations": len(lookup.store.ids), "dropped": dropped,
+            "stage1_train": len(s1_train), "stage1_val": len(s1_val), "stage2_train": len(train.pairs),
+            "stage2_val": len(val.pairs), "eval_pairs": len(eval_records.get("after_debiasing", [])),
+            "features": coverage, "dropped": dropped,
         },  # fmt: skip
         "metrics": {
+            "chosen": {"layer": best.layer, "backbone_blocks": depth, "preference_heads": best.preference},
+            "candidates": [c.report for c in candidates] + skipped,
             "stage1_validation": stage1.metrics,
             "stage1_alphas": stage1.alphas,
-            "debiasing": {"lambdas": lambdas, "report": debias_report, "threshold": config.debias_threshold},
-            "stage2": stage2_results,
+            "debiasing": best.report["debiasing"],
+            "stage2": best.report["stage2"],
+            "preference_heads": best.report.get("preference_heads_fit", {}),
             "eval": evaluation,
         },
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
@@ -278,7 +432,11 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     return provenance
 
 
+def _mean_pearson(metrics: dict[str, dict[str, float]]) -> float | None:
+    values = [m["pearson"] for m in metrics.values() if m["pearson"] == m["pearson"]]  # NaN != NaN
+    return sum(values) / len(values) if values else None
+
+
 def _backbone_reference(backbone: BackboneConfig) -> dict[str, Any]:
     """Where serving loads the backbone from; device/dtype are the server's choice, not the checkpoint's."""
     return {"model": backbone.model, "gguf_file": backbone.gguf_file, "adapter": backbone.adapter}
-

@@ -2,21 +2,17 @@
 
 Symbols: N rows (train), M rows (validation), H hidden size, K attributes, A alphas on the grid.
 
-What is fitted is exactly what is served: r_k = W_k . h_r, no bias (`regression_layer` has none).
+What is fitted is exactly what is served: r_k = W_k . h_r + b_k.
 
 Intercept handling (the decision, and why):
 - Each attribute's labels are standardized on its labelled *training* rows (mean 0, std 1, population std),
   recorded in `label_scales`, so that original = mean + std * reward. Rewards are in standardized units,
   which makes every attribute comparable for the verbosity penalties and for the gating.
-- The ridge is intercept-free and X is NOT centered: the fitted function is the served one, W h. Centering X
-  fits W (h - mu), whose served form W h carries an offset W mu that the head (no bias) cannot remove. Centering
-  the labels is what makes "no intercept" cheap: an uncentered label mean (e.g. 3.5 on a 0-4 scale, as in the
-  reference's `Ridge(fit_intercept=False)` on raw labels) would have to be produced through W . mean(h),
-  pulling against the penalty. With centered labels the served rewards have mean ~0 on the training rows.
-- Measured on SmolLM2-135M response embeddings (|mean h| = 46 vs a spread of 21): this fit equals, to 4 digits
-  of validation Pearson, the fit constrained to W mu = 0 (centered X with mu projected out). A free intercept
-  (centered X) gained ~0.02 Pearson on log length only by using variation along mu, at the price of a served
-  offset of ~2 standard deviations: not available without a bias in the head.
+- With `fit_intercept=True` (the default recipe) X is centered on the attribute's training rows (mean mu) and
+  the head gets the bias b = -W . mu, so the served r = W h + b is exactly the fitted W (h - mu). Without a bias
+  (heads format version 1, and the reference format) the ridge must produce the label mean through W . mean(h),
+  pulling against the penalty; on SmolLM2-135M (|mean h| = 46 vs a spread of 21 at the last layer) that cost
+  ~0.02 validation Pearson on log length. `fit_intercept=False` keeps the old, bias-free fit.
 
 Alpha: chosen per attribute as the value of the grid with the lowest validation MSE (first one on ties).
 Alphas are absolute (sklearn's convention: loss ||X w - y||^2 + alpha ||w||^2), so they scale with ||h||^2.
@@ -59,13 +55,15 @@ MIN_VAL_ROWS = 3
 class Stage1Result:
     """Regression heads and their validation quality.
 
-    `weight` is the `regression_layer.weight` (K, H) float32, in standardized label units.
+    `weight` is the `regression_layer.weight` (K, H) float32, in standardized label units; `bias` (K,) float32 is
+    zero when fitted without an intercept.
     `metrics[name]` holds VALIDATION `pearson`, `spearman` and `mse` on the standardized scale (val labels
     standardized with the train mean/std), plus the row counts `n_val` and `n_train`.
     """
 
     attributes: tuple[str, ...]
     weight: torch.Tensor  # (K, H)
+    bias: torch.Tensor  # (K,)
     alphas: dict[str, float]
     label_scales: dict[str, dict[str, float]]
     metrics: dict[str, dict[str, float]]
@@ -110,6 +108,7 @@ def fit_stage1(
     attributes: Sequence[str],
     *,
     alphas: Sequence[float] | None = None,
+    fit_intercept: bool = True,
 ) -> Stage1Result:
     """Fit one intercept-free ridge head per attribute; alpha per attribute by validation MSE.
 
@@ -139,16 +138,19 @@ def fit_stage1(
         groups.setdefault(np.packbits(train_masks[:, k]).tobytes(), []).append(k)
 
     weights = np.empty((len(attributes), x_train.shape[1]))  # (K, H)
+    biases = np.zeros(len(attributes))  # (K,)
     chosen, metrics = {}, {}
     for columns in groups.values():
-        path = RidgePath(x_train[train_masks[:, columns[0]]])
+        rows = x_train[train_masks[:, columns[0]]]
+        mu = rows.mean(axis=0) if fit_intercept else np.zeros(rows.shape[1])  # (H,)
+        path = RidgePath(rows - mu)
         for k in columns:
             name, scale = attributes[k], scales[attributes[k]]
             tm, vm = train_masks[:, k], val_masks[:, k]
             y_tr = (y_train[tm, k] - scale["mean"]) / scale["std"]  # (n_train,)
             y_va = (y_val[vm, k] - scale["mean"]) / scale["std"]  # (n_val,)
             coef = path.solve(y_tr, alpha_grid)  # (m, A)
-            val_pred = (x_val[vm] @ path.basis) @ coef  # (n_val, A), without forming A weight vectors
+            val_pred = ((x_val[vm] - mu) @ path.basis) @ coef  # (n_val, A), without forming A weight vectors
             val_mse = ((val_pred - y_va[:, None]) ** 2).mean(axis=0)  # (A,)
             best = int(np.argmin(val_mse))
             if best in (0, alpha_grid.size - 1) and alpha_grid.size > 1:
@@ -157,6 +159,7 @@ def fit_stage1(
                     name, alpha_grid[best], alpha_grid[0], alpha_grid[-1],
                 )
             weights[k] = path.basis @ coef[:, best]  # (H,)
+            biases[k] = -weights[k] @ mu
             pred = val_pred[:, best]  # (n_val,)
             chosen[name] = float(alpha_grid[best])
             metrics[name] = {
@@ -168,9 +171,10 @@ def fit_stage1(
             }
         del path
     weight = torch.from_numpy(weights).to(torch.float32)  # (K, H)
+    bias = torch.from_numpy(biases).to(torch.float32)  # (K,)
     chosen = {name: chosen[name] for name in attributes}  # attribute order, not group order
     metrics = {name: metrics[name] for name in attributes}
-    return Stage1Result(attributes=attributes, weight=weight, alphas=chosen, label_scales=scales, metrics=metrics)
+    return Stage1Result(attributes=attributes, weight=weight, bias=bias, alphas=chosen, label_scales=scales, metrics=metrics)
 
 
 def _label_scale(name: str, labels: np.ndarray, n_val: int) -> dict[str, float]:

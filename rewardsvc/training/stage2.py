@@ -19,6 +19,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -104,9 +106,22 @@ def train_gating(
     train: PreferencePairs,
     val: PreferencePairs,
     config: Stage2Config | None = None,
+    sample_weights: torch.Tensor | None = None,
+    train_rewards: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Stage2Result:
-    """Fit `heads.gating` in place with -log sigmoid(s_chosen - s_rejected) on r' = r T; restore the best state."""
+    """Fit `heads.gating` in place with -log sigmoid(s_chosen - s_rejected) on r' = r T; restore the best state.
+
+    `sample_weights` (N,), non-negative: each epoch draws N training pairs with replacement in proportion to them
+    (e.g. `balanced_weights`, so that a large source does not decide the gating of every prompt); None = every
+    pair once per epoch. `train_rewards` (raw rewards (N, K) of the chosen and the rejected training responses)
+    replace the heads' own on the training pairs: out-of-fold rewards of heads that were fit on these very pairs.
+    """
     config = config or Stage2Config()
+    if sample_weights is not None:
+        sample_weights = torch.as_tensor(sample_weights, dtype=torch.float64)
+        if sample_weights.shape != (len(train),) or not torch.isfinite(sample_weights).all() or (sample_weights < 0).any() \
+                or not sample_weights.sum() > 0:
+            raise InvalidInputError(f"sample_weights must be {len(train)} finite values >= 0, not all 0", field="sample_weights")
     H = heads.config.hidden_size
     for split, pairs in (("train", train), ("val", val)):
         if pairs.prompt.shape[1] != H:
@@ -117,7 +132,7 @@ def train_gating(
     was_training = heads.training
     heads.eval()  # no dropout in the heads today; eval() keeps it that way if one is added
 
-    train_prompt, train_diff = _prompts_and_differences(heads, train, device)  # (N, H), (N, K)
+    train_prompt, train_diff = _prompts_and_differences(heads, train, device, train_rewards)  # (N, H), (N, K)
     val_prompt, val_diff = _prompts_and_differences(heads, val, device)  # (M, H), (M, K)
 
     optimizer = torch.optim.AdamW(_param_groups(heads, config.weight_decay), lr=config.lr)
@@ -132,7 +147,10 @@ def train_gating(
     steps, stale = 0, 0
     epochs = tqdm(range(1, config.max_epochs + 1), desc="stage 2", unit="epoch", disable=not config.progress)
     for epoch in epochs:
-        order = torch.randperm(len(train), generator=generator).to(device)
+        if sample_weights is None:
+            order = torch.randperm(len(train), generator=generator).to(device)
+        else:
+            order = torch.multinomial(sample_weights, len(train), replacement=True, generator=generator).to(device)
         loss_sum, seen = 0.0, 0
         for start in range(0, len(train), config.batch_size):
             if config.max_steps is not None and steps >= config.max_steps:
@@ -167,8 +185,44 @@ def train_gating(
     return Stage2Result(best_val_accuracy=best_key[0], history=tuple(history), steps=steps, best_epoch=best_epoch)
 
 
-def _prompts_and_differences(heads: ArmoHeads, pairs: PreferencePairs, device) -> tuple[torch.Tensor, torch.Tensor]:
+def balanced_weights(groups: Sequence[tuple[str, str]]) -> torch.Tensor:
+    """Sampling weights (N,) from (category, source) per pair: every category weighs the same in all, and within a
+    category every source weighs the same, so 1,200 noisy pairs of one source do not drown 400 clean ones."""
+    sources_of: dict[str, set[str]] = defaultdict(set)
+    count = Counter(groups)
+    for category, source in count:
+        sources_of[category].add(source)
+    return torch.tensor([1.0 / (len(sources_of) * len(sources_of[c]) * count[(c, s)]) for c, s in groups], dtype=torch.float64)
+
+
+@torch.no_grad()
+def standardize_gating_input(heads: ArmoHeads, prompts: torch.Tensor) -> None:
+    """Fold a per-feature standardization of the prompt embeddings (N, H) into the gating's first layer.
+
+    Hidden states have a few dimensions hundreds of times larger than the rest; an MLP fed them raw starts out
+    (and, with early stopping, usually ends) nearly constant in the prompt. W' = W / sd, b' = b - W' mu gives the
+    same network on standardized inputs without a new parameter, so the checkpoint format does not change.
+    """
+    prompts = prompts.double()
+    mu, sd = prompts.mean(0), prompts.std(0).clamp_min(1e-6)  # (H,), (H,)
+    first = heads.gating.layers[0]
+    weight = first.weight.double() / sd  # (hidden, H)
+    first.bias.copy_((first.bias.double() - weight @ mu).float())
+    first.weight.copy_(weight.float())
+
+
+def _prompts_and_differences(
+    heads: ArmoHeads, pairs: PreferencePairs, device, rewards: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt embeddings (N, H) and debiased reward differences d = (r_c - r_r) T (N, K), frozen."""
+    if rewards is not None:
+        K = heads.config.num_attributes
+        if tuple(rewards[0].shape) != (len(pairs), K) or tuple(rewards[1].shape) != (len(pairs), K):
+            raise InvalidInputError(f"train_rewards must be two ({len(pairs)}, {K}) tensors", field="train_rewards")
+        diff = (rewards[0].to(device).float() - rewards[1].to(device).float()) @ heads.reward_transform_matrix
+        if not torch.isfinite(diff).all():
+            raise InvalidInputError("train_rewards are not all finite", field="train_rewards")
+        return pairs.prompt.to(device=device, dtype=torch.float32), diff
     with torch.no_grad():
         diffs = []
         for start in range(0, len(pairs), _EVAL_CHUNK):

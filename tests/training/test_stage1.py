@@ -34,12 +34,14 @@ def _data(n_train: int, n_val: int, h: int, seed: int = 0):
     return x_train, y_train, x_val, y_val
 
 
+@pytest.mark.parametrize("intercept", [True, False], ids=["intercept", "no intercept"])
 @pytest.mark.parametrize("n_train,h", [(160, 24), (40, 64)], ids=["primal N>H", "dual N<H"])
-def test_matches_sklearn_ridge_with_masks_and_minimal_val_mse_alpha(n_train, h):
+def test_matches_sklearn_ridge_with_masks_and_minimal_val_mse_alpha(n_train, h, intercept):
     x_train, y_train, x_val, y_val = _data(n_train, 60, h)
     result = fit_stage1(
         torch.from_numpy(x_train).float(), torch.from_numpy(y_train).float(),
         torch.from_numpy(x_val).float(), torch.from_numpy(y_val).float(), ATTRS, alphas=ALPHAS,
+        fit_intercept=intercept,
     )
     assert result.weight.shape == (3, h) and result.weight.dtype == torch.float32
     assert list(result.alphas) == list(result.metrics) == list(result.label_scales) == list(ATTRS)
@@ -52,12 +54,13 @@ def test_matches_sklearn_ridge_with_masks_and_minimal_val_mse_alpha(n_train, h):
         y_tr, y_va = (yt[tm, k] - mean) / std, (yv[vm, k] - mean) / std
         val_mse = {}
         for alpha in ALPHAS:
-            ref = Ridge(alpha=alpha, fit_intercept=False, solver="cholesky").fit(xt[tm], y_tr)
+            ref = Ridge(alpha=alpha, fit_intercept=intercept, solver="cholesky").fit(xt[tm], y_tr)
             val_mse[alpha] = np.mean((ref.predict(xv[vm]) - y_va) ** 2)
         best = min(val_mse, key=val_mse.get)
         assert result.alphas[name] == best
-        ref = Ridge(alpha=best, fit_intercept=False, solver="cholesky").fit(xt[tm], y_tr)
+        ref = Ridge(alpha=best, fit_intercept=intercept, solver="cholesky").fit(xt[tm], y_tr)
         torch.testing.assert_close(result.weight[k].double(), torch.from_numpy(ref.coef_), rtol=1e-4, atol=1e-5)
+        assert float(result.bias[k]) == pytest.approx(float(ref.intercept_) if intercept else 0.0, abs=1e-4)
         pred = ref.predict(xv[vm])
         m = result.metrics[name]
         assert (m["n_train"], m["n_val"]) == (int(tm.sum()), int(vm.sum()))
@@ -68,14 +71,15 @@ def test_matches_sklearn_ridge_with_masks_and_minimal_val_mse_alpha(n_train, h):
     assert result.alphas["a"] <= result.alphas["c"]
 
 
-def test_intercept_free_heads_recover_uncentered_labels_in_original_units():
-    """Labels with a large mean and raw (uncentered) embeddings: original = mean + std * (W h) must be right."""
+@pytest.mark.parametrize("intercept", [True, False], ids=["intercept", "no intercept"])
+def test_served_heads_recover_uncentered_labels_in_original_units(intercept):
+    """Labels with a large mean and raw (uncentered) embeddings: original = mean + std * (W h + b) must be right."""
     x_train, y_train, x_val, y_val = _data(400, 200, 16, seed=1)
     y_train, y_val = 100.0 + 10 * y_train, 100.0 + 10 * y_val  # far from 0: an unhandled intercept would show
-    result = fit_stage1(x_train, y_train, x_val, y_val, ATTRS, alphas=ALPHAS)
+    result = fit_stage1(x_train, y_train, x_val, y_val, ATTRS, alphas=ALPHAS, fit_intercept=intercept)
     k = 0
     scale = result.label_scales["a"]
-    reward = x_val @ result.weight[k].double().numpy()  # what the served head outputs
+    reward = x_val @ result.weight[k].double().numpy() + float(result.bias[k])  # what the served head outputs
     original = scale["mean"] + scale["std"] * reward
     vm = ~np.isnan(y_val[:, k])
     assert abs(original[vm].mean() - y_val[vm, k].mean()) < 0.05 * y_val[vm, k].std()

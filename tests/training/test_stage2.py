@@ -10,7 +10,9 @@ import torch
 from rewardsvc.config import HeadsConfig
 from rewardsvc.errors import InvalidInputError
 from rewardsvc.model.heads import ArmoHeads
-from rewardsvc.training.stage2 import PreferencePairs, Stage2Config, train_gating
+from rewardsvc.training.stage2 import (
+    PreferencePairs, Stage2Config, balanced_weights, standardize_gating_input, train_gating,
+)
 
 H, K = 32, 3
 ATTRS = ("accuracy", "style", "verbosity")
@@ -115,3 +117,38 @@ def test_max_steps_and_validation():
         PreferencePairs(torch.zeros(4, H), torch.zeros(3, H), torch.zeros(4, H))
     with pytest.raises(InvalidInputError, match="stage2.batch_size"):
         Stage2Config(batch_size=0)
+
+
+def test_balanced_weights_give_each_category_and_each_source_within_it_an_equal_share():
+    groups = [("safety", "hh")] * 6 + [("safety", "xstest")] * 2 + [("chat", "uf")] * 4
+    w = balanced_weights(groups)
+    total = lambda pred: float(sum(x for x, g in zip(w, groups) if pred(g)))  # noqa: E731
+    assert total(lambda g: g[0] == "safety") == pytest.approx(0.5)
+    assert total(lambda g: g == ("safety", "hh")) == pytest.approx(0.25)
+    assert total(lambda g: g == ("safety", "xstest")) == pytest.approx(0.25)
+    assert total(lambda g: g[0] == "chat") == pytest.approx(0.5)
+
+
+def test_standardized_gating_equals_the_original_network_on_standardized_inputs():
+    heads = _heads()
+    original = copy.deepcopy(heads)
+    prompts = torch.randn(50, H) * torch.linspace(0.1, 100, H) + 40.0  # a few huge dimensions, far from 0
+    standardize_gating_input(heads, prompts)
+    mu, sd = prompts.double().mean(0), prompts.double().std(0)
+    with torch.no_grad():
+        torch.testing.assert_close(heads.gate(prompts), original.gate(((prompts - mu) / sd).float()), rtol=1e-4, atol=1e-5)
+
+
+def test_sample_weights_zero_pairs_are_never_trained_on():
+    """Pairs with weight 0 carry flipped labels: if they were drawn, the gating could not learn the clusters."""
+    heads = _heads()
+    train, _ = _pairs(600, seed=1)
+    val, _ = _pairs(300, seed=2)
+    flipped = PreferencePairs(prompt=train.prompt, chosen=train.rejected, rejected=train.chosen)
+    both = PreferencePairs(prompt=torch.cat([train.prompt, flipped.prompt]), chosen=torch.cat([train.chosen, flipped.chosen]),
+                           rejected=torch.cat([train.rejected, flipped.rejected]))  # fmt: skip
+    weights = torch.cat([torch.ones(600), torch.zeros(600)])
+    result = train_gating(heads, both, val, Stage2Config(max_epochs=30, patience=30), sample_weights=weights)
+    assert result.best_val_accuracy > 0.8
+    with pytest.raises(InvalidInputError, match="sample_weights"):
+        train_gating(heads, both, val, Stage2Config(max_epochs=1), sample_weights=torch.zeros(1200))

@@ -3,13 +3,16 @@
 embedding ~800 conversations take most of two minutes on a 2-core CPU).
 
 What is checked: a loadable, trained checkpoint with provenance; stage-1 metrics per attribute; the
-debiasing transform's structure; before/after evaluation; resumability (a re-run embeds nothing new).
+debiasing transform's structure; candidates per layer (with and without preference heads) and the chosen one;
+before/after evaluation with gating means per category; resumability (a re-run embeds nothing new).
 """
 
 from __future__ import annotations
 
 import json
 import random
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -65,7 +68,7 @@ def synthetic_sets(n_rated: int = 48, n_pairs: int = 24, n_eval: int = 12) -> Tr
 def trained(request, tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"train-{request.param}")
     common = dict(out_dir=str(root / "heads"), work_dir=str(root / "work"), backbone=BackboneConfig(model=str(tiny_llama_dir)),
-                  name="tiny-trained", max_tokens=2048)  # fmt: skip
+                  name="tiny-trained", max_tokens=2048, layers=(1, 2))  # fmt: skip
     if request.param == "shared-data":
         if not default_data_dir().is_dir():
             pytest.skip(f"shared data not found at {default_data_dir()}")
@@ -83,19 +86,25 @@ def test_checkpoint_is_trained_and_loadable(trained):
     config, provenance = trained
     scorer = Scorer.load(config.out_dir)
     assert scorer.trained and scorer.model_id == "tiny-trained"
-    assert scorer.attributes == ATTRIBUTE_NAMES
+    chosen = provenance["metrics"]["chosen"]
+    assert scorer.attributes[: len(ATTRIBUTE_NAMES)] == ATTRIBUTE_NAMES
+    assert len(scorer.attributes) > len(ATTRIBUTE_NAMES) if chosen["preference_heads"] else scorer.attributes == ATTRIBUTE_NAMES
+    assert scorer.heads.config.regression_bias
+    # The tiny backbone has 2 blocks: layer 2 is the whole backbone (no early exit), layer 1 stops after one block.
+    assert scorer.heads.config.feature_layer == (None if chosen["layer"] == 2 else 1)
     saved = json.loads((Path(config.out_dir) / "rewardsvc.json").read_text())
     assert saved["provenance"]["data"]["stage1_train"] > 0 and saved["label_scales"]
     # The transform is the verbosity debiasing: identity except the verbosity row, whose own entry is 0.
     T = scorer.heads.reward_transform_matrix
-    v = ATTRIBUTE_NAMES.index(VERBOSITY)
+    names = scorer.attributes
+    v = names.index(VERBOSITY)
     off = torch.ones_like(T, dtype=torch.bool)
     off[v] = False
-    torch.testing.assert_close(T[off], torch.eye(len(ATTRIBUTE_NAMES))[off])
+    torch.testing.assert_close(T[off], torch.eye(len(names))[off])
     assert T[v, v] == 0
     lambdas = provenance["metrics"]["debiasing"]["lambdas"]
-    assert [-float(T[v, j]) for j, a in enumerate(ATTRIBUTE_NAMES) if a != VERBOSITY] == pytest.approx(
-        [lambdas[a] for a in ATTRIBUTE_NAMES if a != VERBOSITY]
+    assert [-float(T[v, j]) for j, a in enumerate(names) if a != VERBOSITY] == pytest.approx(
+        [lambdas[a] for a in names if a != VERBOSITY]
     )
 
 
@@ -109,7 +118,15 @@ def test_metrics_and_evaluation_are_recorded(trained):
         result = metrics["eval"][variant]
         assert result["overall"]["n"] > 0 and 0 <= result["overall"]["accuracy"] <= 1
         assert set(result["categories"]) == set(result["length_baseline"]["categories"])
+        assert set(result["gating_by_category"]) == set(result["categories"])
+        for weights in result["gating_by_category"].values():
+            assert sum(weights.values()) > 0 and all(w >= 0 for w in weights.values())
         assert 0 <= metrics["stage2"][variant]["best_val_accuracy"] <= 1
+    candidates = metrics["candidates"]
+    assert {(c["layer"], c["preference_heads"]) for c in candidates} == {(1, False), (1, True), (2, False), (2, True)}
+    best = max(candidates, key=lambda c: c["stage2"]["after_debiasing"]["best_val_accuracy"])
+    assert metrics["stage2"]["after_debiasing"]["best_val_accuracy"] == best["stage2"]["after_debiasing"]["best_val_accuracy"]
+    assert provenance["data"]["features"]["conversations_stored"] == provenance["data"]["features"]["conversations_wanted"]
 
 
 def test_rerun_reuses_the_cached_embeddings(trained, monkeypatch):
@@ -118,6 +135,22 @@ def test_rerun_reuses_the_cached_embeddings(trained, monkeypatch):
     def no_backbone_pass(*args, **kwargs):
         raise AssertionError("a re-run must not embed again")
 
-    monkeypatch.setattr(pipeline, "embed_encoded", no_backbone_pass)
-    provenance = run_training(config)
+    monkeypatch.setattr(pipeline, "_features_fn", lambda *args: no_backbone_pass)
+    provenance = run_training(replace(config, preference_heads=(False,)))
     assert provenance["data"]["stage1_train"] > 0
+
+
+def test_a_partial_store_trains_on_what_is_stored(trained, tmp_path, monkeypatch):
+    """embed=stored never runs the backbone: rows whose conversations are not stored are counted and left out."""
+    config, _ = trained
+
+    work = tmp_path / "work"
+    shutil.copytree(Path(config.work_dir) / "features", work / "features")
+    parts = sorted((work / "features").glob("part-*.safetensors"))
+    parts[-1].unlink()  # lose the last chunk, as a killed run would
+    monkeypatch.setattr(pipeline, "_features_fn", lambda *args: (_ for _ in ()).throw(AssertionError("no pass")))
+    partial = run_training(replace(config, work_dir=str(work), out_dir=str(tmp_path / "heads"), embed="stored",
+                                   preference_heads=(False,)))  # fmt: skip
+    coverage = partial["data"]["features"]
+    assert coverage["conversations_stored"] < coverage["conversations_wanted"]
+    assert any("not embedded yet" in reason for reason in partial["data"]["dropped"])

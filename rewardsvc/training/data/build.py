@@ -1,4 +1,4 @@
-"""Assemble the default training and evaluation sets from every source, within a CPU budget.
+"""Assemble the default training and evaluation sets from every source.
 
 Order of operations (each step is counted in `TrainingSets.dropped`):
 1. load every adapter's rows and pairs;
@@ -13,10 +13,9 @@ Order of operations (each step is counted in `TrainingSets.dropped`):
    capped first and stage-1 caps take conversations stage 2 already embeds first (the
    UltraFeedback and XSTest responses), since embedding is the cost.
 
-Why these numbers: on the 2-core CPU the 135M backbone embeds ~400-1000 tokens/s, and training
-must finish in under an hour. 2,000 characters is ~500 tokens; the default caps give ~2,500
-stage-1 conversations and ~1,500 stage-2 pairs (some shared with stage 1, and embedded once),
-plus ~1,500 eval pairs where every category has at least ~60-100 pairs.
+Training sources are not capped by default (issue 9: every row is used; the content-addressed feature store
+makes a CPU run resumable instead). Evaluation caps keep the held-out mix at ~1,150 pairs with every category
+represented; `caps` can still cap any '<stage>/<source>' for a quick run.
 """
 
 from __future__ import annotations
@@ -44,22 +43,21 @@ DEFAULT_EVAL_MAX_CHARS = 4000
 STAGES = ("stage1", "stage2", "eval")
 
 DEFAULT_CAPS: dict[str, int | None] = {
-    # stage 1: ~2,500 rated conversations (train + val)
-    "stage1/just-eval": 800,            # all that survive the filters: the only multi-aspect ratings
-    "stage1/just-eval-safety": 500,     # 15 answers x 197 prompts, 95% rated 5: round-robin spreads prompts
-    "stage1/prometheus-mt-bench": 200,  # all that survive (MT-Bench eval questions leave)
-    "stage1/prometheus-vicuna": 250,    # all that survive (long answers leave)
-    "stage1/xstest": 500,
-    "stage1/ultrafeedback": 650,        # mostly responses of the stage-2 UltraFeedback pairs: embedded once
-    # stage 2: ~1,500 pairs (train + val)
-    "stage2/ultrafeedback": 450,
-    "stage2/hh-harmless": 400,
-    "stage2/pandalm": 200,
-    "stage2/mt-bench-human": 100,
-    "stage2/faireval": 66,
-    "stage2/llmeval2": 150,
-    "stage2/xstest": 150,               # completions shared with stage-1 xstest rows
-    # eval: ~1,500 pairs; every category represented
+    # training: every row (None = no cap)
+    "stage1/just-eval": None,
+    "stage1/just-eval-safety": None,
+    "stage1/prometheus-mt-bench": None,
+    "stage1/prometheus-vicuna": None,
+    "stage1/xstest": None,
+    "stage1/ultrafeedback": None,
+    "stage2/ultrafeedback": None,
+    "stage2/hh-harmless": None,
+    "stage2/pandalm": None,
+    "stage2/mt-bench-human": None,
+    "stage2/faireval": None,
+    "stage2/llmeval2": None,
+    "stage2/xstest": None,
+    # eval: ~1,150 pairs; every category represented
     "eval/llmbar": None,                # chat-hard: all 419
     "eval/prometheus-hhh": None,        # honesty 61 / helpfulness 102 / safety 58: all 221
     "eval/ultrafeedback": None,         # chat: what is left of the 200 after ties and length
