@@ -57,6 +57,13 @@ class HeadsConfig:
     """Softmax temperature tau of the gating."""
     verbosity_attribute: str | None = None
     """Name of the attribute used as the verbosity signal when debiasing, if any."""
+    regression_bias: bool = False
+    """Whether the regression heads carry a bias: r = W h + b. Checkpoints written before this field have none
+    (r = W h, as in the reference ArmoRM)."""
+    feature_layer: int | None = None
+    """Number of backbone blocks whose output, after the decoder's final norm, feeds the heads (both the
+    response and the prompt embedding); None = all blocks. When smaller than the backbone's depth the backbone
+    is truncated at load, so the later blocks never run (early exit)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "attributes", tuple(self.attributes))
@@ -77,6 +84,16 @@ class HeadsConfig:
             raise InvalidInputError(
                 f"heads.verbosity_attribute {self.verbosity_attribute!r} is not one of the attributes",
                 field="heads.verbosity_attribute",
+            )
+        if not isinstance(self.regression_bias, bool):
+            raise InvalidInputError(
+                f"heads.regression_bias must be true or false, got {self.regression_bias!r}", field="heads.regression_bias"
+            )
+        if self.feature_layer is not None and (
+            isinstance(self.feature_layer, bool) or not isinstance(self.feature_layer, int) or self.feature_layer < 1
+        ):
+            raise InvalidInputError(
+                f"heads.feature_layer must be None or an integer >= 1, got {self.feature_layer!r}", field="heads.feature_layer"
             )
 
     @property

@@ -3,8 +3,15 @@ no code shipped with a checkpoint is ever executed.
 
 Our format (a directory):
   rewardsvc.json      config: backbone reference, heads config, attribute names, label scales, provenance
-  heads.safetensors   regression_layer.weight (K,H), reward_transform_matrix (K,K), gating.layers.*, gating.logit_scale
+  heads.safetensors   regression_layer.weight (K,H), regression_layer.bias (K,) iff heads.regression_bias,
+                      reward_transform_matrix (K,K), gating.layers.*, gating.logit_scale
 Heads can be swapped without copying the backbone.
+
+Format versions: `save_heads` writes FORMAT_VERSION (2); `load_heads` reads 1 and 2.
+  1  the heads section has no `regression_bias` and no `feature_layer` (no bias, features after all blocks);
+     a version-1 file that names either field is refused.
+  2  adds heads.regression_bias (bool) and heads.feature_layer (int or null), see config.HeadsConfig.
+The tensor check is strict in both: `regression_layer.bias` must be present exactly when regression_bias.
 
 Reference format (`RLHFlow/ArmoRM-Llama3-8B-v0.1`): a Llama config with `num_objectives`, `gating_*` fields
 and safetensors (single file or sharded with an index) holding `model.*` plus the head tensors.
@@ -23,13 +30,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..config import HeadsConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InvalidInputError
 from .heads import ArmoHeads
 
 CONFIG_FILE = "rewardsvc.json"
 WEIGHTS_FILE = "heads.safetensors"
 FORMAT = "rewardsvc.heads"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
+FIELDS_SINCE_VERSION_2 = ("regression_bias", "feature_layer")
 
 REFERENCE_ATTRIBUTES = (
     "helpsteer-helpfulness", "helpsteer-correctness", "helpsteer-coherence", "helpsteer-complexity",
@@ -120,16 +129,26 @@ def load_heads(directory: str | Path) -> HeadsCheckpoint:
     config = _read_json(directory / CONFIG_FILE)
     if config.get("format") != FORMAT:
         raise CheckpointError(f"{directory / CONFIG_FILE}: 'format' must be {FORMAT!r}, got {config.get('format')!r}")
-    if config.get("format_version") != FORMAT_VERSION:
+    version = config.get("format_version")
+    if isinstance(version, bool) or version not in SUPPORTED_FORMAT_VERSIONS:
         raise CheckpointError(
-            f"{directory / CONFIG_FILE}: format_version {config.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
+            f"{directory / CONFIG_FILE}: format_version {version!r} is not supported "
+            f"(expected one of {list(SUPPORTED_FORMAT_VERSIONS)})"
         )
     for key in ("name", "backbone", "heads"):
         if key not in config:
             raise CheckpointError(f"{directory / CONFIG_FILE}: missing key {key!r}")
+    if not isinstance(config["heads"], dict):
+        raise CheckpointError(f"{directory / CONFIG_FILE}: 'heads' must be an object")
+    if version == 1:
+        newer = [k for k in FIELDS_SINCE_VERSION_2 if k in config["heads"]]
+        if newer:
+            raise CheckpointError(
+                f"{directory / CONFIG_FILE}: format_version 1 has no heads field {newer}; these need format_version 2"
+            )
     try:
         heads_config = HeadsConfig(**config["heads"])
-    except TypeError as exc:
+    except (TypeError, InvalidInputError) as exc:
         raise CheckpointError(f"{directory / CONFIG_FILE}: bad 'heads' section: {exc}") from exc
     weights_path = directory / WEIGHTS_FILE
     if not weights_path.is_file():

@@ -3,7 +3,12 @@
 Shapes: B batch, H backbone hidden size, K attributes. The heads always run in float32, whatever the
 backbone's dtype, so that a bf16 backbone does not also round the (cheap) head arithmetic.
 Parameter names equal the reference checkpoint's (`regression_layer.weight`, `reward_transform_matrix`,
-`gating.layers.{i}.weight/bias`, `gating.logit_scale`), so one state dict serves both formats.
+`gating.layers.{i}.weight/bias`, `gating.logit_scale`), so one state dict serves both formats. With
+`HeadsConfig.regression_bias` the heads also hold `regression_layer.bias` (our format only; the reference
+has no bias).
+
+The maths: r = W h_r + b (b = 0 without a bias), r' = r T, g = gating(h_p), score = sum_k g_k r'_k.
+The effective coefficients c = g T^T satisfy score = sum_k c_k r_k, bias included, because they act on r.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ class GatingNetwork(nn.Module):
 
 @dataclass(frozen=True)
 class HeadOutput:
-    rewards: torch.Tensor  # (B, K) raw attribute rewards r = W h_r
+    rewards: torch.Tensor  # (B, K) raw attribute rewards r = W h_r + b (b only with regression_bias)
     debiased: torch.Tensor  # (B, K) r' = r T
     gating: torch.Tensor  # (B, K) g, or the steered weights
     coefficients: torch.Tensor  # (B, K) c = g T^T, so that score = sum_k c_k r_k
@@ -55,7 +60,9 @@ class ArmoHeads(nn.Module):
         super().__init__()
         self.config = config
         K, H = config.num_attributes, config.hidden_size
-        self.regression_layer = nn.Linear(H, K, bias=False)
+        self.regression_layer = nn.Linear(H, K, bias=config.regression_bias)
+        if self.regression_layer.bias is not None:
+            nn.init.zeros_(self.regression_layer.bias)  # a fresh head adds nothing until fitted
         # A buffer, not a parameter: stage 2 trains only the gating; the transform comes from stage 1's debiasing.
         self.register_buffer("reward_transform_matrix", torch.eye(K))
         self.gating = GatingNetwork(H, K, config.gating_hidden_dim, config.gating_n_hidden, config.gating_temperature)
@@ -66,6 +73,7 @@ class ArmoHeads(nn.Module):
         return self.config.attributes
 
     def rewards(self, response_embedding: torch.Tensor) -> torch.Tensor:
+        """r = W h_r + b (B, K): the only place rewards are computed from embeddings."""
         return self.regression_layer(response_embedding.float())  # (B, K)
 
     def gate(self, prompt_embedding: torch.Tensor) -> torch.Tensor:

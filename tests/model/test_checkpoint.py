@@ -193,3 +193,85 @@ def test_heads_for_another_backbone_are_refused(tmp_path, tiny_llama_dir):
     save_heads(tmp_path / "h", HeadsCheckpoint(heads=heads, backbone={"model": str(tiny_llama_dir)}, name="m", trained=True))
     with pytest.raises(CheckpointError, match="hidden size 48"):
         Scorer.load(tmp_path / "h")
+
+
+def test_regression_bias_round_trip_and_strict_keys(tmp_path):
+    torch.manual_seed(0)
+    heads = ArmoHeads(HeadsConfig(attributes=("a", "b", "c"), hidden_size=32, gating_hidden_dim=8, regression_bias=True))
+    with torch.no_grad():
+        heads.regression_layer.bias.copy_(torch.tensor([0.25, -1.5, 3.0]))
+    save_heads(tmp_path / "h", HeadsCheckpoint(heads=heads, backbone={"model": "x"}, name="m", trained=True))
+    config = json.loads((tmp_path / "h" / "rewardsvc.json").read_text())
+    assert config["format_version"] == 2 and config["heads"]["regression_bias"] is True
+    loaded = load_heads(tmp_path / "h").heads
+    assert loaded.config == heads.config and loaded.regression_layer.bias is not None
+    for k, v in heads.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0)
+    h = torch.randn(2, 32)
+    torch.testing.assert_close(loaded.rewards(h), h @ heads.regression_layer.weight.T + torch.tensor([0.25, -1.5, 3.0]))
+    # regression_layer.bias must be present exactly when the config says regression_bias
+    weights = tmp_path / "h" / "heads.safetensors"
+    tensors = load_file(str(weights))
+    save_file({k: v for k, v in tensors.items() if k != "regression_layer.bias"}, str(weights))
+    with pytest.raises(CheckpointError, match=r"missing keys \['regression_layer.bias'\]"):
+        load_heads(tmp_path / "h")
+    save_file(tensors, str(weights))
+    config["heads"]["regression_bias"] = False
+    (tmp_path / "h" / "rewardsvc.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"unexpected keys \['regression_layer.bias'\]"):
+        load_heads(tmp_path / "h")
+
+
+def write_version_1(directory: Path, heads: ArmoHeads, backbone_dir: Path) -> None:
+    """Our format as written before regression_bias and feature_layer existed, by hand."""
+    directory.mkdir(parents=True)
+    c = heads.config
+    (directory / "rewardsvc.json").write_text(json.dumps({
+        "format": "rewardsvc.heads", "format_version": 1, "name": "old", "trained": True,
+        "backbone": {"model": str(backbone_dir), "gguf_file": None, "adapter": None},
+        "heads": {"attributes": list(c.attributes), "hidden_size": c.hidden_size, "gating_hidden_dim": c.gating_hidden_dim,
+                  "gating_n_hidden": c.gating_n_hidden, "gating_temperature": c.gating_temperature,
+                  "verbosity_attribute": c.verbosity_attribute},
+        "label_scales": {}, "provenance": {"data": "v1"},
+    }))  # fmt: skip
+    save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, str(directory / "heads.safetensors"),
+              metadata={"format": "rewardsvc.heads"})  # fmt: skip
+
+
+def test_version_1_checkpoints_load_and_score_as_before(tmp_path, tiny_llama_dir):
+    heads = make_heads(seed=4)
+    assert set(heads.state_dict()) >= {"regression_layer.weight"} and "regression_layer.bias" not in heads.state_dict()
+    write_version_1(tmp_path / "v1", heads, tiny_llama_dir)
+    old = Scorer.load(tmp_path / "v1")
+    assert old.heads.config.regression_bias is False and old.heads.config.feature_layer is None
+    assert old.model_info()["feature_layer"] is None and old.provenance == {"data": "v1"}
+    # the same heads written by today's save_heads (version 2) score identically
+    save_heads(tmp_path / "v2", HeadsCheckpoint(heads=heads, backbone={"model": str(tiny_llama_dir)}, name="new", trained=True))
+    new = Scorer.load(tmp_path / "v2")
+    for a, b in zip(old.score(CONVERSATIONS), new.score(CONVERSATIONS)):
+        assert (a.score, a.rewards, a.gating, a.coefficients) == (b.score, b.rewards, b.gating, b.coefficients)
+    # and as the no-bias formula says: r = W h
+    encoded = old.encode(CONVERSATIONS[0])
+    h_r = old.backbone.hidden_at([list(encoded.input_ids)], [[encoded.response_anchor]])[:, 0]
+    want = (h_r @ heads.regression_layer.weight.detach().T)[0].tolist()
+    assert list(old.score(CONVERSATIONS[:1])[0].rewards.values()) == pytest.approx(want, abs=1e-6)
+
+
+def test_format_versions_and_version_1_fields(tmp_path, tiny_llama_dir):
+    write_version_1(tmp_path / "v1", make_heads(), tiny_llama_dir)
+    path = tmp_path / "v1" / "rewardsvc.json"
+    config = json.loads(path.read_text())
+    config["heads"]["regression_bias"] = False
+    path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"format_version 1 has no heads field \['regression_bias'\]"):
+        load_heads(tmp_path / "v1")
+    for version in (3, 0, None, True):
+        config["format_version"] = version
+        path.write_text(json.dumps(config))
+        with pytest.raises(CheckpointError, match=rf"format_version {version!r} is not supported"):
+            load_heads(tmp_path / "v1")
+    config["format_version"] = 2
+    config["heads"]["feature_layer"] = 0
+    path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="heads.feature_layer must be None or an integer >= 1"):
+        load_heads(tmp_path / "v1")

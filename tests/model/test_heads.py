@@ -42,3 +42,20 @@ def test_heads_run_in_float32_for_bf16_inputs():
     heads = ArmoHeads(HeadsConfig(attributes=("a", "b"), hidden_size=8, gating_hidden_dim=4))
     out = heads(torch.randn(2, 8, dtype=torch.bfloat16), torch.randn(2, 8, dtype=torch.bfloat16))
     assert out.score.dtype == torch.float32
+
+
+def test_regression_bias_enters_the_rewards_and_the_coefficients_still_hold():
+    torch.manual_seed(1)
+    K, H = 3, 8
+    heads = ArmoHeads(HeadsConfig(attributes=("a", "b", "v"), hidden_size=H, gating_hidden_dim=4, regression_bias=True))
+    assert torch.equal(heads.regression_layer.bias, torch.zeros(K))  # a fresh head adds nothing
+    with torch.no_grad():
+        heads.regression_layer.bias.copy_(torch.tensor([1.0, -2.0, 0.5]))
+        heads.reward_transform_matrix.copy_(torch.tensor([[1.0, 0, 0], [0, 1, 0], [-0.4, -0.2, 0]]))
+    h_r, h_p = torch.randn(4, H), torch.randn(4, H)
+    out = heads(h_r, h_p)
+    r = h_r @ heads.regression_layer.weight.detach().T + torch.tensor([1.0, -2.0, 0.5])
+    torch.testing.assert_close(out.rewards, r)
+    torch.testing.assert_close(out.score, (out.gating * (r @ heads.reward_transform_matrix)).sum(-1))
+    torch.testing.assert_close((out.coefficients * out.rewards).sum(-1), out.score)
+    assert "regression_layer.bias" not in ArmoHeads(HeadsConfig(attributes=("a",), hidden_size=H)).state_dict()
