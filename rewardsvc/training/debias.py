@@ -122,7 +122,7 @@ def fit_length_head(
     order = np.random.default_rng(seed).permutation(x.shape[0])
     n_val = max(1, int(round(val_fraction * x.shape[0])))
     val, train = order[:n_val], order[n_val:]
-    result = fit_stage1(x[train], y[train], x[val], y[val], ("log_length",), alphas=alphas)
+    result = fit_stage1(x[train], y[train], x[val], y[val], ("log_length",), alphas=alphas, fit_intercept=False)  # a weight only: no bias to carry
     return result.weight[0]  # (H,)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..model.checkpoint import CONFIG_FILE
 
-REPRODUCE = "python training/train_default.py   # = rewardsvc train --out rewardsvc/default_model --caps-scale 0.5 --max-chars 1500"
+REPRODUCE = "python training/train_default.py   # = rewardsvc train --out rewardsvc/default_model --work-dir artifacts/train"
 
 
 def _pct(x: Any) -> str:
@@ -45,8 +45,9 @@ def render(config: dict[str, Any]) -> str:
         f"Stage 1: {data.get('stage1_train')} train / {data.get('stage1_val')} validation rated conversations. "
         f"Stage 2: {data.get('stage2_train')} train / {data.get('stage2_val')} validation preference pairs. "
         f"Evaluation: {data.get('eval_pairs')} held-out pairs (their prompt groups never enter training). "
-        f"Unique training conversations embedded: {data.get('unique_training_conversations')}.",
+        + _coverage(data.get("features"), p.get("recipe", {}).get("embed")),
         "",
+        *_chosen(config, m),
         "## Stage 1: validation quality per attribute (standardized labels)",
         "",
         "| attribute | Pearson | Spearman | MSE | n val | alpha |",
@@ -77,10 +78,48 @@ def render(config: dict[str, Any]) -> str:
         base = evaluation[variants[-1]]["length_baseline"]
         lines.append("| length baseline (longer wins) | " + " | ".join(
             [_pct(base["overall"]["accuracy"])] + [_pct(base["categories"][c]["accuracy"]) for c in categories] + ["", ""]) + " |")
+    gating = evaluation.get("after_debiasing", {}).get("gating_by_category")
+    if gating:
+        lines += ["", "## Gating: mean weight per held-out category (the three largest)", "",
+                  "| category | attribute weights |", "|---|---|"]  # fmt: skip
+        for category, weights in gating.items():
+            top = sorted(weights.items(), key=lambda kv: -kv[1])[:3]
+            lines.append(f"| {category} | " + ", ".join(f"{a} {w:.2f}" for a, w in top) + " |")
     lines += ["", "## Limitations", "",
               "A 135M-parameter backbone on a few thousand labelled examples: the rewards are a small, fast, honest "
               "baseline, not a frontier reward model. Check the per-category numbers above before relying on a category.", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def _coverage(features: dict[str, Any] | None, embed: str | None) -> str:
+    if not features:
+        return ""
+    stored, wanted = features.get("conversations_stored"), features.get("conversations_wanted")
+    text = f" Conversations with stored backbone features: {stored} of {wanted}"
+    if embed == "stored" and stored != wanted:
+        text += (" (a partial, resumable CPU pass: rows whose conversations were not embedded yet are left out and "
+                 "counted under provenance.data.dropped)")  # fmt: skip
+    return text + "."
+
+
+def _chosen(config: dict[str, Any], m: dict[str, Any]) -> list[str]:
+    chosen, candidates = m.get("chosen"), m.get("candidates")
+    if not chosen or not candidates:
+        return []
+    lines = ["## Candidates (chosen by stage-2 validation accuracy)", "",
+             f"Served: features after block {chosen['layer']} of {chosen['backbone_blocks']} (the backbone stops there: "
+             f"early exit), preference heads: {'yes' if chosen['preference_heads'] else 'no'}.", "",
+             "| layer | preference heads | stage-1 mean val Pearson | stage-2 val acc | held-out acc (for the record) |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for c in candidates:
+        if "skipped" in c:
+            lines.append(f"| {c['layer']} | {'yes' if c['preference_heads'] else 'no'} | skipped: {c['skipped']} | | |")
+            continue
+        val = c["stage2"]["after_debiasing"]["best_val_accuracy"]
+        held = c.get("eval_accuracy", {}).get("accuracy")
+        lines.append(f"| {c['layer']} | {'yes' if c['preference_heads'] else 'no'} | {_num(c.get('stage1_mean_val_pearson'))} "
+                     f"| {_pct(val)} | {_pct(held)} |")  # fmt: skip
+    return lines + [""]
 
 
 def write_model_card(directory: str | Path) -> Path:

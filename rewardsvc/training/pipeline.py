@@ -335,12 +335,14 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     if max(config.layers) > depth:
         raise InvalidInputError(f"layers {config.layers} go deeper than the backbone's {depth} blocks", field="layers")
     layers = tuple(sorted(config.layers))
+    # Features are keyed by the whole backbone's id: layer l's feature does not depend on where the pass stops.
+    backbone_id = backbone.model_id
     truncate_backbone(backbone, max(layers))  # the blocks after the deepest candidate never matter
     encoder = ChatEncoder(backbone.tokenizer, config.max_tokens, "error")
-    store = FeatureStore(work / "features", backbone.model_id, layers, backbone.hidden_size)
+    store = FeatureStore(work / "features", backbone_id, layers, backbone.hidden_size)
     features = _Features(store)
     ordered = _in_embedding_order(sets, config.seed)
-    features.add(encoder, backbone.model_id, ordered, dropped)
+    features.add(encoder, backbone_id, ordered, dropped)
     wanted = {k: features.encoded[k] for k in features.key_of.values() if k}  # embedding order, deduplicated
     t = time.perf_counter()
     if config.embed == "all":
@@ -404,7 +406,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     provenance = {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "rewardsvc_version": __version__,
-        "backbone": backbone.model_id,
+        "backbone": backbone_id,
         "machine": f"{platform.machine()} {platform.processor()} threads={torch.get_num_threads()}",
         "recipe": {k: v for k, v in asdict(config).items() if k not in ("out_dir", "work_dir", "data_dir")},
         "data": {

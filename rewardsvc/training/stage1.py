@@ -110,7 +110,7 @@ def fit_stage1(
     alphas: Sequence[float] | None = None,
     fit_intercept: bool = True,
 ) -> Stage1Result:
-    """Fit one intercept-free ridge head per attribute; alpha per attribute by validation MSE.
+    """Fit one ridge head per attribute (with a bias unless fit_intercept=False); alpha per attribute by validation MSE.
 
     train_embeddings (N, H), train_labels (N, K) with NaN = missing; val_embeddings (M, H), val_labels (M, K).
     Raises InvalidInputError naming the attribute when it has fewer than 10 labelled train rows or 3 val rows,

@@ -158,8 +158,9 @@ def test_eval_mix(sets):
 def test_training_sizes_limits_and_val(sets):
     stage1 = sets.stage1_train + sets.stage1_val
     stage2 = sets.stage2_train + sets.stage2_val
-    assert 2200 <= len(stage1) <= 2800
-    assert 1200 <= len(stage2) <= 1700
+    # Training sources are uncapped (every row within the length limit); measured 6,842 and 3,131 on 2026-11-30.
+    assert 6500 <= len(stage1) <= 7200
+    assert 2900 <= len(stage2) <= 3300
     for item in stage1:
         assert sum(len(m["content"]) for m in item.prompt) <= DEFAULT_MAX_CHARS and len(item.response) <= DEFAULT_MAX_CHARS
     for item in stage2:
@@ -171,7 +172,7 @@ def test_training_sizes_limits_and_val(sets):
         assert not {x.group for x in train} & {x.group for x in val}, f"{name}: a group spans train and val"
     # a prompt is val everywhere or nowhere
     assert not {x.group for x in sets.stage1_train + sets.stage2_train} & {x.group for x in sets.stage1_val + sets.stage2_val}
-    for key, cap in {"stage1/just-eval-safety": 500, "stage2/hh-harmless": 400, "eval/xstest": 200}.items():
+    for key, cap in {"eval/xstest": 200, "eval/hh-harmless": 200, "eval/pandalm": 200}.items():
         stage, source = key.split("/")
         items = {"stage1": stage1, "stage2": stage2, "eval": sets.eval_pairs}[stage]
         assert sum(x.source == source for x in items) <= cap
