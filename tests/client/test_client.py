@@ -155,8 +155,9 @@ def test_trl_reward_funcs_share_one_rpc_per_batch(client, served, embedded_score
     before = metric_value(served.metrics_port, "rewardsvc_requests_total", {"method": "Score"})
     scores = score_func(prompts=prompts, completions=completions, completion_ids=None, trainer_state=None)
     attribute_values = attribute_func(prompts=prompts, completions=completions)
-    # A call is counted once gRPC has finished it, a moment after the client has its reply.
-    assert wait_until(lambda: metric_value(served.metrics_port, "rewardsvc_requests_total", {"method": "Score"}) == before + 1, 10)
+    # Counted once gRPC has finished the call on the server, which can be a moment after the client has its reply.
+    count = lambda: metric_value(served.metrics_port, "rewardsvc_requests_total", {"method": "Score"})  # noqa: E731
+    assert wait_until(lambda: count() == before + 1, 10) and count() == before + 1
     offline = embedded_scorer.score([p + c for p, c in zip(prompts, completions)])
     assert scores == pytest.approx([r.score for r in offline], abs=TOL)
     assert attribute_values == pytest.approx([r.rewards[attribute] for r in offline], abs=TOL)
