@@ -38,6 +38,7 @@ from ..model.heads import ArmoHeads
 from .data.attributes import ATTRIBUTE_NAMES, VERBOSITY
 from .data.build import TrainingSets, build_training_sets, conversation_key, round_robin
 from .data.schema import PreferencePair, RatedConversation
+from .data.splits import unit_hash
 from .debias import fit_verbosity_penalties
 from .feature_store import FeatureStore, extract_features, feature_key
 from .model_card import write_model_card
@@ -219,6 +220,36 @@ class _Candidate:
         return (s2["best_val_accuracy"], -s2["best_val_loss"], -self.layer, not self.preference)
 
 
+def _fold(items: Sequence, seed: int) -> torch.Tensor:
+    """Two folds by prompt group, the same for stage-1 rows and stage-2 pairs: a pair's responses are never in the
+    rows that fit the heads whose out-of-fold rewards the gating learns from."""
+    return torch.tensor([unit_hash(it.group, f"rewardsvc-crossfit-{seed}") < 0.5 for it in items], dtype=torch.bool)
+
+
+def _out_of_fold_stage1(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
+                        rows: Sequence[RatedConversation], train: _Split, i: int, seed: int, attributes: Sequence[str],
+                        ) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
+    """Stage-1 rewards (N, K) of the training pairs' chosen and rejected responses from heads fit without their fold.
+
+    The stage-1 rows share many responses with the stage-2 pairs (XSTest and UltraFeedback completions): with
+    in-sample rewards the gating learns to trust whichever head memorised them (on a partial store the XSTest
+    `appropriate` head took 0.9 of every prompt's weight). None when a fold has too few labels for some attribute.
+    """
+    row_fold, pair_fold = _fold(rows, seed), _fold(train.pairs, seed)
+    chosen = torch.zeros(len(train.pairs), len(attributes))
+    rejected = torch.zeros_like(chosen)
+    for held_out in (True, False):
+        fit = row_fold != held_out
+        try:
+            part = fit_stage1(x_train[fit], y_train[fit], x_val, y_val, attributes, fit_intercept=True)
+        except InvalidInputError:
+            return None
+        apply = pair_fold == held_out
+        chosen[apply] = train.chosen[apply, i] @ part.weight.T + part.bias
+        rejected[apply] = train.rejected[apply, i] @ part.weight.T + part.bias
+    return chosen, rejected
+
+
 def _preference_heads(train: _Split, val: _Split, i: int, seed: int) -> tuple[list, dict, tuple[torch.Tensor, torch.Tensor]]:
     """One head per stage-2 category, and the training pairs' out-of-fold rewards (N, P) of chosen and rejected.
 
@@ -226,13 +257,11 @@ def _preference_heads(train: _Split, val: _Split, i: int, seed: int) -> tuple[li
     did not fit: in-sample rewards look better than they are, and the gating would learn to trust them. Two folds
     by prompt group give out-of-fold rewards with the C chosen on validation.
     """
-    from .data.splits import unit_hash
-
     categories = sorted({p.category for p in train.pairs})
     heads, info = [], {}
     oof_c = torch.zeros(len(train.pairs), len(categories))
     oof_r = torch.zeros_like(oof_c)
-    fold = torch.tensor([unit_hash(p.group, f"rewardsvc-crossfit-{seed}") < 0.5 for p in train.pairs])
+    fold = _fold(train.pairs, seed)
     for j, category in enumerate(categories):
         mine = torch.tensor([p.category == category for p in train.pairs])
         mine_val = torch.tensor([p.category == category for p in val.pairs])
@@ -255,21 +284,22 @@ def _preference_heads(train: _Split, val: _Split, i: int, seed: int) -> tuple[li
     return heads, info, (oof_c, oof_r)
 
 
-def _fit_candidate(config: TrainConfig, layer: int, i: int, preference: bool, stage1, train: _Split, val: _Split,
-                   hidden_size: int) -> _Candidate:  # fmt: skip
+def _fit_candidate(config: TrainConfig, layer: int, i: int, preference: bool, stage1, stage1_oof, train: _Split,
+                   val: _Split, hidden_size: int) -> _Candidate:  # fmt: skip
     attributes = list(stage1.attributes)
     weight, bias = stage1.weight, stage1.bias
-    train_rewards = None
-    report: dict[str, Any] = {"layer": layer, "preference_heads": preference}
+    train_rewards = stage1_oof
+    report: dict[str, Any] = {"layer": layer, "preference_heads": preference, "out_of_fold_stage1": stage1_oof is not None}
     if preference:
         extra, report["preference_heads_fit"], oof = _preference_heads(train, val, i, config.seed)
         attributes += [name for name, _ in extra]
         weight = torch.cat([weight, torch.stack([h.weight for _, h in extra])])
         bias = torch.cat([bias, torch.tensor([h.bias for _, h in extra])])
-        with torch.no_grad():
-            base_c = train.chosen[:, i] @ stage1.weight.T + stage1.bias
-            base_r = train.rejected[:, i] @ stage1.weight.T + stage1.bias
-        train_rewards = (torch.cat([base_c, oof[0]], 1), torch.cat([base_r, oof[1]], 1))
+        if stage1_oof is None:
+            with torch.no_grad():
+                stage1_oof = (train.chosen[:, i] @ stage1.weight.T + stage1.bias,
+                              train.rejected[:, i] @ stage1.weight.T + stage1.bias)  # fmt: skip
+        train_rewards = (torch.cat([stage1_oof[0], oof[0]], 1), torch.cat([stage1_oof[1], oof[1]], 1))
     heads_config = HeadsConfig(
         attributes=tuple(attributes), hidden_size=hidden_size, gating_hidden_dim=config.gating_hidden_dim,
         gating_n_hidden=config.gating_n_hidden, gating_temperature=config.gating_temperature,
@@ -371,9 +401,11 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     for i, layer in enumerate(layers):
         stage1 = fit_stage1(x_train[:, i], y_train, x_val[:, i], y_val, attributes, fit_intercept=True)
         stage1_by_layer[layer] = stage1
+        stage1_oof = _out_of_fold_stage1(x_train[:, i], y_train, x_val[:, i], y_val, s1_train, train, i, config.seed,
+                                         attributes)  # fmt: skip
         for preference in config.preference_heads:
             try:
-                candidate = _fit_candidate(config, layer, i, preference, stage1, train, val, backbone.hidden_size)
+                candidate = _fit_candidate(config, layer, i, preference, stage1, stage1_oof, train, val, backbone.hidden_size)
             except InvalidInputError as exc:
                 if not preference:
                     raise
