@@ -106,16 +106,16 @@ def _chosen(config: dict[str, Any], m: dict[str, Any]) -> list[str]:
     chosen, candidates = m.get("chosen"), m.get("candidates")
     if not chosen or not candidates:
         return []
-    lines = ["## Candidates (chosen by stage-2 validation accuracy)", "",
+    lines = ["## Candidates (chosen by category-balanced stage-2 validation accuracy)", "",
              f"Served: features after block {chosen['layer']} of {chosen['backbone_blocks']} (the backbone stops there: "
              f"early exit), preference heads: {'yes' if chosen['preference_heads'] else 'no'}.", "",
-             "| layer | preference heads | stage-1 mean val Pearson | stage-2 val acc | held-out acc (for the record) |",
+             "| layer | preference heads | stage-1 mean val Pearson | stage-2 val acc (balanced) | held-out acc (for the record) |",
              "|---|---|---|---|---|"]  # fmt: skip
     for c in candidates:
         if "skipped" in c:
             lines.append(f"| {c['layer']} | {'yes' if c['preference_heads'] else 'no'} | skipped: {c['skipped']} | | |")
             continue
-        val = c["stage2"]["after_debiasing"]["best_val_accuracy"]
+        val = c.get("val_balanced_accuracy")
         held = c.get("eval_accuracy", {}).get("accuracy")
         lines.append(f"| {c['layer']} | {'yes' if c['preference_heads'] else 'no'} | {_num(c.get('stage1_mean_val_pearson'))} "
                      f"| {_pct(val)} | {_pct(held)} |")  # fmt: skip

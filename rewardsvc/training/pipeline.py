@@ -215,9 +215,10 @@ class _Candidate:
 
     @property
     def rank(self) -> tuple:
-        # Best validation accuracy, then lower validation loss, then the cheaper model (fewer blocks, fewer heads).
+        # Best category-balanced validation accuracy (the validation pairs are mostly safety pairs, the held-out mix
+        # is not: an overall figure would pick the best safety model), then overall accuracy, then the cheaper model.
         s2 = self.report["stage2"]["after_debiasing"]
-        return (s2["best_val_accuracy"], -s2["best_val_loss"], -self.layer, not self.preference)
+        return (self.report["val_balanced_accuracy"], s2["best_val_accuracy"], -self.layer, not self.preference)
 
 
 def _fold(items: Sequence, seed: int) -> torch.Tensor:
@@ -335,6 +336,9 @@ def _fit_candidate(config: TrainConfig, layer: int, i: int, preference: bool, st
                                      "best_epoch": result.best_epoch, "steps": result.steps,
                                      "seconds": round(time.perf_counter() - t, 2)}  # fmt: skip
         variants[variant] = heads
+    val_result = evaluate_pairs(pair_records(variants["after_debiasing"], val.pairs, val_pairs))
+    report["val_balanced_accuracy"] = sum(c["accuracy"] for c in val_result["categories"].values()) / len(val_result["categories"])
+    report["val_categories"] = {c: v["accuracy"] for c, v in val_result["categories"].items()}
     return _Candidate(layer, preference, variants["after_debiasing"], variants, report)
 
 

@@ -124,8 +124,9 @@ def test_metrics_and_evaluation_are_recorded(trained):
         assert 0 <= metrics["stage2"][variant]["best_val_accuracy"] <= 1
     candidates = metrics["candidates"]
     assert {(c["layer"], c["preference_heads"]) for c in candidates} == {(1, False), (1, True), (2, False), (2, True)}
-    best = max(candidates, key=lambda c: c["stage2"]["after_debiasing"]["best_val_accuracy"])
-    assert metrics["stage2"]["after_debiasing"]["best_val_accuracy"] == best["stage2"]["after_debiasing"]["best_val_accuracy"]
+    best = max(candidates, key=lambda c: c["val_balanced_accuracy"])
+    chosen = next(c for c in candidates if (c["layer"], c["preference_heads"]) == (metrics["chosen"]["layer"], metrics["chosen"]["preference_heads"]))
+    assert chosen["val_balanced_accuracy"] == best["val_balanced_accuracy"]
     assert provenance["data"]["features"]["conversations_stored"] == provenance["data"]["features"]["conversations_wanted"]
 
 
