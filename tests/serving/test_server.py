@@ -117,7 +117,9 @@ def test_inspect_weights_sorted_with_top_k(stub, embedded_scorer):
 def test_get_model_info(stub, embedded_scorer):
     info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
     assert list(info.attributes) == list(embedded_scorer.attributes)
-    assert info.model_id == embedded_scorer.model_id and info.backbone == embedded_scorer.backbone.model_id
+    assert info.model_id == embedded_scorer.model_id and info.backbone == embedded_scorer.backbone_description()
+    layer = embedded_scorer.heads.config.feature_layer  # the shipped default stops the 30-block backbone there
+    assert info.backbone == "embedded:smollm2-135m-instruct" + ("" if layer is None else f"+blocks:{layer}/30")
     assert info.dtype == "float32" and info.device == "cpu"
     assert info.max_tokens == embedded_scorer.config.max_tokens == info.limits.max_tokens_per_conversation
     assert info.trained == embedded_scorer.trained and info.server_version
