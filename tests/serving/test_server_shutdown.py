@@ -110,10 +110,13 @@ def test_grace_expiry_while_the_model_computes_exits_zero(tmp_path):
     try:
         assert wait_until(lambda: "event=serve.ready" in _read(log_path) or process.poll() is not None, 300, 0.2), _read(log_path)
         port = int(re.search(r"event=serve.listening address=127\.0\.0\.1:(\d+)", _read(log_path)).group(1))
-        long = [{"role": "user", "content": "Tell me about rivers. " * 30}, {"role": "assistant", "content": "Rivers flow. " * 60}]
+        # ~38k tokens in all (64 conversations of ~600): many seconds of compute on any CPU, so the 0.5 s grace
+        # always expires with work left whatever the machine's speed (12 short ones drained in time once the
+        # default backbone stopped after 12 of its 30 blocks).
+        long = [{"role": "user", "content": "Tell me about rivers. " * 60}, {"role": "assistant", "content": "Rivers flow. " * 100}]
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             s = pb_grpc.RewardServiceStub(channel)
-            futures = [s.Score.future(score_request([long] * 4), timeout=300) for _ in range(3)]
+            futures = [s.Score.future(score_request([long] * 8), timeout=300) for _ in range(8)]
             time.sleep(0.5)  # the batcher is inside its first scorer call
             process.send_signal(signal.SIGTERM)
             codes = set()
