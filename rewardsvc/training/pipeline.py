@@ -286,7 +286,7 @@ def _preference_heads(train: _Split, val: _Split, i: int, seed: int) -> tuple[li
 
 
 def _fit_candidate(config: TrainConfig, layer: int, i: int, preference: bool, stage1, stage1_oof, train: _Split,
-                   val: _Split, hidden_size: int) -> _Candidate:  # fmt: skip
+                   val: _Split, hidden_size: int, depth: int) -> _Candidate:  # fmt: skip
     attributes = list(stage1.attributes)
     weight, bias = stage1.weight, stage1.bias
     train_rewards = stage1_oof
@@ -304,7 +304,7 @@ def _fit_candidate(config: TrainConfig, layer: int, i: int, preference: bool, st
     heads_config = HeadsConfig(
         attributes=tuple(attributes), hidden_size=hidden_size, gating_hidden_dim=config.gating_hidden_dim,
         gating_n_hidden=config.gating_n_hidden, gating_temperature=config.gating_temperature,
-        verbosity_attribute=VERBOSITY, regression_bias=True, feature_layer=layer,
+        verbosity_attribute=VERBOSITY, regression_bias=True, feature_layer=None if layer == depth else layer,
     )  # fmt: skip
     torch.manual_seed(config.seed)
     initial = ArmoHeads(heads_config)
@@ -409,7 +409,8 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
                                          attributes)  # fmt: skip
         for preference in config.preference_heads:
             try:
-                candidate = _fit_candidate(config, layer, i, preference, stage1, stage1_oof, train, val, backbone.hidden_size)
+                candidate = _fit_candidate(config, layer, i, preference, stage1, stage1_oof, train, val, backbone.hidden_size,
+                                           depth)  # fmt: skip
             except InvalidInputError as exc:
                 if not preference:
                     raise
@@ -428,16 +429,17 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     eval_records: dict[str, list[dict[str, Any]]] = {}
     if config.evaluate and sets.eval_pairs:
         held_out = _pair_split(usable(sets.eval_pairs, "eval pair"), features)
-        i = layers.index(best.layer)
-        for variant, heads in best.variants.items():
-            eval_records[variant] = pair_records(heads, held_out.pairs, held_out.at(i))
-            evaluation[variant] = evaluate_pairs(eval_records[variant])
-        for c in candidates:
-            c.report["eval_accuracy"] = evaluate_pairs(pair_records(c.heads, held_out.pairs, held_out.at(layers.index(c.layer))))["overall"]
+        before = best.variants["before_debiasing"]
+        eval_records["before_debiasing"] = pair_records(before, held_out.pairs, held_out.at(layers.index(best.layer)))
+        evaluation["before_debiasing"] = evaluate_pairs(eval_records["before_debiasing"])
+        for c in candidates:  # the chosen one's after-debiasing figures are the ones reported
+            records = pair_records(c.heads, held_out.pairs, held_out.at(layers.index(c.layer)))
+            result = evaluate_pairs(records)
+            c.report["eval_accuracy"] = result["overall"]
+            if c is best:
+                eval_records["after_debiasing"], evaluation["after_debiasing"] = records, result
 
     heads = best.heads
-    if best.layer == depth:
-        heads.config = HeadsConfig(**{**asdict(heads.config), "feature_layer": None})
     timings["total_s"] = time.perf_counter() - started
     provenance = {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
