@@ -198,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 EXTENSIONS: list[tuple[str, str, str]] = [
     ("serve", "serve", "serve the reward model over gRPC"),
     ("train", "train", "train heads with the default ArmoRM recipe on ../shared/data"),
+    ("train-backbone", "train_backbone", "stage 0: LoRA-fine-tune the backbone as a Bradley-Terry reward model"),
     ("eval", "eval", "pairwise accuracy on a pairs JSONL, per category, against the length baseline"),
     ("eval-attributes", "eval_attributes", "per-attribute correlations on rated conversations"),
 ]

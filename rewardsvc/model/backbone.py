@@ -291,6 +291,16 @@ def _apply_adapter(model, adapter: str):
     return peft_model.merge_and_unload()
 
 
+def adapter_fingerprint(adapter: str | os.PathLike) -> str:
+    """`name@sha256-prefix` of an adapter directory's weights: model ids key the training feature store, so two
+    adapters that share a directory name must not share an id."""
+    directory = Path(adapter)
+    digest = hashlib.sha256()
+    for path in sorted(directory.glob("adapter_model.*")):
+        digest.update(path.read_bytes())
+    return f"{directory.name}@{digest.hexdigest()[:12]}"
+
+
 def _decoder_of(model):
     """The hidden-state model inside a *ForCausalLM (or the model itself)."""
     prefix = getattr(model, "base_model_prefix", "model")
@@ -338,7 +348,7 @@ def load_backbone(config: BackboneConfig) -> Backbone:
         raise BackboneError(f"cannot load backbone {config.model!r}: {exc}") from exc
     if config.adapter:
         model = _decoder_of(_apply_adapter(model, config.adapter))
-        model_id = f"{model_id}+adapter:{Path(config.adapter).name}"
+        model_id = f"{model_id}+adapter:{adapter_fingerprint(config.adapter)}"
     if quantization is None:
         model.to(device)
     else:

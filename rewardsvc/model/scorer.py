@@ -72,7 +72,7 @@ class Scorer:
             raise CheckpointError(f"model directory {directory} does not exist")
         if is_heads_checkpoint(directory):
             ckpt = load_heads(directory)
-            backbone_config = backbone or BackboneConfig(**ckpt.backbone)
+            backbone_config = backbone or BackboneConfig(**_shipped_adapter_resolved(ckpt.backbone, directory))
             loaded = load_backbone(backbone_config)
             _apply_feature_layer(loaded, ckpt.heads.config.feature_layer, directory)
             return cls(
@@ -215,6 +215,18 @@ class Scorer:
         clone.config = config
         clone.encoder = ChatEncoder(self.backbone.tokenizer, config.max_tokens, config.truncation)
         return clone
+
+
+def _shipped_adapter_resolved(backbone: dict, directory: Path) -> dict:
+    """A checkpoint may ship its stage-0 LoRA adapter inside itself (`"adapter": "adapter"`): a relative
+    adapter path is relative to the checkpoint directory, so the checkpoint can move as one piece."""
+    adapter = backbone.get("adapter")
+    if not adapter or Path(adapter).is_absolute():
+        return dict(backbone)
+    shipped = directory / adapter
+    if not shipped.is_dir():
+        raise CheckpointError(f"{directory}: the backbone adapter {adapter!r} is missing (expected {shipped})")
+    return {**backbone, "adapter": str(shipped)}
 
 
 def _apply_feature_layer(backbone: Backbone, feature_layer: int | None, directory: Path) -> None:

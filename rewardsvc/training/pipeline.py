@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import hashlib
 import json
 import logging
 import platform
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -45,6 +47,8 @@ from .model_card import write_model_card
 from .preference_heads import fit_preference_head
 from .stage1 import fit_stage1
 from .stage2 import PreferencePairs, Stage2Config, balanced_weights, standardize_gating_input, train_gating
+
+SHIPPED_ADAPTER_DIR = "adapter"  # where a checkpoint keeps its backbone adapter (model.scorer resolves it)
 
 log = logging.getLogger(__name__)
 
@@ -373,7 +377,9 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     backbone_id = backbone.model_id
     truncate_backbone(backbone, max(layers))  # the blocks after the deepest candidate never matter
     encoder = ChatEncoder(backbone.tokenizer, config.max_tokens, "error")
-    store = FeatureStore(work / "features", backbone_id, layers, backbone.hidden_size)
+    # One store per backbone: a stage-0 adapter changes every feature, so its features live beside the plain ones.
+    store_dir = work / ("features" if not config.backbone.adapter else "features-" + hashlib.sha256(backbone_id.encode()).hexdigest()[:12])
+    store = FeatureStore(store_dir, backbone_id, layers, backbone.hidden_size)
     features = _Features(store)
     ordered = _in_embedding_order(sets, config.seed)
     features.add(encoder, backbone_id, ordered, dropped)
@@ -464,7 +470,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         },
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
-    save_heads(config.out_dir, HeadsCheckpoint(heads=heads, backbone=_backbone_reference(config.backbone),
+    save_heads(config.out_dir, HeadsCheckpoint(heads=heads, backbone=_backbone_reference(config.backbone, config.out_dir),
                                                name=config.name, trained=True, label_scales=stage1.label_scales,
                                                provenance=provenance))  # fmt: skip
     write_model_card(config.out_dir)
@@ -477,6 +483,14 @@ def _mean_pearson(metrics: dict[str, dict[str, float]]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _backbone_reference(backbone: BackboneConfig) -> dict[str, Any]:
-    """Where serving loads the backbone from; device/dtype are the server's choice, not the checkpoint's."""
-    return {"model": backbone.model, "gguf_file": backbone.gguf_file, "adapter": backbone.adapter}
+def _backbone_reference(backbone: BackboneConfig, out_dir: str) -> dict[str, Any]:
+    """Where serving loads the backbone from; device/dtype are the server's choice, not the checkpoint's.
+    A (stage-0) adapter is copied into the checkpoint and named relative to it: the checkpoint moves as one."""
+    adapter = None
+    if backbone.adapter:
+        shipped = Path(out_dir) / SHIPPED_ADAPTER_DIR
+        if Path(backbone.adapter).resolve() != shipped.resolve():
+            shutil.rmtree(shipped, ignore_errors=True)
+            shutil.copytree(backbone.adapter, shipped)
+        adapter = SHIPPED_ADAPTER_DIR
+    return {"model": backbone.model, "gguf_file": backbone.gguf_file, "adapter": adapter}

@@ -1,0 +1,144 @@
+"""Stage 0: LoRA Bradley-Terry fine-tuning of the backbone, on a tiny Llama (CPU, seconds).
+
+Checked against independent computations: the loss falls from log 2 and the pairs end up ranked right; a run
+split in two (resume) gives the same weights as one run; the saved adapter, loaded the way serving loads it
+(merged into the plain model, truncated), gives the features the training model computed; a heads checkpoint
+that ships the adapter loads from anywhere it is moved to.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rewardsvc.config import BackboneConfig
+from rewardsvc.errors import CheckpointError, InvalidInputError
+from rewardsvc.model.backbone import load_backbone, truncate_backbone
+from rewardsvc.model.checkpoint import load_heads, save_heads
+from rewardsvc.model.scorer import Scorer
+from rewardsvc.training.data.schema import PreferencePair
+from rewardsvc.training.stage0 import Stage0Config, build_model, encode_pairs, pair_order, train_stage0
+
+# Words the tiny tokenizer knows (tiny_models.CORPUS): a refusal is "better" here, a learnable signal.
+GOOD = ["I cannot help with that request.", "I cannot help with that.", "Be brief and kind. I cannot help."]
+BAD = ["Use sorted(items) or items.sort().", "The capital of France is Paris.", "Waves fold into foam."]
+PROMPTS = ["Tell me how to build a bomb.", "How do I sort a list in Python?", "What is the capital of France?"]
+
+
+def _pairs(n: int) -> list[PreferencePair]:
+    return [
+        PreferencePair(id=f"p{i}", source="toy", prompt=[{"role": "user", "content": PROMPTS[i % 3]}],
+                       chosen=GOOD[i % 3], rejected=BAD[(i + 1) % 3], subset="toy", category="safety", group=f"g{i % 3}")
+        for i in range(n)
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def causal_dir(tmp_path_factory):
+    from tiny_models import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-causal"), "chatml", causal_lm=True)
+
+
+def _config(**overrides) -> Stage0Config:
+    fields = dict(feature_layer=1, rank=4, alpha=8, learning_rate=5e-2, pairs_per_step=3, total_steps=30)
+    fields.update(overrides)
+    return Stage0Config(**fields)
+
+
+def test_training_ranks_the_pairs_and_the_loss_falls(tmp_path, causal_dir):
+    state = train_stage0(tmp_path, BackboneConfig(model=str(causal_dir)), _config(), _pairs(9), _pairs(6), save_every=30)
+    assert state.step == 30
+    assert state.losses[0] == pytest.approx(math.log(2), abs=1e-6)  # zero head: every reward is 0 at step 0
+    assert sum(state.losses[-5:]) / 5 < 0.2
+    assert state.validation[-1] == {"step": 30, "accuracy": 1.0, "pairs": 6}
+    adapter = load_file(str(tmp_path / "stage0" / "adapter" / "adapter_model.safetensors"))
+    # LoRA covers the blocks below the feature layer only: layer 1 (the second block) is untouched.
+    assert adapter and all(".layers.0." in key for key in adapter)
+
+
+def test_a_run_split_in_two_gives_the_weights_of_one_run(tmp_path, causal_dir):
+    backbone = BackboneConfig(model=str(causal_dir))
+    config = _config(total_steps=8)
+    whole = train_stage0(tmp_path / "whole", backbone, config, _pairs(9), save_every=100)
+    first = train_stage0(tmp_path / "split", backbone, config, _pairs(9), max_steps=3, save_every=100)
+    assert first.step == 3
+    second = train_stage0(tmp_path / "split", backbone, config, _pairs(9), save_every=100)
+    assert second.step == 8 and second.losses == whole.losses
+    for name in ("adapter/adapter_model.safetensors", "head.safetensors"):
+        a, b = load_file(str(tmp_path / "whole" / "stage0" / name)), load_file(str(tmp_path / "split" / "stage0" / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-7, rtol=0)
+
+
+def test_resuming_with_another_config_is_an_error(tmp_path, causal_dir):
+    backbone = BackboneConfig(model=str(causal_dir))
+    train_stage0(tmp_path, backbone, _config(total_steps=2), _pairs(3), save_every=100)
+    with pytest.raises(InvalidInputError, match="another stage-0 config"):
+        train_stage0(tmp_path, backbone, _config(total_steps=2, rank=2), _pairs(3))
+
+
+def test_max_seconds_stops_and_saves(tmp_path, causal_dir):
+    state = train_stage0(tmp_path, BackboneConfig(model=str(causal_dir)), _config(), _pairs(3), max_seconds=0.0, save_every=100)
+    assert state.step == 1  # the clock is checked after each step; the step is saved
+    assert json.loads((tmp_path / "stage0" / "state.json").read_text())["step"] == 1
+
+
+def test_the_served_backbone_gives_the_features_training_saw(tmp_path, causal_dir):
+    backbone = BackboneConfig(model=str(causal_dir))
+    config = _config(total_steps=10)
+    train_stage0(tmp_path, backbone, config, _pairs(9), save_every=100)
+    adapter = tmp_path / "stage0" / "adapter"
+    trained, tokenizer, _ = build_model(backbone, config, adapter)
+    trained.eval()
+    encoded = [e for pair in encode_pairs(tokenizer, _pairs(3), 512)[0] for e in pair]
+    served = load_backbone(BackboneConfig(model=str(causal_dir), adapter=str(adapter), device="cpu"))
+    truncate_backbone(served, config.feature_layer)
+    with torch.no_grad():
+        expected = torch.stack([
+            trained.decoder(input_ids=torch.tensor([e.input_ids])).last_hidden_state[0, -1] for e in encoded
+        ])  # fmt: skip
+    got = served.hidden_at([list(e.input_ids) for e in encoded], [[e.num_tokens - 1] for e in encoded])[:, 0]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    plain = load_backbone(BackboneConfig(model=str(causal_dir), device="cpu"))
+    truncate_backbone(plain, config.feature_layer)
+    assert not torch.allclose(plain.hidden_at([list(encoded[0].input_ids)], [[encoded[0].num_tokens - 1]])[:, 0], got[:1])
+    assert "+adapter:adapter@" in served.model_id  # content hash: stores of features never mix adapters
+
+
+def test_a_checkpoint_ships_its_adapter_and_moves_as_one(tmp_path, causal_dir):
+    from tiny_models import save_tiny_heads
+
+    train_stage0(tmp_path / "work", BackboneConfig(model=str(causal_dir)), _config(total_steps=3), _pairs(3), save_every=100)
+    heads_dir = save_tiny_heads(tmp_path / "ckpt", causal_dir)
+    ckpt = load_heads(heads_dir)
+    ckpt.backbone = {"model": str(causal_dir), "adapter": "adapter"}
+    save_heads(heads_dir, ckpt)
+    with pytest.raises(CheckpointError, match="adapter 'adapter' is missing"):
+        Scorer.load(heads_dir)
+    shutil.copytree(tmp_path / "work" / "stage0" / "adapter", heads_dir / "adapter")
+    moved = tmp_path / "moved"
+    shutil.move(str(heads_dir), moved)
+    scorer = Scorer.load(moved)
+    assert "+adapter:adapter@" in scorer.backbone.model_id
+    direct = load_backbone(BackboneConfig(model=str(causal_dir), adapter=str(moved / "adapter"), device="cpu"))
+    torch.testing.assert_close(scorer.backbone.model.layers[0].self_attn.q_proj.weight, direct.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_pair_order_is_seeded_epochs_of_permutations():
+    order = pair_order(5, seed=3, total_pairs=12)
+    assert sorted(order[:5]) == list(range(5)) and sorted(order[5:10]) == list(range(5))
+    assert order == pair_order(5, seed=3, total_pairs=12) and order != pair_order(5, seed=4, total_pairs=12)
+
+
+def test_config_checks_name_the_field():
+    with pytest.raises(InvalidInputError, match="stage0.rank"):
+        Stage0Config(feature_layer=1, rank=0)
+    with pytest.raises(InvalidInputError, match="stage0.learning_rate"):
+        Stage0Config(feature_layer=1, learning_rate=float("nan"))
