@@ -47,21 +47,41 @@ def settled(server, expected: float) -> bool:
     return wait_until(lambda: score_calls(server) == expected, 10) and score_calls(server) == expected
 
 
+class Metrics:
+    """TRL's `log_metric(name, value)` callback: scalars averaged per logging step."""
+
+    def __init__(self):
+        self.logged: dict[str, list[float]] = {}
+
+    def __call__(self, name: str, value: float) -> None:
+        self.logged.setdefault(name, []).append(value)
+
+
+def expected_gating_logs(results) -> dict[str, list[float]]:
+    n = len(results)
+    out = {f"rewardsvc/gating/{a}": [sum(r.gating[a] for r in results) / n] for a in ATTRS}
+    out.update({f"rewardsvc/coefficient/{a}": [sum(r.coefficients[a] for r in results) / n] for a in ATTRS})
+    return out
+
+
+def assert_logs(got: dict[str, list[float]], want: dict[str, list[float]]) -> None:
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name] == pytest.approx(want[name], abs=TOL), name
+
+
 def test_trl_sync_functions_share_one_rpc_and_log_gating(server, tiny):
     funcs = rtrl.reward_funcs(f"127.0.0.1:{server.port}", [None, ATTRS[0]], log_gating=True)
-    names = [f.__name__ for f in funcs]
-    assert names == ["rewardsvc_score", f"rewardsvc_{ATTRS[0]}", *[f"rewardsvc_gating_{a}" for a in ATTRS]]
-    assert funcs.reward_weights == [1.0, 1.0, 0.0, 0.0, 0.0]
-    before = score_calls(server)
-    # TRL's GRPOTrainer call: keyword arguments, plus the dataset's extra columns and its own kwargs.
-    values = [f(prompts=PROMPTS, completions=COMPLETIONS, completion_ids=[[1]] * 3, trainer_state=None) for f in funcs]
-    assert settled(server, before + 1)  # five functions, one RPC
+    assert [f.__name__ for f in funcs] == ["rewardsvc_score", f"rewardsvc_{ATTRS[0]}"]
+    before, metrics = score_calls(server), Metrics()
+    # TRL's GRPOTrainer call: keyword arguments, plus the dataset's extra columns and its own callbacks.
+    values = [f(prompts=PROMPTS, completions=COMPLETIONS, completion_ids=[[1]] * 3, trainer_state=None,
+                log_metric=metrics, log_extra=lambda column, values: None) for f in funcs]  # fmt: skip
+    assert settled(server, before + 1)  # two functions, one RPC
     offline = tiny.score(CONVERSATIONS)
     assert values[0] == pytest.approx([r.score for r in offline], abs=TOL)
     assert values[1] == pytest.approx([r.rewards[ATTRS[0]] for r in offline], abs=TOL)
-    for a, got in zip(ATTRS, values[2:]):
-        assert got == pytest.approx([r.gating[a] for r in offline], abs=TOL)
-    funcs.client.close()
+    assert_logs(metrics.logged, expected_gating_logs(offline))  # once per batch, not once per function
 
 
 def test_trl_standard_format_and_bad_attribute(server, tiny):
@@ -76,20 +96,27 @@ def test_trl_standard_format_and_bad_attribute(server, tiny):
 def test_trl_async_functions_run_concurrently_on_one_rpc(server, tiny):
     funcs = rtrl.async_reward_funcs(f"127.0.0.1:{server.port}", [None, ATTRS[1]], log_gating=True)
     assert all(asyncio.iscoroutinefunction(f) for f in funcs)  # what TRL checks to await them
-    assert funcs.reward_weights == [1.0, 1.0, 0.0, 0.0, 0.0]
-    before = score_calls(server)
+    before, metrics = score_calls(server), Metrics()
 
     async def trl_step():  # TRL gathers the coroutine reward functions of one batch
-        return await asyncio.gather(*(f(prompts=PROMPTS, completions=COMPLETIONS, trainer_state=None) for f in funcs))
+        return await asyncio.gather(*(f(prompts=PROMPTS, completions=COMPLETIONS, trainer_state=None, log_metric=metrics)
+                                      for f in funcs))  # fmt: skip
 
     values = asyncio.run(trl_step())
     assert settled(server, before + 1)
     offline = tiny.score(CONVERSATIONS)
     assert values[0] == pytest.approx([r.score for r in offline], abs=TOL)
     assert values[1] == pytest.approx([r.rewards[ATTRS[1]] for r in offline], abs=TOL)
-    assert values[2] == pytest.approx([r.gating[ATTRS[0]] for r in offline], abs=TOL)
+    assert_logs(metrics.logged, expected_gating_logs(offline))
     # A second step on a new event loop (as asyncio.run makes) gets its own channel and works.
     assert asyncio.run(trl_step())[0] == pytest.approx(values[0], abs=TOL)
+
+
+def test_log_gating_warns_once_without_log_metric(server):
+    [func] = rtrl.reward_funcs(f"127.0.0.1:{server.port}", log_gating=True)
+    rtrl._warned.clear()
+    with pytest.warns(UserWarning, match="no `log_metric`"):
+        func(prompts=PROMPTS, completions=COMPLETIONS)
 
 
 def test_client_alias_still_works(server, tiny):
