@@ -5,7 +5,8 @@ The reward model re-templates messages with its own backbone's template, so a te
 split back into turns. The split is learnt from the policy tokenizer's own template, never hard-coded: a
 probe conversation with sentinel contents is rendered, and the text between sentinels gives the separators
 
-    head_user   before the first user turn (BOS, a default system prompt)
+    head_user   before the first user turn (BOS, a default system prompt); a text without it may open its
+                first user turn as later ones open (a suffix of assistant_user)
     head_system before a system turn, system_user between it and the first user turn
     user_assistant  after a user turn up to the assistant's content (the generation prompt included)
     assistant_user  after an assistant turn up to the next user's content
@@ -84,6 +85,8 @@ class ChatTemplateSplitter:
             rest = text[len(self.head_user):]
         elif not self.head_user:
             rest = text
+        elif opener := self._user_opener(text):
+            rest = text[len(opener):]
         else:
             raise InvalidInputError(
                 f"{field}: does not start like the {self.name} chat template ({self.head_user[:40]!r}...); "
@@ -104,6 +107,15 @@ class ChatTemplateSplitter:
                     rest = after
                     continue
             return messages, rest
+
+    def _user_opener(self, text: str) -> str:
+        """A conversation rendered without what the template puts first (BOS, a default system prompt) still
+        opens its user turn the way a later user turn opens: with a suffix of assistant_user. The longest
+        suffix the text starts with (at least 3 characters) is taken as the opener."""
+        for i in range(len(self.assistant_user) - 3 + 1):
+            if text.startswith(self.assistant_user[i:]):
+                return self.assistant_user[i:]
+        return ""
 
     def _strip_tail(self, response: str, extra_stops: tuple[str, ...]) -> str:
         """Drop the end-of-turn text (and EOS / pad tokens a policy appends) from the end of a response."""

@@ -200,5 +200,21 @@ def test_splitter_from_templates():
             prompt, query = policy_render(tokenizer, conversation)
             assert splitter.split(query, extra_stops=(tokenizer.eos_token,)) == conversation
             assert splitter.split(query, prompt, extra_stops=(tokenizer.eos_token,)) == conversation
+        with pytest.raises(InvalidInputError, match="does not start like the"):
+            splitter.split("plain text", field="query[0]")
         with pytest.raises(InvalidInputError, match="does not start with its prompt"):
             splitter.split("abc", "xyz", field="query[3]")
+
+
+def test_splitter_without_the_templates_default_system_prompt():
+    """A template that injects a default system prompt (as SmolLM2's does): a query rendered without it opens
+    its user turn as later user turns open."""
+    smol = ChatTemplateSplitter(
+        head_user="<|im_start|>system\nYou are SmolLM.<|im_end|>\n<|im_start|>user\n",
+        user_assistant="<|im_end|>\n<|im_start|>assistant\n", assistant_user="<|im_end|>\n<|im_start|>user\n",
+        tail="<|im_end|>\n", head_system="<|im_start|>system\n", system_user="<|im_end|>\n<|im_start|>user\n",
+    )  # fmt: skip
+    bare = "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\nRed.<|im_end|>"
+    assert smol.split(bare) == CONVERSATIONS[0]
+    default = smol.head_user + "Name a colour.<|im_end|>\n<|im_start|>assistant\nRed.<|im_end|>\n"
+    assert smol.split(default) == [{"role": "system", "content": "You are SmolLM."}, *CONVERSATIONS[0]]
