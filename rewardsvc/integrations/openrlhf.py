@@ -5,7 +5,8 @@ OpenRLHF posts JSON `{"query": [str], "prompts": [str], "labels": [...]}` (the p
 `openrlhf.cli.serve_rm`), where query[i] = prompts[i] + response, rendered in the *policy's* chat template,
 with a 180 s timeout and 5 retries on any failure. The reply is `{"rewards": [float], "scores": [float],
 "extra_logs": {name: [float]}}`: OpenRLHF uses `rewards` for advantages, `scores` for dynamic filtering and
-logs every `extra_logs` entry (here: each attribute's reward and gating weight per sample). `labels` is
+logs every `extra_logs` entry (here: each attribute's reward, gating weight and effective coefficient per
+sample). `labels` is
 accepted and ignored (a reward model needs no reference answer). An empty `query` gets empty lists.
 
 This module is the protocol only (request -> conversations, results -> reply); stdlib, no grpc, no torch.
@@ -52,7 +53,8 @@ def conversations_of(body: Any, splitter: ChatTemplateSplitter, extra_stops: tup
 
 
 def reply(results: Sequence[ScoreResult]) -> dict[str, Any]:
-    """Results -> OpenRLHF's reply. extra_logs: `reward/<attribute>`, `gating/<attribute>` per sample."""
+    """Results -> OpenRLHF's reply. extra_logs: `reward/<attribute>`, `gating/<attribute>`,
+    `coefficient/<attribute>`, one value per sample."""
     scores = [r.score for r in results]
     logs: dict[str, list[float]] = {}
     for r in results:
@@ -60,4 +62,6 @@ def reply(results: Sequence[ScoreResult]) -> dict[str, Any]:
             logs.setdefault(f"reward/{name}", []).append(value)
         for name, value in r.gating.items():
             logs.setdefault(f"gating/{name}", []).append(value)
+        for name, value in r.coefficients.items():
+            logs.setdefault(f"coefficient/{name}", []).append(value)
     return {"rewards": scores, "scores": scores, "extra_logs": logs}

@@ -15,7 +15,8 @@ reference answer).
 
 reward_kwargs: `target` ("host:port", default $REWARDSVC_TARGET or localhost:50051), `token` (default
 $REWARDSVC_AUTH_TOKEN), `attribute` (score one attribute's reward instead of the overall score), `weights`
-(steering, as for the client), `return_dict` (True: a dict {"score", "reward/<attribute>", "gating/<attribute>"}
+(steering, as for the client), `return_dict` (True: a dict {"score", "reward/<attribute>", "gating/<attribute>",
+"coefficient/<attribute>"}
 that verl's reward managers put into reward_extra_info, so the parts reach its logs).
 
 Client side: grpc and protobuf only (no torch). One client per (target, token) per process, thread-safe.
@@ -82,6 +83,7 @@ def _value(result: ScoreResult, attribute: str | None, return_dict: bool) -> flo
     out = {"score": score}
     out.update({f"reward/{k}": v for k, v in result.rewards.items()})
     out.update({f"gating/{k}": v for k, v in result.gating.items()})
+    out.update({f"coefficient/{k}": v for k, v in result.coefficients.items()})
     return out
 
 

@@ -136,7 +136,9 @@ def test_verl_compute_score_as_the_naive_manager_calls_it(server, tiny):
         assert got == pytest.approx(want.score, abs=TOL)
     detailed = rverl.compute_score("chat", "Red.", None, {"prompt": "Name a colour."}, target=f"127.0.0.1:{server.port}", return_dict=True)
     assert detailed["score"] == pytest.approx(offline[0].score, abs=TOL)
-    assert set(detailed) == {"score", *(f"reward/{a}" for a in ATTRS), *(f"gating/{a}" for a in ATTRS)}
+    assert set(detailed) == {"score", *(f"{kind}/{a}" for kind in ("reward", "gating", "coefficient") for a in ATTRS)}
+    for a in ATTRS:
+        assert detailed[f"coefficient/{a}"] == pytest.approx(offline[0].coefficients[a], abs=TOL)
     with pytest.raises(InvalidInputError, match=r'extra_info\["prompt"\]: missing'):
         compute_score(data_source="chat", solution_str="Red.", ground_truth=None, extra_info={"index": 3})
 

@@ -79,8 +79,9 @@ def test_get_reward_as_openrlhf_calls_it(server, tiny):
         got = openrlhf_request_api_wrapper(url, body)
         assert got["rewards"] == pytest.approx([r.score for r in offline], abs=TOL)
         assert got["scores"] == got["rewards"]
-        assert set(got["extra_logs"]) == {f"reward/{a}" for a in ATTRS} | {f"gating/{a}" for a in ATTRS}
+        assert set(got["extra_logs"]) == {f"{kind}/{a}" for kind in ("reward", "gating", "coefficient") for a in ATTRS}
         for a in ATTRS:
+            assert got["extra_logs"][f"coefficient/{a}"] == pytest.approx([r.coefficients[a] for r in offline], abs=TOL)
             assert got["extra_logs"][f"reward/{a}"] == pytest.approx([r.rewards[a] for r in offline], abs=TOL)
             assert got["extra_logs"][f"gating/{a}"] == pytest.approx([r.gating[a] for r in offline], abs=TOL)
     assert openrlhf_request_api_wrapper(url, {"query": [], "prompts": [], "labels": []}) == {
