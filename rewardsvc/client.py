@@ -2,7 +2,7 @@
 
     with RewardClient("localhost:50051", token="...") as client:
         client.score([[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]])
-        reward_func = client.trl_reward_func()  # for TRL's GRPOTrainer / RLOOTrainer
+        reward_func = client.trl_reward_func()  # for TRL (more: rewardsvc.integrations)
 
 - Typed results (ScoreResult, InspectResult, GroupResult, CompareResult from rewardsvc.types) and typed
   errors (InvalidInputError, OverloadedError, NotReadyError, DeadlineExceededError, UnauthenticatedError,
@@ -16,8 +16,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -38,6 +36,7 @@ from .errors import (
     RewardError,
     UnauthenticatedError,
 )
+from .integrations.trl import reward_funcs, trl_conversation  # noqa: F401  (trl_conversation: re-exported)
 from .types import AttributeWeights, CompareResult, GroupResult, InspectResult, ScoreResult
 from .wire import (
     FIELD_KEY,
@@ -175,17 +174,6 @@ def inspect_request(prompt: Any, weights=None, top_k: int = 0):
     return _with_weights(pb.InspectWeightsRequest(prompt=messages_to_pb(prompt), top_k=top_k), weights)
 
 
-def trl_conversation(prompt: Any, completion: Any) -> list[dict[str, str]]:
-    """TRL's (prompt, completion) -> one conversation. Conversational: prompt = messages, completion =
-    [{"role": "assistant", "content": ...}]; standard: both plain strings."""
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
-    if isinstance(completion, str):
-        return [*messages, {"role": "assistant", "content": completion}]
-    if isinstance(completion, dict):
-        completion = [completion]
-    return [*messages, *[dict(m) for m in completion]]
-
-
 # ---- errors and retries ------------------------------------------------------------------------------
 
 
@@ -282,7 +270,6 @@ class RewardClient(_Base):
             self.channel = grpc.insecure_channel(target, options=self._options)
         self.stub = pb_grpc.RewardServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
-        self._trl_last: tuple[str, list[ScoreResult]] | None = None  # (fingerprint, results) of the last batch
 
     def __enter__(self) -> "RewardClient":
         return self
@@ -355,47 +342,17 @@ class RewardClient(_Base):
         except grpc.RpcError as err:
             raise typed_error(err) from err
 
-    # ---- TRL ---------------------------------------------------------------------------------------
-
-    def _score_for_trl(self, prompts: Sequence[Any], completions: Sequence[Any], weights, chunk: int) -> list[ScoreResult]:
-        if len(prompts) != len(completions):
-            raise InvalidInputError(f"got {len(prompts)} prompts and {len(completions)} completions", field="completions")
-        conversations = [trl_conversation(p, c) for p, c in zip(prompts, completions)]
-        key = hashlib.sha256(json.dumps([conversations, repr(weights)], sort_keys=True).encode()).hexdigest()
-        if self._trl_last is not None and self._trl_last[0] == key:
-            return self._trl_last[1]
-        results: list[ScoreResult] = []
-        for start in range(0, len(conversations), chunk):
-            results.extend(self.score(conversations[start : start + chunk], weights))
-        self._trl_last = (key, results)
-        return results
+    # ---- TRL (rewardsvc.integrations.trl) ----------------------------------------------------------
 
     def trl_reward_funcs(self, attributes: Sequence[str | None], weights: AttributeWeights | dict | None = None, *,
-                         max_conversations_per_call: int = 256) -> list[Callable[..., list[float]]]:  # fmt: skip
-        """One TRL reward function per attribute (None = the overall score). They share one RPC per batch:
-        TRL calls each with the same prompts and completions, and the later ones reuse the first's answer."""
-        weights = as_weights(weights)
-
-        def make(attribute: str | None):
-            def reward_func(prompts, completions, **kwargs) -> list[float]:
-                results = self._score_for_trl(prompts, completions, weights, max_conversations_per_call)
-                if attribute is None:
-                    return [r.score for r in results]
-                if results and attribute not in results[0].rewards:
-                    raise InvalidInputError(
-                        f"attribute {attribute!r} is not one of the model's {sorted(results[0].rewards)}", field="attribute"
-                    )
-                return [r.rewards[attribute] for r in results]
-
-            reward_func.__name__ = f"rewardsvc_{attribute or 'score'}"  # TRL logs rewards under this name
-            return reward_func
-
-        return [make(a) for a in attributes]
+                         max_conversations_per_call: int = 256, log_gating: bool = False) -> list[Callable[..., list[float]]]:  # fmt: skip
+        """One TRL reward function per attribute (None = the overall score), sharing one RPC per batch; see
+        rewardsvc.integrations.trl.reward_funcs (which this calls)."""
+        return reward_funcs(self, attributes, weights, log_gating=log_gating, max_conversations_per_call=max_conversations_per_call)
 
     def trl_reward_func(self, attribute: str | None = None, weights: AttributeWeights | dict | None = None, *,
                         max_conversations_per_call: int = 256) -> Callable[..., list[float]]:  # fmt: skip
-        """`reward_func(prompts, completions, **kwargs) -> list[float]` for TRL's GRPOTrainer / RLOOTrainer.
-        The whole call is one Score RPC (split only above max_conversations_per_call)."""
+        """`reward_func(prompts, completions, **kwargs) -> list[float]` for TRL's GRPOTrainer / RLOOTrainer."""
         return self.trl_reward_funcs([attribute], weights, max_conversations_per_call=max_conversations_per_call)[0]
 
 

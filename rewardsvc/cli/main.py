@@ -43,9 +43,10 @@ def backbone_override(args: argparse.Namespace) -> BackboneConfig | None:
         return None
     if args.backbone is None:
         from ..model.checkpoint import is_heads_checkpoint, load_heads
+        from ..model.hub import resolve_model_path
         from ..model.scorer import DEFAULT_MODEL_DIR
 
-        directory = Path(args.model) if args.model else DEFAULT_MODEL_DIR
+        directory = resolve_model_path(args.model) if args.model else DEFAULT_MODEL_DIR
         base = load_heads(directory).backbone if is_heads_checkpoint(directory) else {"model": str(directory)}
     else:
         base = {"model": args.backbone}

@@ -32,6 +32,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--host", default=d.host, help="address to bind (default %(default)s; 0.0.0.0 for all interfaces)")
     g.add_argument("--port", type=int, default=d.port, help="gRPC port, 0 = ephemeral (default %(default)s)")
     g.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default: off; 0 = ephemeral)")
+    g.add_argument("--http-port", type=int, default=None,
+                   help="also serve HTTP/JSON here: OpenRLHF's POST /get_reward and /v1/score etc. (default: off; 0 = ephemeral)")
+    g.add_argument("--http-policy-template", default=None,
+                   help="tokenizer (directory or hub id) of the policy whose chat template /get_reward queries use "
+                        "(default: the reward backbone's)")  # fmt: skip
     g.add_argument("--auth-token-file", help=f"file holding the bearer token clients must send (or set ${TOKEN_ENV})")
     g.add_argument("--tls-cert", help="PEM server certificate chain (TLS on with --tls-key)")
     g.add_argument("--tls-key", help="PEM private key of --tls-cert")
@@ -71,6 +76,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port,
+        http_port=args.http_port,
+        http_policy_template=args.http_policy_template,
         max_message_bytes=args.max_message_bytes,
         max_conversations_per_request=args.max_conversations_per_request,
         max_group_size=args.max_group_size,

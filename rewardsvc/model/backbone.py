@@ -24,6 +24,7 @@ import torch
 
 from ..config import EMBEDDED_DEFAULT_BACKBONE, BackboneConfig
 from ..errors import BackboneError
+from .hub import looks_like_hub_id, resolve_hub_id
 
 log = logging.getLogger(__name__)
 
@@ -249,10 +250,13 @@ def _source(config: BackboneConfig) -> tuple[str, str]:
             raise BackboneError(f"backbone.model: GGUF file {config.model} does not exist")
         return str(converted_gguf_dir(path)), f"gguf:{path.name}"
     if config.gguf_file:
-        local = Path(config.model) / config.gguf_file
+        base = resolve_hub_id(config.model, "--backbone") if looks_like_hub_id(config.model) else Path(config.model)
+        local = base / config.gguf_file
         if not local.is_file():
             raise BackboneError(f"backbone.gguf_file: {local} does not exist")
         return str(converted_gguf_dir(local)), f"gguf:{config.gguf_file}"
+    if looks_like_hub_id(config.model):  # from the local HF cache only, with an error naming the flag if absent
+        return str(resolve_hub_id(config.model, "--backbone")), config.model
     return config.model, config.model
 
 

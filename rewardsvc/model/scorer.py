@@ -21,6 +21,7 @@ from .conversation import validate_conversation, validate_prompt, with_response
 from .embedding import Embeddings, embed_encoded
 from .encoding import ChatEncoder, EncodedConversation
 from .heads import ArmoHeads
+from .hub import resolve_model_path
 from .steering import steer
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,8 @@ class Scorer:
         cls, model: str | Path | None = None, *, backbone: BackboneConfig | None = None, config: ScorerConfig = ScorerConfig()
     ) -> "Scorer":
         """model: None (the packaged default heads on the embedded backbone), a directory in our heads format,
-        or a directory in the reference ArmoRM format. `backbone` overrides where/how the backbone loads."""
-        directory = Path(model) if model is not None else DEFAULT_MODEL_DIR
+        or a directory in the reference ArmoRM format, or the hub id of either (resolved in the local HF cache). `backbone` overrides where/how the backbone loads."""
+        directory = resolve_model_path(model, "--model") if model is not None else DEFAULT_MODEL_DIR  # dir or hub id
         if not directory.exists():
             raise CheckpointError(f"model directory {directory} does not exist")
         if is_heads_checkpoint(directory):

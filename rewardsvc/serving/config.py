@@ -20,6 +20,11 @@ class ServerConfig:
     """gRPC port; 0 = an ephemeral port (see RunningServer.port)."""
     metrics_port: int | None = None
     """Prometheus /metrics HTTP port on the same host; None = off, 0 = ephemeral."""
+    http_port: int | None = None
+    """HTTP/JSON port (OpenRLHF's POST /get_reward, /v1/score, ...; serving/http.py); None = off, 0 = ephemeral."""
+    http_policy_template: str | None = None
+    """Tokenizer (directory or hub id) whose chat template OpenRLHF's `query` strings are rendered in;
+    None = the reward backbone's own."""
     max_message_bytes: int = Limits.max_message_bytes
     """A limit: meaning and default in config.Limits (so for the other Limits fields below)."""
     max_conversations_per_request: int = Limits.max_conversations_per_request
@@ -57,6 +62,10 @@ class ServerConfig:
             bad("port", f"must be in [0, 65535], got {self.port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             bad("metrics_port", f"must be None or in [0, 65535], got {self.metrics_port}")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            bad("http_port", f"must be None or in [0, 65535], got {self.http_port}")
+        if self.http_port is not None and self.tls_cert:
+            bad("http_port", "is plain HTTP and would bypass the gRPC port's TLS; put a TLS proxy in front of it instead")
         for name in ("max_message_bytes", "max_conversations_per_request", "max_group_size", "token_budget",
                      "max_tokens_in_flight", "handler_threads"):  # fmt: skip
             if int(getattr(self, name)) < 1:

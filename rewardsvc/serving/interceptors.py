@@ -79,6 +79,10 @@ class ActiveCalls:
     def count(self) -> int:
         return self._count
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def wait_idle(self, timeout: float) -> bool:
         with self._idle:
             return self._idle.wait_for(lambda: self._count == 0, timeout)

@@ -76,6 +76,8 @@ class RunningServer:
         self.config = config
         self.port = port
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
+        self.http = None  # serving.http.HttpEndpoint when config.http_port is set
         self.service = service
         self.metrics = metrics
         self.batcher: Batcher | None = None
@@ -162,6 +164,8 @@ class RunningServer:
             deadline = time.monotonic() + grace
             log.info(kv("serve.stopping", address=self.address, grace_s=grace))
             self._health.enter_graceful_shutdown()  # every service NOT_SERVING, for good
+            if self.http is not None:
+                self.http.stopping = True  # GET /health -> 503 too
             self._active.close()  # new RewardService calls -> UNAVAILABLE; health keeps answering
             log.info(kv("serve.draining", address=self.address, calls_in_progress=self._active.count))
             drained = self._active.wait_idle(max(0.0, deadline - time.monotonic()))
@@ -173,6 +177,8 @@ class RunningServer:
             # Cancels whatever is left (open streams, health Watch streams, which never end by themselves)
             # after letting the transport flush the replies already written.
             self._server.stop(FLUSH_S).wait()
+            if self.http is not None:  # after the drain, which counted HTTP calls too
+                self.http.stop()
             batcher_stopped = True
             if self.batcher is not None:
                 batcher_stopped = self.batcher.close(timeout=BATCHER_JOIN_S)
@@ -236,8 +242,10 @@ def build_server(scorer: ScorerOrLoader, config: ServerConfig = ServerConfig(), 
     except OSError as exc:
         server.stop(0)
         raise InvalidInputError(f"server.metrics_port: cannot bind {config.metrics_port}: {exc}", field="server.metrics_port") from exc
+    if config.http_port is not None:
+        _start_http(running, config, active)
     log.info(kv("serve.listening", address=running.address, tls=config.tls, mutual_tls=bool(config.tls_client_ca),
-                auth=bool(config.auth_token), metrics_port=running.metrics_port))  # fmt: skip
+                auth=bool(config.auth_token), metrics_port=running.metrics_port, http_port=running.http_port))  # fmt: skip
     if wait_ready:
         try:
             running._load(scorer)
@@ -255,3 +263,31 @@ def _load_quietly(running: RunningServer, scorer: ScorerOrLoader) -> None:
     except BaseException:  # recorded in running.load_error and logged
         pass
 
+
+def _policy_tokenizer_loader(reference: str | None):
+    """A loader of the tokenizer named by --http-policy-template (a directory or a cached hub id), or None."""
+    if reference is None:
+        return None
+
+    def load():
+        from ..model.backbone import load_tokenizer
+        from ..model.hub import resolve_model_path
+
+        return load_tokenizer(str(resolve_model_path(reference, "--http-policy-template")))
+
+    return load
+
+
+def _start_http(running: RunningServer, config: ServerConfig, active: ActiveCalls) -> None:
+    from .http import HttpEndpoint
+
+    endpoint = HttpEndpoint(running.service, running.metrics, active, auth_token=config.auth_token,
+                            max_message_bytes=config.max_message_bytes,
+                            policy_tokenizer=_policy_tokenizer_loader(config.http_policy_template))  # fmt: skip
+    try:
+        running.http_port = endpoint.start(config.host, config.http_port)
+    except OSError as exc:
+        running._server.stop(0)
+        running.metrics.stop_http()
+        raise InvalidInputError(f"server.http_port: cannot bind {config.http_port}: {exc}", field="server.http_port") from exc
+    running.http = endpoint

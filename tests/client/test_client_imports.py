@@ -1,4 +1,5 @@
-"""A trainer that only wants scores imports the client without torch, transformers or the server."""
+"""A trainer that only wants scores imports the client and the trainer integrations without torch,
+transformers or the server."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ PROBE = """
 import json, sys, time
 wall, cpu = time.perf_counter(), time.process_time()
 import rewardsvc.client
+import rewardsvc.integrations.trl, rewardsvc.integrations.verl, rewardsvc.integrations.openrlhf
 wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
 print(json.dumps({"wall_s": wall, "cpu_s": cpu, "modules": sorted(sys.modules)}))
 """

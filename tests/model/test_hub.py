@@ -1,0 +1,101 @@
+"""Hub ids for --model / --backbone, resolved through a local Hugging Face cache built here (HF_HUB_CACHE in
+tmp_path, the real cache layout: models--owner--name/{refs,snapshots,blobs}); never the network."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from rewardsvc.cli.main import main as cli_main
+from rewardsvc.errors import CheckpointError
+from rewardsvc.model.hub import looks_like_hub_id, resolve_hub_id, resolve_model_path
+from rewardsvc.model.scorer import Scorer
+from tiny_models import save_tiny_heads
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+CONVERSATION = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Red."}]
+
+
+def cache_repo(cache: Path, repo: str, source: Path, commit: str = COMMIT, refs=("main",)) -> Path:
+    """Lay `source`'s files out as huggingface_hub does: blobs by hash, snapshot symlinks, refs -> commit."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = root / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (root / "blobs").mkdir(exist_ok=True)
+    for i, f in enumerate(sorted(p for p in source.rglob("*") if p.is_file())):
+        blob = root / "blobs" / f"{commit[:8]}{i:04d}"
+        shutil.copyfile(f, blob)
+        target = snapshot / f.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(blob)
+    (root / "refs").mkdir(exist_ok=True)
+    for ref in refs:
+        (root / "refs" / ref).write_text(commit)
+    return snapshot
+
+
+@pytest.fixture()
+def hub_cache(tmp_path, monkeypatch, tiny_llama_dir):
+    """A cache holding owner/tiny-llama (a backbone) and owner/tiny-heads (heads naming the backbone by hub id)."""
+    cache = tmp_path / "hf-cache"
+    cache_repo(cache, "owner/tiny-llama", tiny_llama_dir)
+    heads = save_tiny_heads(tmp_path / "heads", tiny_llama_dir)
+    config = json.loads((heads / "rewardsvc.json").read_text())
+    config["backbone"]["model"] = "owner/tiny-llama"  # the checkpoint names its backbone the way users do
+    (heads / "rewardsvc.json").write_text(json.dumps(config))
+    cache_repo(cache, "owner/tiny-heads", heads, commit="f" * 40, refs=("main", "v1"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+def test_which_references_are_hub_ids(tmp_path):
+    assert looks_like_hub_id("RLHFlow/ArmoRM-Llama3-8B-v0.1") and looks_like_hub_id("owner/name@v1.0")
+    assert not looks_like_hub_id("plain-dir") and not looks_like_hub_id("/abs/dir") and not looks_like_hub_id("./a/b")
+    (tmp_path / "owner").mkdir()
+    local = tmp_path / "owner" / "name"
+    local.mkdir()
+    assert not looks_like_hub_id(str(local))  # an existing path always wins
+
+
+def test_resolves_ids_and_revisions_in_the_cache(hub_cache, tiny_llama_dir):
+    snapshot = resolve_hub_id("owner/tiny-llama")
+    assert snapshot == hub_cache / "models--owner--tiny-llama" / "snapshots" / COMMIT
+    assert (snapshot / "config.json").read_bytes() == (tiny_llama_dir / "config.json").read_bytes()
+    assert resolve_hub_id("owner/tiny-heads@v1").name == "f" * 40
+    assert resolve_hub_id(f"owner/tiny-heads@{'f' * 40}").name == "f" * 40  # a commit hash is a revision too
+    assert resolve_model_path("some/dir-that-is-not-an-id/x") == Path("some/dir-that-is-not-an-id/x")
+
+
+def test_missing_id_names_the_flag_the_cache_and_the_fetch_command(hub_cache):
+    with pytest.raises(CheckpointError) as err:
+        resolve_hub_id("RLHFlow/ArmoRM-Llama3-8B-v0.1", "--model")
+    message = str(err.value)
+    assert "--model" in message and str(hub_cache) in message and "hf download RLHFlow/ArmoRM-Llama3-8B-v0.1" in message
+    with pytest.raises(CheckpointError, match=r"--backbone: owner/tiny-llama@nope .*revision nope.*--revision nope"):
+        resolve_hub_id("owner/tiny-llama@nope", "--backbone")
+
+
+def test_scorer_loads_heads_and_backbone_by_hub_id(hub_cache, tiny_llama_dir, tmp_path):
+    by_id = Scorer.load("owner/tiny-heads")
+    by_dir = Scorer.load(save_tiny_heads(tmp_path / "same-heads", tiny_llama_dir))
+    assert by_id.backbone.model_id == "owner/tiny-llama"  # provenance keeps the id, not the snapshot path
+    torch.testing.assert_close(
+        torch.tensor(by_id.score([CONVERSATION])[0].score), torch.tensor(by_dir.score([CONVERSATION])[0].score)
+    )
+
+
+def test_cli_takes_hub_ids_and_refuses_uncached_ones_clearly(hub_cache, tmp_path, capsys):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"id": "a", "messages": CONVERSATION}) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert cli_main(["score", str(rows), "-o", str(out), "--model", "owner/tiny-heads", "--backbone", "owner/tiny-llama"]) == 0
+    [row] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["id"] == "a" and row["model_id"] == "tiny"
+    assert cli_main(["score", str(rows), "--model", "RLHFlow/ArmoRM-Llama3-8B-v0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "--model: RLHFlow/ArmoRM-Llama3-8B-v0.1" in err and str(hub_cache) in err and "hf download" in err
