@@ -121,8 +121,10 @@ def _read_token(path: str | None) -> str | None:
 
 
 def connect(args: argparse.Namespace):
-    """A RewardClient for `--server`, checked with a health probe so a wrong address fails in seconds."""
+    """A RewardClient for `--server`, checked first (health, then GetModelInfo, which needs the token) so a
+    wrong address, certificate or token fails in seconds with one line naming the flag."""
     from ..client import ClientTLS, RewardClient
+    from ..errors import UnauthenticatedError
 
     if ":" not in args.server:
         raise InvalidInputError(f"--server must be HOST:PORT, got {args.server!r}", field="server")
@@ -135,12 +137,15 @@ def connect(args: argparse.Namespace):
     client = RewardClient(args.server, token=_read_token(args.client_token_file), tls=tls, timeout=args.timeout)
     try:
         status = client.health(timeout=min(args.timeout, 10.0))
+        if status != "SERVING":
+            raise RewardError(f"health is {status}, not SERVING")
+        client.model_info(timeout=min(args.timeout, 10.0))
+    except UnauthenticatedError as exc:
+        client.close()
+        raise RewardError(f"--server {args.server}: {exc} (give the token with --auth-token-file or ${TOKEN_ENV})") from exc
     except RewardError as exc:
         client.close()
         raise RewardError(f"--server {args.server}: not reachable or refused: {exc}") from exc
-    if status != "SERVING":
-        client.close()
-        raise RewardError(f"--server {args.server}: health is {status}, not SERVING")
     return client
 
 
