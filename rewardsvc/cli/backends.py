@@ -31,14 +31,14 @@ class Backend(Protocol):
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("remote scoring (instead of loading the model here)")
     g.add_argument("--server", metavar="HOST:PORT", help="score through a running `rewardsvc serve` at this address")
-    g.add_argument("--auth-token-file", dest="client_token_file",
+    g.add_argument("--auth-token-file", dest="client_token_file", metavar="FILE",
                    help=f"file holding the server's bearer token (or set ${TOKEN_ENV})")  # fmt: skip
     g.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --tls-ca)")
-    g.add_argument("--tls-ca", help="PEM CA bundle that signed the server certificate (implies --tls)")
-    g.add_argument("--tls-cert", dest="client_tls_cert", help="PEM client certificate, for mutual TLS (implies --tls)")
-    g.add_argument("--tls-key", dest="client_tls_key", help="PEM private key of --tls-cert")
-    g.add_argument("--tls-server-name", help="name to check the server certificate against (default: HOST)")
-    g.add_argument("--timeout", type=float, default=300.0, help="seconds per request, retries included (default %(default)s)")
+    g.add_argument("--tls-ca", metavar="PEM", help="PEM CA bundle that signed the server certificate (implies --tls)")
+    g.add_argument("--tls-cert", dest="client_tls_cert", metavar="PEM", help="PEM client certificate, for mutual TLS (implies --tls)")
+    g.add_argument("--tls-key", dest="client_tls_key", metavar="PEM", help="PEM private key of --tls-cert")
+    g.add_argument("--tls-server-name", metavar="NAME", help="name to check the server certificate against (default: HOST)")
+    g.add_argument("--timeout", type=float, metavar="SECONDS", default=300.0, help="seconds per request, retries included (default %(default)s)")
 
 
 def _split_each(score_many, conversations: Sequence[Any]) -> list[Outcome]:

@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group-by", metavar="FIELD",
                         help="rows with the same value of FIELD (and the same prompt) are scored as one group")  # fmt: skip
     parser.add_argument("--weights", help='steer: {"mode": "override"|"mask", "values": {attribute: weight}}')
-    parser.add_argument("--chunk-size", type=int, default=256, help="rows scored and written together (default %(default)s)")
+    parser.add_argument("--chunk-size", type=int, default=256, metavar="N", help="rows scored and written together (default %(default)s)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar on stderr (default: on when stderr is a terminal)")  # fmt: skip
     add_server_arguments(parser)
