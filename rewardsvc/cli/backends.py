@@ -152,6 +152,9 @@ def connect(args: argparse.Namespace):
 def open_backend(args: argparse.Namespace, weights: AttributeWeights | None) -> tuple[Backend, str]:
     """(backend, a short description for the summary line)."""
     if args.server:
+        if args.model or args.backbone or args.adapter:
+            raise InvalidInputError("--model, --backbone and --adapter choose a local model; with --server the "
+                                    "server's own model scores (drop them or drop --server)", field="server")  # fmt: skip
         client = connect(args)
         if weights is not None:
             weights.check_attributes(tuple(client.model_info()["attributes"]))

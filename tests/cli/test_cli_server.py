@@ -95,5 +95,7 @@ def test_a_wrong_token_or_address_is_one_clear_line(setup, tmp_path, capsys):
     assert cli.main(["score", src, *bad_token, "--timeout", "5"]) == 2
     err = capsys.readouterr().err
     assert "--server" in err and "Traceback" not in err, err
-    assert cli.main(["score", src, "--server", "127.0.0.1", "--model", "unused"]) == 2
+    assert cli.main(["score", src, "--server", "127.0.0.1"]) == 2
     assert "HOST:PORT" in capsys.readouterr().err
+    assert cli.main(["score", src, *flags, "--model", "elsewhere"]) == 2
+    assert "with --server the server's own model scores" in capsys.readouterr().err

@@ -193,7 +193,7 @@ def test_file_errors_come_before_the_model_loads(tmp_path, capsys):
 def test_table_format_and_summary_line(tmp_path, heads_dir, scorer, capsys):
     rows = rows_of(3)
     src = write_jsonl(tmp_path / "in.jsonl", rows)
-    assert cli.main(["score", str(src), "--format", "table", "--model", str(heads_dir)]) == 0
+    assert cli.main(["score", str(src), "--format", "table", "--progress", "--model", str(heads_dir)]) == 0
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
     assert lines[0].split()[:3] == ["id", "score", "tokens"] and len(lines) == 2 + len(rows)
@@ -201,3 +201,4 @@ def test_table_format_and_summary_line(tmp_path, heads_dir, scorer, capsys):
     for line, r, w in zip(lines[2:], rows, want):
         assert line.split()[0] == r["id"] and abs(float(line.split()[1]) - w.score) <= 1e-4
     assert "score: 3 rows; 3 written (3 unique conversations scored" in captured.err and "tokens/s" in captured.err
+    assert "3/3 [" in captured.err and "row/s" in captured.err  # the --progress bar (tqdm) on stderr
