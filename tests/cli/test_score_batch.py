@@ -188,6 +188,8 @@ def test_file_errors_come_before_the_model_loads(tmp_path, capsys):
     assert "not UTF-8 text" in err and "Traceback" not in err
     assert cli.main(["score", str(src), "-o", str(tmp_path / "o.jsonl"), "--format", "table", "--model", no_model]) == 2
     assert "--format table" in capsys.readouterr().err
+    assert cli.main(["score", str(src), "-o", str(tmp_path / "no-dir" / "o.jsonl"), "--model", no_model]) == 2
+    assert "no-dir does not exist" in capsys.readouterr().err
 
 
 def test_table_format_and_summary_line(tmp_path, heads_dir, scorer, capsys):
