@@ -45,9 +45,9 @@ def _split_each(score_many, conversations: Sequence[Any]) -> list[Outcome]:
     """Score a batch; if the batch is refused as invalid, score each alone so the error lands on its row."""
     try:
         return list(score_many(conversations))
-    except InvalidInputError:
+    except InvalidInputError as exc:
         if len(conversations) == 1:
-            raise
+            return [exc]
     out: list[Outcome] = []
     for c in conversations:
         try:
@@ -70,19 +70,14 @@ class LocalBackend:
             try:
                 encoded.append(self.scorer.encoder.encode(c, f"conversations[{i}]"))
                 out.append(None)
-            except RewardError as exc:  # too long, bad template: this row only
+            except InvalidInputError as exc:  # too long, bad conversation: this row only
                 out.append(exc)
         results = iter(self.scorer.score_encoded(encoded, self.weights))
         return [next(results) if o is None else o for o in out]
 
     def score_group(self, prompt: Messages, responses: Sequence[str]) -> list[Outcome]:
-        def group(rs):
-            try:
-                return self.scorer.score_group(prompt, rs, self.weights)
-            except RewardError as exc:  # the library raises the typed error of the first bad response
-                raise InvalidInputError(str(exc), field=getattr(exc, "field", None)) from exc
-
-        return _split_each(group, responses)
+        # The library raises the typed error of the first bad response; _split_each finds every bad one.
+        return _split_each(lambda rs: self.scorer.score_group(prompt, rs, self.weights), responses)
 
     def close(self) -> None:
         pass

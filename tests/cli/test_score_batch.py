@@ -156,12 +156,15 @@ def test_group_by_scores_groups_and_names_a_row_with_another_prompt(tmp_path, sc
         {"id": "odd", "qid": 1, "prompt": "Name a city.", "response": "Paris."},
         {"id": "b2", "qid": 2, "prompt": "Name a fruit.", "response": "A pear."},
         {"id": "none", "prompt": "Name a fruit.", "response": "A pear."},
+        {"id": "long", "qid": 3, "prompt": "Say a lot.", "response": "word " * 300},  # over --max-tokens below
     ]
     out = tmp_path / "out.jsonl"
-    summary = score_rows(read_rows(write_jsonl(tmp_path / "in.jsonl", rows)), out, LocalBackend(scorer, None),
+    short = scorer.with_config(ScorerConfig(max_tokens=200))
+    summary = score_rows(read_rows(write_jsonl(tmp_path / "in.jsonl", rows)), out, LocalBackend(short, None),
                          chunk_size=2, group_by="qid")  # fmt: skip
     got = {r["id"]: r for r in read_output(out)}
-    assert summary.unique == 4 and summary.errors == 2
+    assert summary.unique == 5 and summary.errors == 3
+    assert "line 8" in got["long"]["error"] and "max_tokens=200" in got["long"]["error"]
     assert "line 5" in got["odd"]["error"] and "line 1" in got["odd"]["error"] and "qid" in got["odd"]["error"]
     assert "--group-by field 'qid' is missing" in got["none"]["error"]
     for members in (["a1", "a2", "a3"], ["b1", "b2"]):
