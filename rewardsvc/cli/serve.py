@@ -15,6 +15,7 @@ import threading
 
 from ..errors import InvalidInputError, RewardError
 from ..serving.config import ServerConfig
+from .env import HOST_ENV, METRICS_PORT_ENV, PORT_ENV, env_host, env_port
 
 log = logging.getLogger("rewardsvc.server")
 
@@ -29,9 +30,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         add_model_arguments(parser)
     d = ServerConfig()
     g = parser.add_argument_group("server")
-    g.add_argument("--host", default=d.host, help="address to bind (default %(default)s; 0.0.0.0 for all interfaces)")
-    g.add_argument("--port", type=int, default=d.port, help="gRPC port, 0 = ephemeral (default %(default)s)")
-    g.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default: off; 0 = ephemeral)")
+    g.add_argument("--host", default=None,
+                   help=f"address to bind (default ${HOST_ENV}, else {d.host}; 0.0.0.0 for all interfaces)")  # fmt: skip
+    g.add_argument("--port", type=int, default=None, help=f"gRPC port, 0 = ephemeral (default ${PORT_ENV}, else {d.port})")
+    g.add_argument("--metrics-port", type=int, default=None,
+                   help=f"Prometheus /metrics port, 0 = ephemeral (default ${METRICS_PORT_ENV}, else off)")  # fmt: skip
     g.add_argument("--auth-token-file", help=f"file holding the bearer token clients must send (or set ${TOKEN_ENV})")
     g.add_argument("--tls-cert", help="PEM server certificate chain (TLS on with --tls-key)")
     g.add_argument("--tls-key", help="PEM private key of --tls-cert")
@@ -68,9 +71,10 @@ def _auth_token(args: argparse.Namespace) -> str | None:
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
-        host=args.host,
-        port=args.port,
-        metrics_port=args.metrics_port,
+        # flag > environment variable (how a container or a pod passes ports) > default
+        host=args.host if args.host is not None else env_host(HOST_ENV, ServerConfig.host),
+        port=args.port if args.port is not None else env_port(PORT_ENV, ServerConfig.port),
+        metrics_port=args.metrics_port if args.metrics_port is not None else env_port(METRICS_PORT_ENV, None, allow_off=True),
         max_message_bytes=args.max_message_bytes,
         max_conversations_per_request=args.max_conversations_per_request,
         max_group_size=args.max_group_size,
