@@ -12,10 +12,17 @@ import json
 from typing import Any
 
 from ..errors import RewardError
-from ..training.data.schema import PreferencePair
 from .rows import read_jsonl
 
 uses_model = True
+
+INPUT_FORMAT = """\
+input: JSONL, one preference pair per line (docs/DATA.md, "Pair row"):
+  {"id", "prompt": messages ending with a user turn | str,
+   "chosen": str | messages, "rejected": str | messages, "subset"?, "category"?}
+output: one JSON object on stdout: accuracy overall / per category / per subset, the longer-response
+  baseline, score-length correlation; rows that cannot be scored are listed under "errors" (exit code 1)
+"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..evaluation.report import evaluate_pairs, write_report
     from ..model.checkpoint import json_safe
+    from ..training.data.schema import PreferencePair  # here: the training.data package costs --help 0.2 s
     from .main import load_scorer
 
     scorer = load_scorer(args)

@@ -17,6 +17,13 @@ from .rows import conversation_of, read_jsonl
 
 uses_model = True
 
+INPUT_FORMAT = """\
+input: JSONL, one rated conversation per line (docs/DATA.md, "Stage-1 row"):
+  {"id", "messages": [...ending with the rated assistant response], <attribute>: rating | null, ...}
+  ("prompt" + "response" instead of "messages" also works); attribute names as in the model's heads
+output: one JSON object on stdout: per attribute n, Pearson, Spearman, MSE on the original scale
+"""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("ratings", help="JSONL of rated conversations (one column per attribute)")

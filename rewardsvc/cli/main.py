@@ -1,4 +1,4 @@
-"""Command line: `rewardsvc score | inspect | serve | train | eval | eval-attributes`.
+"""Command line: `rewardsvc score | inspect | compare | serve | train | eval | eval-attributes`.
 
 Each subcommand is a thin edge: parse flags into the frozen configs, call the library, print or write.
 """
@@ -10,15 +10,12 @@ import importlib
 import json
 import logging
 import sys
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from .. import __version__
 from ..config import BackboneConfig, ScorerConfig
 from ..errors import InvalidInputError, RewardError
 from ..types import AttributeWeights
-from .rows import conversation_of, read_jsonl
 
 log = logging.getLogger("rewardsvc")
 
@@ -89,117 +86,34 @@ def parse_weights(text: str | None) -> AttributeWeights | None:
     return AttributeWeights(mode=data["mode"], values=data.get("values") or {})
 
 
-def result_row(row_id: Any, result) -> dict[str, Any]:
-    """One output row: the row's id and every ScoreResult field."""
-    return {"id": row_id, **asdict(result)}
-
-
-def cmd_score(args: argparse.Namespace) -> int:
-    # Checked before the model loads (seconds) and before the output file is created (never left empty).
-    if not Path(args.input).is_file():
-        raise InvalidInputError(f"input: {args.input} does not exist or is not a file", field="input")
-    weights = parse_weights(args.weights)
-    scorer = load_scorer(args)
-    if weights is not None:
-        weights.check_attributes(scorer.attributes)
-    failed = 0
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
-    try:
-        chunk: list = []
-
-        def flush() -> None:
-            nonlocal failed
-            encoded, outputs = [], []
-            for raw in chunk:
-                if raw.error is not None:
-                    outputs.append({"id": None, "line": raw.line, "error": raw.error})
-                    continue
-                try:
-                    enc = scorer.encoder.encode(conversation_of(raw.data), f"line {raw.line}")
-                except RewardError as exc:
-                    outputs.append({"id": raw.id, "line": raw.line, "error": str(exc)})
-                    continue
-                outputs.append(len(encoded))
-                encoded.append((raw, enc))
-            results = scorer.score_encoded([e for _, e in encoded], weights)
-            for item in outputs:
-                if isinstance(item, dict):
-                    failed += 1
-                    row = item
-                else:
-                    raw, _ = encoded[item]
-                    row = result_row(raw.id, results[item])
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
-            out.flush()
-            chunk.clear()
-
-        for raw in read_jsonl(args.input):
-            chunk.append(raw)
-            if len(chunk) >= args.chunk_size:
-                flush()
-        flush()
-    finally:
-        if out is not sys.stdout:
-            out.close()
-    if failed:
-        print(f"{failed} row(s) failed; see their 'error' fields", file=sys.stderr)
-    return 1 if failed else 0
-
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    from ..model.conversation import as_prompt
-
-    scorer = load_scorer(args)
-    try:
-        prompt = json.loads(args.prompt)
-    except json.JSONDecodeError:
-        prompt = args.prompt  # a plain string prompt
-    result = scorer.inspect(as_prompt(prompt), parse_weights(args.weights))
-    ranked = sorted(result.gating.items(), key=lambda kv: -kv[1])
-    print(json.dumps({
-        "model_id": result.model_id,
-        "weights_source": result.weights_source,
-        "num_tokens": result.num_tokens,
-        "gating": dict(ranked),
-        "coefficients": result.coefficients,
-    }, indent=2))  # fmt: skip
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """(the parser, each subcommand's parser by name)."""
     parser = argparse.ArgumentParser(prog="rewardsvc", description="Multi-objective interpretable reward model (ArmoRM)")
     parser.add_argument("--version", action="version", version=f"rewardsvc {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    score = sub.add_parser("score", help="score a JSONL file of conversations")
-    score.add_argument("input", help='JSONL rows {"id", "messages"} or {"id", "prompt", "response"}')
-    score.add_argument("-o", "--output", help="output JSONL (default: stdout)")
-    score.add_argument("--weights", help='steer: {"mode": "override"|"mask", "values": {attribute: weight}}')
-    score.add_argument("--chunk-size", type=int, default=256, help="rows read and scored together")
-    add_model_arguments(score)
-    score.set_defaults(func=cmd_score)
-
-    inspect = sub.add_parser("inspect", help="show the attribute weights the gating chooses for a prompt")
-    inspect.add_argument("prompt", help="a prompt string, or a JSON list of messages ending with a user message")
-    inspect.add_argument("--weights", help="optional steering, as for score")
-    add_model_arguments(inspect)
-    inspect.set_defaults(func=cmd_inspect)
-
+    commands = {}
     for name, module, help_text in EXTENSIONS:
         # No `except ImportError`: a broken subcommand must fail loudly, not vanish from the CLI. The modules
         # are light (heavy imports live inside their run()), so importing them all keeps --help fast.
         ext = importlib.import_module(f"{__package__}.{module}")
-        p = sub.add_parser(name, help=help_text)
+        # Each subcommand's --help ends with its input format (the module's INPUT_FORMAT), verbatim.
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=getattr(ext, "INPUT_FORMAT", None),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
         ext.add_arguments(p)
-        if hasattr(ext, "uses_model") and ext.uses_model:
+        if getattr(ext, "uses_model", False):
             add_model_arguments(p)
         p.set_defaults(func=ext.run)
-    return parser
+        commands[name] = p
+    return parser, commands
 
 
-# Subcommands that live in their own modules (each exposes add_arguments(parser) and run(args) -> int).
+# Subcommands, each in its own module (add_arguments(parser), run(args) -> int, optional INPUT_FORMAT text and
+# uses_model flag).
 EXTENSIONS: list[tuple[str, str, str]] = [
+    ("score", "score", "score conversations (JSONL or Parquet), resumable; locally or through --server"),
+    ("inspect", "inspect_cmd", "show the attribute weights the gating chooses for a prompt"),
+    ("compare", "compare", "P(chosen preferred) for each (prompt, chosen, rejected) row"),
     ("serve", "serve", "serve the reward model over gRPC"),
     ("train", "train", "train heads with the default ArmoRM recipe on ../shared/data"),
     ("eval", "eval", "pairwise accuracy on a pairs JSONL, per category, against the length baseline"),
@@ -208,7 +122,10 @@ EXTENSIONS: list[tuple[str, str, str]] = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser, commands = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would blame the top-level parser; the subcommand's usage is the useful one
+        commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)

@@ -21,6 +21,11 @@ log = logging.getLogger("rewardsvc.server")
 
 TOKEN_ENV = "REWARDSVC_AUTH_TOKEN"
 
+INPUT_FORMAT = """\
+requests: gRPC rewardsvc.v1.RewardService (proto/rewardsvc/v1/reward.proto; docs/SERVING.md): Score,
+  ScoreGroup, Compare, InspectWeights, ScoreStream, GetModelInfo; health and reflection are on
+"""
+
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Model flags (shared with score / inspect, added here unless the caller already did) + server flags."""

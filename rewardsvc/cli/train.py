@@ -7,7 +7,12 @@ import json
 import os
 
 from ..config import BackboneConfig
-from ..training.data.build import DEFAULT_CAPS
+
+INPUT_FORMAT = """\
+input: the shared data directory (--data-dir, $REWARDSVC_DATA_DIR, else ../shared/data), one folder per
+  source as described in docs/DATA.md; nothing else to prepare
+output: a heads checkpoint directory (--out): rewardsvc.json + heads.safetensors + MODEL_CARD.md
+"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def scaled_caps(scale: float) -> dict[str, int | None]:
     """Uncapped sources (None) stay uncapped."""
+    from ..training.data.build import DEFAULT_CAPS  # here, not at the top: it costs --help about 0.4 s
+
     return {k: None if v is None else max(1, round(v * scale)) for k, v in DEFAULT_CAPS.items()}
 
 

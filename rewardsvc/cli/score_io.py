@@ -1,0 +1,197 @@
+"""File formats of the batch commands (JSONL and Parquet, in and out) and resumable output.
+
+Output is resumable: rows are appended in input order and made durable (flush + fsync) chunk by chunk, so a
+run killed at any point (even SIGKILL) leaves a prefix of complete rows plus at most one torn line. On
+restart `ResumableWriter` keeps the complete rows, drops the torn tail, checks that the rows kept are the
+input's first rows (same ids, in order) and reports how many are done; the caller scores only the rest.
+
+Parquet output cannot be appended to durably row by row (a Parquet file is only readable once its footer
+is written), so it goes through a JSONL sidecar `OUT.parquet.partial.jsonl` with exactly the JSONL rules
+above. When every row is written the sidecar is converted to `OUT.parquet` (written to a temporary file,
+then renamed, so `OUT.parquet` is either absent or complete) and the sidecar is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidInputError
+from .rows import RawRow, read_jsonl
+
+FORMATS = {".jsonl": "jsonl", ".parquet": "parquet"}
+SIDECAR_SUFFIX = ".partial.jsonl"
+
+
+def file_format(path: str | Path, flag: str) -> str:
+    """'jsonl' or 'parquet' from the file name; anything else is an error naming the flag (checked before
+    any model loads)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise InvalidInputError(
+            f"{flag}: {path}: unknown file type {suffix or '(none)'!r}; use one of {', '.join(FORMATS)}", field=flag
+        )
+    return FORMATS[suffix]
+
+
+# ---- input ------------------------------------------------------------------------------------------------
+
+
+def read_rows(path: str | Path, flag: str = "input") -> list[RawRow]:
+    """Every input row, in order. JSONL rows keep their line numbers; Parquet rows are numbered from 1."""
+    path = Path(path)
+    kind = file_format(path, flag)
+    if not path.is_file():
+        raise InvalidInputError(f"{flag}: {path} does not exist or is not a file", field=flag)
+    if kind == "jsonl":
+        try:
+            return list(read_jsonl(path))
+        except UnicodeDecodeError as exc:
+            raise InvalidInputError(f"{flag}: {path} is not UTF-8 text (is it Parquet? name it .parquet): {exc}", field=flag) from exc
+    return [RawRow(i, row) for i, row in enumerate(_read_parquet(path, flag), start=1)]
+
+
+def _read_parquet(path: Path, flag: str) -> list[dict[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InvalidInputError(f"{flag}: {path} is not a readable Parquet file: {exc}", field=flag) from exc
+    # A Parquet table has one schema for all rows: a column a row does not use reads back as None.
+    return [{k: v for k, v in row.items() if v is not None} for row in table.to_pylist()]
+
+
+# ---- output -----------------------------------------------------------------------------------------------
+
+
+def complete_jsonl_rows(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """(rows, byte length of the complete prefix). A last line without its newline, or one that does not
+    parse, is a torn write of a killed run: it is not counted and will be overwritten."""
+    data = path.read_bytes()
+    rows: list[dict[str, Any]] = []
+    end = 0
+    while True:
+        newline = data.find(b"\n", end)
+        if newline < 0:
+            break
+        try:
+            rows.append(json.loads(data[end:newline]))
+        except ValueError:
+            break  # only the last line can be torn (writes are appended in order); stop at the first bad one
+        end = newline + 1
+    return rows, end
+
+
+def _matches(done: dict[str, Any], raw: RawRow) -> bool:
+    if done.get("id") != raw.id:
+        return False
+    return "line" not in done or done["line"] == raw.line
+
+
+class ResumableWriter:
+    """Appends output rows to `path` (.jsonl or .parquet), continuing a previous run when one left rows.
+
+    `done` is the number of input rows already written (0 when starting afresh)."""
+
+    def __init__(self, path: str | Path, inputs: Sequence[RawRow], overwrite: bool = False, flag: str = "--output"):
+        self.path = Path(path)
+        self.kind = file_format(self.path, flag)
+        self.sink = self.path.with_name(self.path.name + SIDECAR_SUFFIX) if self.kind == "parquet" else self.path
+        if overwrite:
+            self.sink.unlink(missing_ok=True)
+            if self.kind == "parquet":
+                self.path.unlink(missing_ok=True)
+        elif self.kind == "parquet" and self.path.exists() and not self.sink.exists():
+            self._seed_sidecar_from_parquet(flag)
+        done_rows, valid = complete_jsonl_rows(self.sink) if self.sink.exists() else ([], 0)
+        self._check_prefix(done_rows, inputs)
+        self.done = len(done_rows)
+        self.done_errors = sum("error" in r for r in done_rows)
+        self._file = open(self.sink, "ab" if self.sink.exists() else "wb")
+        self._file.truncate(valid)  # drop a torn last line
+        self._file.seek(valid)
+
+    def _seed_sidecar_from_parquet(self, flag: str) -> None:
+        """A finished Parquet output and no sidecar: its rows are the done prefix (e.g. the input grew)."""
+        rows = _read_parquet(self.path, flag)
+        with open(self.sink, "wb") as f:
+            for row in rows:
+                f.write(_line(row))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _check_prefix(self, done_rows: list[dict[str, Any]], inputs: Sequence[RawRow]) -> None:
+        where = f"{self.sink} (from an earlier run)"
+        if len(done_rows) > len(inputs):
+            raise InvalidInputError(
+                f"--output: {where} has {len(done_rows)} rows but the input has {len(inputs)}; "
+                "it belongs to another input: pass --overwrite to start afresh", field="output",
+            )  # fmt: skip
+        for i, (done, raw) in enumerate(zip(done_rows, inputs)):
+            if not _matches(done, raw):
+                raise InvalidInputError(
+                    f"--output: {where} row {i + 1} has id {done.get('id')!r} but input row {i + 1} (line {raw.line}) "
+                    f"has id {raw.id!r}: the output belongs to another input; pass --overwrite to start afresh",
+                    field="output",
+                )
+
+    def write(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Append rows and make them durable before returning (a kill after this keeps them)."""
+        self._file.write(b"".join(_line(r) for r in rows))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.done += len(rows)
+
+    def finish(self) -> None:
+        """Close; for Parquet, assemble the final file from the sidecar and remove the sidecar."""
+        self._file.close()
+        if self.kind == "parquet":
+            rows, _ = complete_jsonl_rows(self.sink)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            write_parquet(rows, tmp)
+            os.replace(tmp, self.path)
+            self.sink.unlink()
+
+    def close(self) -> None:
+        """Close without assembling (an interrupted run: the sidecar stays for the next run)."""
+        if not self._file.closed:
+            self._file.close()
+
+
+def _line(row: dict[str, Any]) -> bytes:
+    return (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def write_parquet(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """Rows -> one Parquet file; columns are the union of the rows' keys in first-seen order (error rows
+    have `line` and `error`, scored rows the score fields; a row leaves the others null)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    arrays = {}
+    for name in columns:
+        try:
+            arrays[name] = pa.array([row.get(name) for row in rows])
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise InvalidInputError(
+                f"--output: column {name!r} mixes value types across rows and cannot be one Parquet column ({exc}); "
+                "make the input's values consistent or write .jsonl",
+                field="output",
+            ) from exc
+    pq.write_table(pa.table(arrays) if arrays else pa.table({"id": pa.array([], pa.null())}), path)
+
+
+def read_output(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a finished output file, either format (Parquet's null columns dropped per row)."""
+    path = Path(path)
+    if file_format(path, "output") == "parquet":
+        return _read_parquet(path, "output")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
