@@ -58,6 +58,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--handler-threads", type=int, default=d.handler_threads, help="default %(default)s")
     limits.add_argument("--torch-threads", type=int, default=None,
                         help="torch intra-op threads of the model (default: torch's choice, one per core)")  # fmt: skip
+    limits.add_argument("--max-connection-age", type=float, default=None, metavar="SECONDS",
+                        help="send clients GOAWAY after about this long so that they reconnect and re-resolve "
+                             "dns:/// targets (new replicas get traffic); default: off")  # fmt: skip
     limits.add_argument("--grace", type=float, default=d.grace_s,
                         help="seconds in-flight calls get to finish on SIGTERM (default %(default)s)")  # fmt: skip
 
@@ -92,6 +95,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         grace_s=args.grace,
+        max_connection_age_s=args.max_connection_age,
     )  # max tokens per conversation: the scorer's own --max-tokens
 
 
