@@ -31,14 +31,14 @@ class Backend(Protocol):
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("remote scoring (instead of loading the model here)")
     g.add_argument("--server", metavar="HOST:PORT", help="score through a running `rewardsvc serve` at this address")
-    g.add_argument("--auth-token-file", dest="client_token_file",
+    g.add_argument("--auth-token-file", dest="client_token_file", metavar="FILE",
                    help=f"file holding the server's bearer token (or set ${TOKEN_ENV})")  # fmt: skip
     g.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --tls-ca)")
-    g.add_argument("--tls-ca", help="PEM CA bundle that signed the server certificate (implies --tls)")
-    g.add_argument("--tls-cert", dest="client_tls_cert", help="PEM client certificate, for mutual TLS (implies --tls)")
-    g.add_argument("--tls-key", dest="client_tls_key", help="PEM private key of --tls-cert")
-    g.add_argument("--tls-server-name", help="name to check the server certificate against (default: HOST)")
-    g.add_argument("--timeout", type=float, default=300.0, help="seconds per request, retries included (default %(default)s)")
+    g.add_argument("--tls-ca", metavar="PEM", help="PEM CA bundle that signed the server certificate (implies --tls)")
+    g.add_argument("--tls-cert", dest="client_tls_cert", metavar="PEM", help="PEM client certificate, for mutual TLS (implies --tls)")
+    g.add_argument("--tls-key", dest="client_tls_key", metavar="PEM", help="PEM private key of --tls-cert")
+    g.add_argument("--tls-server-name", metavar="NAME", help="name to check the server certificate against (default: HOST)")
+    g.add_argument("--timeout", type=float, metavar="SECONDS", default=300.0, help="seconds per request, retries included (default %(default)s)")
 
 
 def _split_each(score_many, conversations: Sequence[Any]) -> list[Outcome]:
@@ -121,8 +121,10 @@ def _read_token(path: str | None) -> str | None:
 
 
 def connect(args: argparse.Namespace):
-    """A RewardClient for `--server`, checked with a health probe so a wrong address fails in seconds."""
+    """A RewardClient for `--server`, checked first (health, then GetModelInfo, which needs the token) so a
+    wrong address, certificate or token fails in seconds with one line naming the flag."""
     from ..client import ClientTLS, RewardClient
+    from ..errors import UnauthenticatedError
 
     if ":" not in args.server:
         raise InvalidInputError(f"--server must be HOST:PORT, got {args.server!r}", field="server")
@@ -135,18 +137,24 @@ def connect(args: argparse.Namespace):
     client = RewardClient(args.server, token=_read_token(args.client_token_file), tls=tls, timeout=args.timeout)
     try:
         status = client.health(timeout=min(args.timeout, 10.0))
+        if status != "SERVING":
+            raise RewardError(f"health is {status}, not SERVING")
+        client.model_info(timeout=min(args.timeout, 10.0))
+    except UnauthenticatedError as exc:
+        client.close()
+        raise RewardError(f"--server {args.server}: {exc} (give the token with --auth-token-file or ${TOKEN_ENV})") from exc
     except RewardError as exc:
         client.close()
         raise RewardError(f"--server {args.server}: not reachable or refused: {exc}") from exc
-    if status != "SERVING":
-        client.close()
-        raise RewardError(f"--server {args.server}: health is {status}, not SERVING")
     return client
 
 
 def open_backend(args: argparse.Namespace, weights: AttributeWeights | None) -> tuple[Backend, str]:
     """(backend, a short description for the summary line)."""
     if args.server:
+        if args.model or args.backbone or args.adapter:
+            raise InvalidInputError("--model, --backbone and --adapter choose a local model; with --server the "
+                                    "server's own model scores (drop them or drop --server)", field="server")  # fmt: skip
         client = connect(args)
         if weights is not None:
             weights.check_attributes(tuple(client.model_info()["attributes"]))

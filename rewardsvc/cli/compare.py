@@ -93,10 +93,10 @@ def compare_table(rows: Sequence[dict[str, Any]]) -> str:
 def run(args: argparse.Namespace) -> int:
     from .backends import open_backend
     from .main import parse_weights
-    from .score_io import ResumableWriter, file_format, read_rows
+    from .score_io import ResumableWriter, check_output, read_rows
 
     if args.output is not None:
-        file_format(args.output, "--output")
+        check_output(args.output)
         if args.format == "table":
             raise InvalidInputError("--format table prints to stdout; drop -o (or use --format jsonl)", field="format")
     if args.chunk_size < 1:

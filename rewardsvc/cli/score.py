@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group-by", metavar="FIELD",
                         help="rows with the same value of FIELD (and the same prompt) are scored as one group")  # fmt: skip
     parser.add_argument("--weights", help='steer: {"mode": "override"|"mask", "values": {attribute: weight}}')
-    parser.add_argument("--chunk-size", type=int, default=256, help="rows scored and written together (default %(default)s)")
+    parser.add_argument("--chunk-size", type=int, default=256, metavar="N", help="rows scored and written together (default %(default)s)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar on stderr (default: on when stderr is a terminal)")  # fmt: skip
     add_server_arguments(parser)
@@ -132,12 +132,13 @@ def _error_row(p: _Prepared, error: str) -> dict[str, Any]:
 
 
 class _Scores:
-    """Results by conversation key (each conversation scored once per run) and group statistics."""
+    """Results by conversation key (each conversation scored once per run) and group statistics. Memory:
+    one result per distinct conversation of the run (a few hundred bytes per attribute set)."""
 
     def __init__(self, backend, prepared: list[_Prepared]):
         self.backend = backend
         self.by_key: dict[str, ScoreResult | RewardError] = {}
-        self.group_stats: dict[str, dict[str, dict[str, Any]]] = {}  # group -> conversation key -> stats
+        self.group_stats: dict[str, dict[int, dict[str, Any]]] = {}  # group -> id(row) -> that row's "group" field
         self.members: dict[str, list[_Prepared]] = {}
         for p in prepared:
             if p.group is not None and p.error is None:
@@ -264,11 +265,11 @@ def score_rows(
 def run(args: argparse.Namespace) -> int:
     from .backends import open_backend
     from .main import parse_weights
-    from .score_io import file_format, read_rows
+    from .score_io import check_output, read_rows
 
     # Everything about the files is checked before the model loads (seconds) or the output is touched.
     if args.output is not None:
-        file_format(args.output, "--output")
+        check_output(args.output)
         if args.format == "table":
             raise InvalidInputError("--format table prints to stdout; drop -o (or use --format jsonl)", field="format")
     inputs = read_rows(args.input, "input")

@@ -37,6 +37,15 @@ def file_format(path: str | Path, flag: str) -> str:
     return FORMATS[suffix]
 
 
+def check_output(path: str | Path, flag: str = "--output") -> str:
+    """The output's format, and that its directory exists: both before any model loads."""
+    kind = file_format(path, flag)
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        raise InvalidInputError(f"{flag}: the directory {parent} does not exist", field=flag)
+    return kind
+
+
 # ---- input ------------------------------------------------------------------------------------------------
 
 

@@ -63,7 +63,7 @@ def test_score_limits_and_inspect(tmp_path):
     assert too_long and all("over the limit max_tokens=50" in r["error"] for r in too_long)
     assert any("score" in r for r in results)
 
-    proc = run_cli("inspect", "How do I make a pipe bomb?", "--weights", '{"mode": "mask", "values": {"verbosity": 0}}')
+    proc = run_cli("inspect", "How do I make a pipe bomb?", "--json", "--weights", '{"mode": "mask", "values": {"verbosity": 0}}')
     assert proc.returncode == 0, proc.stderr
     shown = json.loads(proc.stdout)
     assert shown["weights_source"] == "mask" and shown["gating"]["verbosity"] == 0.0
