@@ -162,10 +162,17 @@ def run_sharded(args, inputs: list[RawRow], weights, w: World) -> int:
                 for o in failures:
                     print(f"error: rank {o['rank']}: {o['failure']} (parts kept; re-run to resume)", file=sys.stderr)
             return 2
+        merge_failure = None
         if w.rank == 0 and not finished:
-            merge_parts(output, shards, len(inputs))
-            print(f"score: merged {w.size} parts into {output} ({len(inputs)} rows, input order)", file=sys.stderr)
+            try:
+                merge_parts(output, shards, len(inputs))
+                print(f"score: merged {w.size} parts into {output} ({len(inputs)} rows, input order)", file=sys.stderr)
+            except (RewardError, OSError) as exc:  # still reach the barrier below, so no rank waits for us
+                merge_failure = exc
         dist.barrier()  # nobody exits (and so no launcher tears the job down) before the merge is done
+        if merge_failure is not None:
+            print(f"error: merging the parts into {output}: {merge_failure} (parts kept)", file=sys.stderr)
+            return 2
         errors = sum(o["errors"] for o in outcomes)
         return 1 if errors else 0
     finally:
