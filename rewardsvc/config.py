@@ -28,8 +28,14 @@ class BackboneConfig:
     """None, `8bit` or `4bit` (bitsandbytes, CUDA only)."""
     adapter: str | None = None
     """Directory of a PEFT (LoRA) adapter to apply to the backbone and merge for inference."""
+    device_map: str | None = None
+    """Spread a backbone larger than one GPU over several devices (accelerate): `auto`, `balanced`,
+    `balanced_low_0`, `sequential`, or a JSON object {module name: device}, e.g. '{"": "cpu"}'. None = the whole
+    model on `device`. Inputs go to the device of the embedding layer; the heads stay on the CPU."""
 
     def __post_init__(self) -> None:
+        if self.device_map is not None:
+            device_map_value(self.device_map)  # raises naming the field
         if not self.model:
             raise InvalidInputError("backbone.model must be a non-empty string", field="backbone.model")
         if self.dtype not in DTYPES:
@@ -39,6 +45,30 @@ class BackboneConfig:
                 f"backbone.quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}",
                 field="backbone.quantization",
             )
+
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def device_map_value(text: str) -> str | dict[str, str | int]:
+    """backbone.device_map as from_pretrained takes it: a strategy name, or the parsed JSON map."""
+    if text in DEVICE_MAP_STRATEGIES:
+        return text
+    import json
+
+    try:
+        value = json.loads(text)
+    except (TypeError, json.JSONDecodeError):
+        value = None
+    if not isinstance(value, dict) or not value or not all(
+        isinstance(k, str) and isinstance(v, (str, int)) and not isinstance(v, bool) for k, v in value.items()
+    ):
+        raise InvalidInputError(
+            f"backbone.device_map must be one of {DEVICE_MAP_STRATEGIES} or a non-empty JSON object "
+            f'{{module name: device}} such as \'{{"": "cuda:0"}}\', got {text!r}',
+            field="backbone.device_map",
+        )
+    return value
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", help="heads checkpoint or reference ArmoRM directory (default: the packaged default)")
     group.add_argument("--backbone", help="override the checkpoint's backbone: directory, hub id or .gguf file")
     group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    group.add_argument("--device-map", help='spread a backbone over several GPUs: auto, balanced, sequential, or JSON '
+                                            '{module: device} (accelerate; see docs/DEPLOY.md)')  # fmt: skip
     group.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
     group.add_argument("--quantization", choices=["8bit", "4bit"], help="bitsandbytes quantization (CUDA only)")
     group.add_argument("--adapter", help="PEFT (LoRA) adapter directory, merged into the backbone")
@@ -36,7 +38,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def backbone_override(args: argparse.Namespace) -> BackboneConfig | None:
     """None keeps the checkpoint's own backbone reference; any flag given builds an explicit config."""
-    if args.backbone is None and args.device == "auto" and args.dtype == "auto" and not args.quantization and not args.adapter:
+    device_map = getattr(args, "device_map", None)
+    if (args.backbone is None and args.device == "auto" and args.dtype == "auto" and not args.quantization
+            and not args.adapter and device_map is None):  # fmt: skip
         return None
     if args.backbone is None:
         from ..model.checkpoint import is_heads_checkpoint, load_heads
@@ -47,8 +51,8 @@ def backbone_override(args: argparse.Namespace) -> BackboneConfig | None:
         base = load_heads(directory).backbone if is_heads_checkpoint(directory) else {"model": str(directory)}
     else:
         base = {"model": args.backbone}
-    return BackboneConfig(**{**base, "device": args.device, "dtype": args.dtype,
-                             "quantization": args.quantization, "adapter": args.adapter})  # fmt: skip
+    return BackboneConfig(**{**base, "device": args.device, "dtype": args.dtype, "quantization": args.quantization,
+                             "adapter": args.adapter, "device_map": device_map})  # fmt: skip
 
 
 def quiet_transformers() -> None:

@@ -274,6 +274,11 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidInputError("--format table prints to stdout; drop -o (or use --format jsonl)", field="format")
     inputs = read_rows(args.input, "input")
     weights = parse_weights(args.weights)
+    from .sharded import run_sharded, world
+
+    w = world()
+    if w.size > 1:  # under torchrun: this rank scores its shard (cli/sharded.py)
+        return run_sharded(args, inputs, weights, w)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     backend, description = open_backend(args, weights)
     try:

@@ -15,6 +15,7 @@ import threading
 
 from ..errors import InvalidInputError, RewardError
 from ..serving.config import ServerConfig
+from .env import HOST_ENV, METRICS_PORT_ENV, PORT_ENV, env_host, env_port
 
 log = logging.getLogger("rewardsvc.server")
 
@@ -34,9 +35,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         add_model_arguments(parser)
     d = ServerConfig()
     g = parser.add_argument_group("server")
-    g.add_argument("--host", default=d.host, help="address to bind (default %(default)s; 0.0.0.0 for all interfaces)")
-    g.add_argument("--port", type=int, default=d.port, help="gRPC port, 0 = ephemeral (default %(default)s)")
-    g.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default: off; 0 = ephemeral)")
+    g.add_argument("--host", default=None,
+                   help=f"address to bind (default ${HOST_ENV}, else {d.host}; 0.0.0.0 for all interfaces)")  # fmt: skip
+    g.add_argument("--port", type=int, default=None, help=f"gRPC port, 0 = ephemeral (default ${PORT_ENV}, else {d.port})")
+    g.add_argument("--metrics-port", type=int, default=None,
+                   help=f"Prometheus /metrics port, 0 = ephemeral (default ${METRICS_PORT_ENV}, else off)")  # fmt: skip
     g.add_argument("--http-port", type=int, default=None,
                    help="also serve HTTP/JSON here: OpenRLHF's POST /get_reward and /v1/score etc. (default: off; 0 = ephemeral)")
     g.add_argument("--http-policy-template", default=None,
@@ -60,6 +63,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--handler-threads", type=int, default=d.handler_threads, help="default %(default)s")
     limits.add_argument("--torch-threads", type=int, default=None,
                         help="torch intra-op threads of the model (default: torch's choice, one per core)")  # fmt: skip
+    limits.add_argument("--max-connection-age", type=float, default=None, metavar="SECONDS",
+                        help="send clients GOAWAY after about this long so that they reconnect and re-resolve "
+                             "dns:/// targets (new replicas get traffic); default: off")  # fmt: skip
     limits.add_argument("--grace", type=float, default=d.grace_s,
                         help="seconds in-flight calls get to finish on SIGTERM (default %(default)s)")  # fmt: skip
 
@@ -78,9 +84,10 @@ def _auth_token(args: argparse.Namespace) -> str | None:
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
-        host=args.host,
-        port=args.port,
-        metrics_port=args.metrics_port,
+        # flag > environment variable (how a container or a pod passes ports) > default
+        host=args.host if args.host is not None else env_host(HOST_ENV, ServerConfig.host),
+        port=args.port if args.port is not None else env_port(PORT_ENV, ServerConfig.port),
+        metrics_port=args.metrics_port if args.metrics_port is not None else env_port(METRICS_PORT_ENV, None, allow_off=True),
         http_port=args.http_port,
         http_policy_template=args.http_policy_template,
         max_message_bytes=args.max_message_bytes,
@@ -95,6 +102,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         grace_s=args.grace,
+        max_connection_age_s=args.max_connection_age,
     )  # max tokens per conversation: the scorer's own --max-tokens
 
 

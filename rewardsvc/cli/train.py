@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default=BackboneConfig.model, help="backbone: embedded default, directory, hub id or .gguf")
     parser.add_argument("--adapter", help="a stage-0 LoRA adapter (rewardsvc train-backbone) applied to the backbone; "
                                           "shipped inside the checkpoint")
+    parser.add_argument("--device-map", help="spread the backbone over several GPUs for the embedding pass: auto, "
+                                             "balanced, sequential, or JSON {module: device} (docs/DEPLOY.md)")  # fmt: skip
     parser.add_argument("--name", default="rewardsvc-default-smollm2-135m")
     parser.add_argument("--caps-scale", type=float, default=1.0,
                         help="multiply every per-source cap of rewardsvc.training.data.build.DEFAULT_CAPS (training "
@@ -70,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     quiet_transformers()
 
     config = TrainConfig(
-        out_dir=args.out, work_dir=args.work_dir, data_dir=args.data_dir, backbone=BackboneConfig(model=args.backbone, adapter=args.adapter),
+        out_dir=args.out, work_dir=args.work_dir, data_dir=args.data_dir,
+        backbone=BackboneConfig(model=args.backbone, adapter=args.adapter, device_map=args.device_map),
         name=args.name, max_tokens=args.max_tokens, token_budget=args.token_budget, max_chars=args.max_chars,
         caps=scaled_caps(args.caps_scale) if args.caps_scale != 1.0 else None, seed=args.seed, evaluate=not args.no_eval,
         layers=_layers(args.layers), embed=args.embed,

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..config import EMBEDDED_DEFAULT_BACKBONE, BackboneConfig
+from ..config import EMBEDDED_DEFAULT_BACKBONE, BackboneConfig, device_map_value
 from ..errors import BackboneError
 from .hub import looks_like_hub_id, resolve_hub_id
 
@@ -121,7 +121,9 @@ class Backbone:
                 per_layer.append(self._gather(out.last_hidden_state, index))  # already normed
             else:
                 # The norm acts on each position alone, so gathering first gives the same values for less work.
-                per_layer.append(norm(self._gather(states[layer], index)))
+                # Under a device_map the block's output and the norm may sit on different devices.
+                gathered = self._gather(states[layer], index).to(next(norm.parameters()).device)
+                per_layer.append(norm(gathered).to(out.last_hidden_state.device))
         return torch.stack(per_layer, dim=2).float().cpu()  # (B, P, L, H)
 
 
@@ -344,6 +346,8 @@ def load_backbone(config: BackboneConfig) -> Backbone:
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": False}
     if quantization is not None:
         kwargs.update(quantization_config=quantization, device_map={"": device.index or 0})
+    if config.device_map is not None:  # accelerate places (and moves activations between) the blocks
+        kwargs["device_map"] = device_map_value(config.device_map)
     # Adapters are trained on the causal-LM class, so their keys carry its prefix: load that class then.
     model_class = AutoModelForCausalLM if config.adapter else AutoModel
     try:
@@ -353,9 +357,11 @@ def load_backbone(config: BackboneConfig) -> Backbone:
     if config.adapter:
         model = _decoder_of(_apply_adapter(model, config.adapter))
         model_id = f"{model_id}+adapter:{adapter_fingerprint(config.adapter)}"
-    if quantization is None:
+    if config.device_map is not None:
+        device = model.get_input_embeddings().weight.device  # where the batch's input ids must go
+    elif quantization is None:
         model.to(device)
-    else:
+    if quantization is not None:
         model_id += f"+{config.quantization}"
     model.eval()
     model.requires_grad_(False)

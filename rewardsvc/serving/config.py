@@ -51,6 +51,10 @@ class ServerConfig:
     """PEM CA bundle; if set, clients must present a certificate it signed (mutual TLS)."""
     grace_s: float = 30.0
     """On shutdown, how long in-flight calls may take to finish before they are cancelled."""
+    max_connection_age_s: float | None = None
+    """If set, each client connection is sent GOAWAY after about this long (gRPC adds +-10 % jitter); calls in
+    progress finish on it, the client reconnects for the next call and, with a dns:/// target, re-resolves, so
+    replicas added by an autoscaler get traffic from clients already connected. None = connections live on."""
 
     def __post_init__(self) -> None:
         def bad(name: str, message: str) -> None:
@@ -76,6 +80,8 @@ class ServerConfig:
             bad("max_wait_ms", f"must be in [0, 1000], got {self.max_wait_ms}")
         if self.grace_s < 0:
             bad("grace_s", f"must be >= 0, got {self.grace_s}")
+        if self.max_connection_age_s is not None and not self.max_connection_age_s >= 1:
+            bad("max_connection_age_s", f"must be None or >= 1 second, got {self.max_connection_age_s}")
         if self.auth_token is not None and not self.auth_token.strip():
             bad("auth_token", "must be None or a non-empty token")
         if bool(self.tls_cert) != bool(self.tls_key):

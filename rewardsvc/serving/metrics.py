@@ -3,10 +3,16 @@ can run several servers without metric-name clashes), exported over HTTP when a 
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+METRICS_PATH = "/metrics"
 TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 
 
@@ -66,8 +72,18 @@ class ServiceMetrics:
     # ---- HTTP --------------------------------------------------------------------------------------
 
     def serve_http(self, host: str, port: int) -> int:
-        """Start the /metrics endpoint; returns the bound port (port 0 = ephemeral)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        """Start the /metrics endpoint; returns the bound port (port 0 = ephemeral). Only GET/HEAD /metrics
+        answer 200; every other path is 404, so the port can back an HTTP probe or a scrape config without
+        a typo'd path looking healthy (prometheus_client's own server answers 200 on any path)."""
+        handler = type("MetricsHandler", (_MetricsHandler,), {"registry": self.registry})
+        family = ThreadingHTTPServer
+        if ":" in host:  # an IPv6 literal
+            import socket
+
+            family = type("MetricsHTTPServer6", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
+        server = family((host.strip("[]"), port), handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="rewardsvc-metrics", daemon=True).start()
         self._http = server
         return int(server.server_port)
 
@@ -76,3 +92,32 @@ class ServiceMetrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class _MetricsHandler(BaseHTTPRequestHandler):
+    """GET /metrics (any query string) -> the registry in the format the Accept header asks for; else 404."""
+
+    registry: CollectorRegistry
+
+    def _reply(self, send_body: bool) -> None:
+        if urlsplit(self.path).path != METRICS_PATH:
+            body = f"not found: {urlsplit(self.path).path}; metrics are at {METRICS_PATH}\n".encode()
+            status, content_type = 404, "text/plain; charset=utf-8"
+        else:
+            encoder, content_type = choose_encoder(self.headers.get("Accept"))
+            body, status = encoder(self.registry), 200
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if send_body:
+            self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802 (the http.server naming)
+        self._reply(send_body=True)
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._reply(send_body=False)
+
+    def log_message(self, format: str, *args) -> None:  # scrapes every few seconds would flood the log
+        pass

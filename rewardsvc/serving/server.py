@@ -211,15 +211,18 @@ def build_server(scorer: ScorerOrLoader, config: ServerConfig = ServerConfig(), 
     if config.auth_token:
         interceptors.append(BearerAuthInterceptor(config.auth_token))
     transport_limit = 2 * config.max_message_bytes  # see ServerConfig.max_message_bytes
+    options = [
+        ("grpc.max_receive_message_length", transport_limit),
+        ("grpc.max_send_message_length", transport_limit),
+        # A second server on a fixed port must fail, not silently share the port.
+        ("grpc.so_reuseport", 0),
+    ]
+    if config.max_connection_age_s is not None:  # no age grace set: calls in progress are never cut
+        options.append(("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)))
     server = grpc.server(
         ThreadPoolExecutor(max_workers=config.handler_threads, thread_name_prefix="rewardsvc-rpc"),
         interceptors=interceptors,
-        options=[
-            ("grpc.max_receive_message_length", transport_limit),
-            ("grpc.max_send_message_length", transport_limit),
-            # A second server on a fixed port must fail, not silently share the port.
-            ("grpc.so_reuseport", 0),
-        ],
+        options=options,
     )
     pb_grpc.add_RewardServiceServicer_to_server(RewardServicer(service), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

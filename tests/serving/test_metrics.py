@@ -57,3 +57,26 @@ def test_every_metric_is_documented():
     for family in ServiceMetrics().registry.collect():
         exposed.add(f"{family.name}_total" if family.type == "counter" else family.name)
     assert exposed == documented
+
+
+def test_http_endpoint_answers_only_on_metrics_path():
+    """The metrics port backs probes and scrape configs: a wrong path must be 404, never a healthy 200."""
+    import urllib.error
+
+    m = ServiceMetrics()
+    m.on_split()
+    port = m.serve_http("127.0.0.1", 0)
+    try:
+        ok = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics?name[]=x", timeout=10)
+        assert ok.status == 200 and "rewardsvc_batch_splits_total 1.0" in ok.read().decode()
+        for path in ("/", "/healthz", "/metrics/extra", "/metricsx"):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10)
+                raise AssertionError(f"{path} answered 200")
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 404, (path, exc.code)
+                assert "/metrics" in exc.read().decode()
+        head = urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/metrics", method="HEAD"), timeout=10)
+        assert head.status == 200 and head.read() == b""
+    finally:
+        m.stop_http()
