@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from test_shared_prompts import PROMPT, RESPONSES
+from group_fixtures import PROMPT, RESPONSES
 
 
 def conv(user: str, answer: str) -> list[dict]:

@@ -12,38 +12,13 @@ from rewardsvc.config import ScorerConfig
 from rewardsvc.model.backbone import truncate_backbone
 from rewardsvc.model.batch_plan import plan_shared_prompts
 from rewardsvc.model.scorer import Scorer
-
-PROMPT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How do I sort a list in Python?"}]
-RESPONSES = [
-    "Use sorted(items).",
-    "items.sort() sorts in place; sorted(items) returns a new list.",
-    "I cannot help with that request.",
-    "The capital of France is Paris.",
-    "Use sorted(items) or items.sort(), " + "and keep the old promise " * 6,
-]
+from group_fixtures import PROMPT, RESPONSES, PromptCounter
 
 
 def variants(scorer):
     flat = scorer.with_config(replace(scorer.config, share_prompts=False))
     shared = scorer.with_config(replace(scorer.config, share_prompts=True))
     return flat, shared
-
-
-class PromptCounter:
-    """Counts the rows the backbone's embedding layer sees that start with `prefix` (a forward hook on the
-    real model): how often the prompt's tokens actually run."""
-
-    def __init__(self, scorer, prefix):
-        self.prefix = list(prefix)
-        self.rows = 0
-        self.handle = scorer.backbone.model.get_input_embeddings().register_forward_hook(self._hook)
-
-    def _hook(self, module, args, output):
-        n = len(self.prefix)
-        self.rows += sum(row[:n].tolist() == self.prefix for row in args[0])
-
-    def close(self):
-        self.handle.remove()
 
 
 def assert_same(a, b, tol=1e-5):
