@@ -57,7 +57,7 @@ def main() -> None:
 
     scorer = load_scorer(args.tiny)
     modes = {"flat": variant(scorer, share_prompts=False), "shared": variant(scorer, share_prompts=True)}
-    work = build_groups(scorer, args.groups, args.n, min(args.prompt_tokens, 200) if args.tiny else args.prompt_tokens)
+    work = build_groups(scorer, args.groups, args.n, min(args.prompt_tokens, 64) if args.tiny else args.prompt_tokens)
     tokens = sum(
         modes["flat"].encode(prompt + [{"role": "assistant", "content": x}]).num_tokens for prompt, responses in work for x in responses
     )  # conversation tokens per round (the same work for both modes)
@@ -74,7 +74,7 @@ def main() -> None:
     info = machine()
     for name in modes:
         emit({"bench": "groups", "mode": name, "model": scorer.model_id, "groups": args.groups, "n": args.n,
-              "prompt_tokens": args.prompt_tokens if not args.tiny else min(args.prompt_tokens, 200),
+              "prompt_tokens": args.prompt_tokens if not args.tiny else min(args.prompt_tokens, 64),
               "tokens": tokens * args.rounds, "seconds": round(seconds[name], 3),
               "tokens_per_s": round(tokens * args.rounds / seconds[name], 1), **info}, args.out)  # fmt: skip
     emit({"bench": "groups", "speedup_shared_vs_flat": round(seconds["flat"] / seconds["shared"], 3),
