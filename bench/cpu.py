@@ -12,6 +12,8 @@ unchanged. Candidates (those that do not apply here are reported as skipped, wit
   pairs with a shared prompt (the two sides run their prompt once);
 - torch.ao dynamic int8: per-tensor on every Linear (the issue's naive candidate), per-channel on every
   Linear, per-channel keeping the first and last blocks fp32, per-channel on the MLP only;
+- torchao (if installed; pip install torchao): int8 dynamic activations + int8 per-channel weights, and
+  int8 weight-only, on the decoder blocks' Linears;
 - bf16 (only where the CPU has AVX512-bf16 or AMX; elsewhere it is emulated and slow).
 
     python bench/cpu.py [--pairs 100] [--max-tokens 320] [--chunk 20] [--tiny] [--out FILE]
@@ -98,27 +100,43 @@ def quantized(model, spec: str, blocks_kept_fp32: tuple[int, ...] = (), mlp_only
 
 
 def candidates(scorer, flags: set[str], depth: int):
-    base = variant(scorer, batch_invariant=True)  # one conversation per forward, no padding
+    """(name, build) pairs; build() returns the candidate scorer, or raises Skip(reason)."""
+    m = scorer.backbone.model
 
-    def with_model(model, **changes):
-        clone = variant(scorer, **changes) if changes else variant(scorer, batch_invariant=True)
+    def with_model(model):
+        clone = variant(scorer, batch_invariant=True)  # one conversation per forward, no padding
         clone.backbone = replace(scorer.backbone, model=model)
         return clone
 
-    m = scorer.backbone.model
-    yield "fp32_one_per_forward", base, None
-    yield "fp32_padded", variant(scorer, batch_plan="padded", share_prompts=False), None
-    yield "fp32_packed", variant(scorer, batch_plan="packed", share_prompts=False), None
-    yield "fp32_pairs_shared_prompt", variant(scorer, batch_plan="padded", share_prompts=True, max_batch_size=2), None
-    yield "int8_per_tensor_all", with_model(quantized(m, "per_tensor")), None
-    yield "int8_per_channel_all", with_model(quantized(m, "per_channel")), None
-    yield "int8_per_channel_first_last_fp32", with_model(quantized(m, "per_channel", (0, depth - 1))), None
-    yield "int8_per_channel_mlp_only", with_model(quantized(m, "per_channel", mlp_only=True)), None
-    if flags & {"avx512_bf16", "amx_bf16"}:
-        bf16 = copy.deepcopy(m).to(torch.bfloat16)
-        yield "bf16", with_model(bf16), None
-    else:
-        yield "bf16", None, "the CPU has neither avx512_bf16 nor amx_bf16: bf16 matmuls are emulated"
+    def torchao(config_name):
+        try:
+            import torchao.quantization as tq
+        except ImportError as exc:
+            raise Skip(f"torchao is not installed: {exc}") from exc
+        q = copy.deepcopy(m)
+        tq.quantize_(q, getattr(tq, config_name)(), filter_fn=lambda mod, fqn: isinstance(mod, torch.nn.Linear) and ".layers." in f".{fqn}")
+        return with_model(q)
+
+    def bf16():
+        if not flags & {"avx512_bf16", "amx_bf16"}:
+            raise Skip("the CPU has neither avx512_bf16 nor amx_bf16: bf16 matmuls are emulated")
+        return with_model(copy.deepcopy(m).to(torch.bfloat16))
+
+    yield "fp32_one_per_forward", lambda: variant(scorer, batch_invariant=True)
+    yield "fp32_padded", lambda: variant(scorer, batch_plan="padded", share_prompts=False)
+    yield "fp32_packed", lambda: variant(scorer, batch_plan="packed", share_prompts=False)
+    yield "fp32_pairs_shared_prompt", lambda: variant(scorer, batch_plan="padded", share_prompts=True, max_batch_size=2)
+    yield "int8_per_tensor_all", lambda: with_model(quantized(m, "per_tensor"))
+    yield "int8_per_channel_all", lambda: with_model(quantized(m, "per_channel"))
+    yield "int8_per_channel_first_last_fp32", lambda: with_model(quantized(m, "per_channel", (0, depth - 1)))
+    yield "int8_per_channel_mlp_only", lambda: with_model(quantized(m, "per_channel", mlp_only=True))
+    yield "torchao_int8_dyn_act_int8_weight", lambda: torchao("Int8DynamicActivationInt8WeightConfig")
+    yield "torchao_int8_weight_only", lambda: torchao("Int8WeightOnlyConfig")
+    yield "bf16", bf16
+
+
+class Skip(Exception):
+    pass
 
 
 def main() -> None:
@@ -138,13 +156,13 @@ def main() -> None:
     wanted = set(args.only.split(",")) if args.only else None
     active = {}
     info = machine()
-    for name, cand, skipped in candidates(scorer, cpu_flags(), scorer.backbone.depth):
+    for name, build in candidates(scorer, cpu_flags(), scorer.backbone.depth):
         if wanted is not None and name not in wanted and name != "fp32_one_per_forward":
             continue
-        if cand is None:
-            emit({"bench": "cpu", "candidate": name, "skipped": skipped}, args.out)
-        else:
-            active[name] = cand
+        try:
+            active[name] = build()
+        except Skip as skip:
+            emit({"bench": "cpu", "candidate": name, "skipped": str(skip)}, args.out)
     seconds = {n: 0.0 for n in active}
     scores: dict[str, list[float]] = {n: [] for n in active}
     step = 2 * args.chunk

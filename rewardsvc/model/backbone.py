@@ -87,7 +87,8 @@ class Backbone:
         right, masked out) cannot move them.
         """
         input_ids, attention_mask, index = self._inputs(rows, positions)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        # use_cache=False: a scoring pass never decodes further, so keeping every block's keys/values is waste.
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return self._gather(out.last_hidden_state, index).float().cpu()  # (B, P, H)
 
     @torch.inference_mode()
@@ -165,7 +166,7 @@ class Backbone:
         if bad:
             raise BackboneError(f"hidden_at_layers: layers {bad} outside 1..{depth} (the backbone's depth is {depth})")
         input_ids, attention_mask, index = self._inputs(rows, positions)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
         states = out.hidden_states
         if states is None or len(states) != depth + 1:
             raise BackboneError(
