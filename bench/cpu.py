@@ -172,6 +172,8 @@ def main() -> None:
             results, dt = timed(cand.score, chunk)
             seconds[name] += dt
             scores[name] += [r.score for r in results]
+        print(f"progress: {min(start + step, len(conversations))}/{len(conversations)} conversations through "
+              f"{len(active)} candidates", file=sys.stderr, flush=True)  # fmt: skip
     ref = scores["fp32_one_per_forward"]
     mean = sum(ref) / len(ref)
     std = math.sqrt(sum((s - mean) ** 2 for s in ref) / len(ref))
