@@ -8,6 +8,7 @@ from .errors import InvalidInputError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = (None, "8bit", "4bit")
+BATCH_PLANS = ("auto", "padded", "packed")
 TRUNCATION_POLICIES = ("error", "left")
 EMBEDDED_DEFAULT_BACKBONE = "embedded:smollm2-135m-instruct"
 
@@ -164,6 +165,15 @@ class ScorerConfig:
     """Most padded tokens (rows x longest row) in one forward pass."""
     max_batch_size: int = 64
     """Most conversations in one forward pass."""
+    batch_plan: str = "auto"
+    """How conversations share a forward pass: `padded` (length-sorted, right-padded), `packed` (concatenated,
+    no padding, per-sequence position ids), or `auto` (packed on CUDA, padded on CPU: measured fastest there)."""
+    share_prompts: bool = True
+    """Conversations in one call whose tokens start with the same prompt (a ScoreGroup, a Compare pair) run
+    that prompt once and continue from its key/value cache (equal to the flat path up to rounding)."""
+    batch_invariant: bool = False
+    """A conversation's score is bitwise the same whatever else is in its batch: one conversation per forward,
+    heads one row at a time, no shared prompts (costs throughput on GPU; see docs/PERFORMANCE.md)."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 2:
@@ -171,6 +181,10 @@ class ScorerConfig:
         if self.truncation not in TRUNCATION_POLICIES:
             raise InvalidInputError(
                 f"scorer.truncation must be one of {TRUNCATION_POLICIES}, got {self.truncation!r}", field="scorer.truncation"
+            )
+        if self.batch_plan not in BATCH_PLANS:
+            raise InvalidInputError(
+                f"scorer.batch_plan must be one of {BATCH_PLANS}, got {self.batch_plan!r}", field="scorer.batch_plan"
             )
         if self.token_budget < 1:
             raise InvalidInputError(f"scorer.token_budget must be >= 1, got {self.token_budget}", field="scorer.token_budget")

@@ -34,6 +34,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--truncation", choices=["error", "left"], default="error",
                        help="error: reject over-long conversations; left: cut the prompt from the left")  # fmt: skip
     group.add_argument("--token-budget", type=int, default=ScorerConfig.token_budget, help="padded tokens per forward pass")
+    group.add_argument("--batch-plan", choices=["auto", "padded", "packed"], default=ScorerConfig.batch_plan,
+                       help="padded or packed (padding-free) forward passes; auto: packed on CUDA, padded on CPU")
+    group.add_argument("--batch-invariant", action="store_true",
+                       help="a conversation's score is bitwise the same whatever its batch neighbours (one per forward)")
+    group.add_argument("--no-share-prompts", dest="share_prompts", action="store_false",
+                       help="run every conversation whole (by default conversations with the same prompt in one "
+                            "batch run it once and reuse its key/value cache)")  # fmt: skip
 
 
 def backbone_override(args: argparse.Namespace) -> BackboneConfig | None:
@@ -67,7 +74,10 @@ def load_scorer(args: argparse.Namespace):
     from ..model.scorer import Scorer
 
     quiet_transformers()
-    config = ScorerConfig(max_tokens=args.max_tokens, truncation=args.truncation, token_budget=args.token_budget)
+    config = ScorerConfig(
+        max_tokens=args.max_tokens, truncation=args.truncation, token_budget=args.token_budget,
+        batch_plan=args.batch_plan, batch_invariant=args.batch_invariant, share_prompts=args.share_prompts,
+    )  # fmt: skip
     scorer = Scorer.load(args.model, backbone=backbone_override(args), config=config)
     if not scorer.trained:
         print(f"warning: {scorer.model_id}: the heads are NOT trained; scores are meaningless", file=sys.stderr)

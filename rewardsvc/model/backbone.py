@@ -10,6 +10,7 @@ loads take well under a second.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -87,8 +88,66 @@ class Backbone:
         right, masked out) cannot move them.
         """
         input_ids, attention_mask, index = self._inputs(rows, positions)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        # use_cache=False: a scoring pass never decodes further, so keeping every block's keys/values is waste.
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return self._gather(out.last_hidden_state, index).float().cpu()  # (B, P, H)
+
+    @torch.inference_mode()
+    def hidden_packed(self, rows: list[list[int]], positions: list[list[int]], attention: str = "auto") -> torch.Tensor:
+        """`hidden_at` without padding: the rows are concatenated into one sequence whose position ids restart
+        at 0 for each row. transformers reads the restarts as packed sequences and builds a block-diagonal
+        causal mask (SDPA), or hands the boundaries to a variable-length attention kernel when the model was
+        loaded with one. `attention`: `auto` uses torch's varlen kernel on CUDA (packed_attention.py) and that
+        SDPA mask elsewhere; `boundaries` forces the row-boundary interface (per-row SDPA off CUDA). No cache
+        (it would switch the packed detection off)."""
+        from .packed_attention import packed_attention, varlen_available
+
+        lengths = [len(r) for r in rows]
+        for row_positions, n in zip(positions, lengths):
+            if any(not 0 <= p < n for p in row_positions):
+                raise BackboneError(f"anchor positions {row_positions} outside a row of {n} tokens")
+        input_ids = torch.tensor([[t for r in rows for t in r]], dtype=torch.long, device=self.device)
+        position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0).to(self.device)
+        starts = [0]
+        for n in lengths[:-1]:
+            starts.append(starts[-1] + n)
+        flat = torch.tensor([[s + p for p in ps] for s, ps in zip(starts, positions)], dtype=torch.long, device=self.device)
+        boundaries = attention == "boundaries" or (attention == "auto" and varlen_available(self.device))
+        with packed_attention(self.model) if boundaries else contextlib.nullcontext():
+            out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        hidden = out.last_hidden_state[0]  # (S, H)
+        return hidden[flat].float().cpu()  # (B, P, H)
+
+    @torch.inference_mode()
+    def prompt_cache(self, prefix: list[int]) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Run a shared prompt once: (its last token's hidden state (H,) float32 on CPU, the per-block
+        (key, value) tensors (1, heads, P, head_dim) on the device) for `hidden_after_prompt`."""
+        input_ids = torch.tensor([prefix], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=input_ids, use_cache=True)
+        cache = _output_cache(out)
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        return out.last_hidden_state[0, -1].float().cpu(), kv
+
+    @torch.inference_mode()
+    def hidden_after_prompt(
+        self, kv: list[tuple[torch.Tensor, torch.Tensor]], rows: list[list[int]], positions: list[list[int]]
+    ) -> torch.Tensor:
+        """`hidden_at` for rows that continue a prompt whose cache `prompt_cache` gave: each row holds only the
+        tokens after the prompt, positions index into those tokens. The rows run as one right-padded batch
+        against the prompt's keys/values (shared, expanded per row) with positions P, P+1, ... Returns (B, P, H)."""
+        from transformers import DynamicCache
+
+        input_ids, attention_mask, index = self._inputs(rows, positions)
+        b, t = input_ids.shape
+        prompt_len = kv[0][0].shape[-2]
+        expanded = [(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in kv]
+        cache = DynamicCache(ddp_cache_data=expanded, config=self.model.config)
+        mask = torch.cat([torch.ones((b, prompt_len), dtype=attention_mask.dtype, device=self.device), attention_mask], 1)
+        position_ids = torch.arange(prompt_len, prompt_len + t, device=self.device).unsqueeze(0).expand(b, -1)
+        out = self.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True, **{_cache_kwarg(self.model): cache}
+        )
+        return self._gather(out.last_hidden_state, index).float().cpu()
 
     @torch.inference_mode()
     def hidden_at_layers(self, rows: list[list[int]], positions: list[list[int]], layers: list[int]) -> torch.Tensor:
@@ -108,7 +167,7 @@ class Backbone:
         if bad:
             raise BackboneError(f"hidden_at_layers: layers {bad} outside 1..{depth} (the backbone's depth is {depth})")
         input_ids, attention_mask, index = self._inputs(rows, positions)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
         states = out.hidden_states
         if states is None or len(states) != depth + 1:
             raise BackboneError(
@@ -125,6 +184,22 @@ class Backbone:
                 gathered = self._gather(states[layer], index).to(next(norm.parameters()).device)
                 per_layer.append(norm(gathered).to(out.last_hidden_state.device))
         return torch.stack(per_layer, dim=2).float().cpu()  # (B, P, L, H)
+
+
+def _cache_kwarg(model) -> str:
+    """The forward's cache argument: `cache` in transformers 5.x, `past_key_values` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _output_cache(out):
+    cache = getattr(out, "cache", None)
+    if cache is None:
+        cache = getattr(out, "past_key_values", None)
+    if cache is None or not hasattr(cache, "layers"):
+        raise BackboneError("the backbone returned no key/value cache; shared-prompt scoring needs one")
+    return cache
 
 
 def _blocks_and_norm(model):

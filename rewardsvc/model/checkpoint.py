@@ -266,3 +266,41 @@ def load_reference(directory: str | Path, device: torch.device, dtype: torch.dty
     model.eval().requires_grad_(False)
     heads.eval()
     return model, heads, raw
+
+
+def load_reference_heads(directory: str | Path):
+    """The heads of a reference-format checkpoint, with the same strict key and shape checks as
+    `load_reference` over the backbone part too, but without reading the backbone's tensors (shapes come
+    from the safetensors headers). Used when the backbone loads through `backbone.load_backbone`
+    (quantization, adapters), as heads-format checkpoints' backbones do. Returns (ArmoHeads, raw config)."""
+    from transformers import CONFIG_MAPPING, AutoModel
+
+    directory = Path(directory)
+    raw = _read_json(directory / "config.json")
+    model_type = raw.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise CheckpointError(f"{directory / 'config.json'}: model_type {model_type!r} is not a built-in transformers model")
+    fields = {k: v for k, v in raw.items() if k not in ("auto_map", "architectures", "model_type")}
+    heads = ArmoHeads(reference_heads_config(raw))
+    with torch.device("meta"):
+        model = AutoModel.from_config(CONFIG_MAPPING[model_type](**fields), trust_remote_code=False)
+    backbone_expected = {f"model.{k}": v for k, v in model.state_dict().items()}
+    heads_expected = heads.state_dict()
+    backbone_found: dict[str, torch.Tensor] = {}
+    heads_found: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    for path in _reference_tensor_files(directory):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if key.startswith("model."):
+                    backbone_found[key] = torch.empty(f.get_slice(key).get_shape(), device="meta")
+                elif key in heads_expected:
+                    heads_found[key] = f.get_tensor(key)
+                else:
+                    unexpected.append(key)
+    if unexpected:
+        raise CheckpointError(f"{directory}: unexpected keys {sorted(unexpected)[:8]}")
+    check_state_dict(backbone_expected, backbone_found, str(directory))
+    check_state_dict(heads_expected, heads_found, str(directory))
+    heads.load_state_dict({k: v.float() for k, v in heads_found.items()})
+    return heads.eval(), raw

@@ -2,6 +2,13 @@
 
 One forward gives both embeddings (the prompt anchor lies inside the conversation). Shared by the scorer
 and by training's embedding extraction, so that training embeds exactly what serving scores.
+
+Three ways to run the same maths (`batch_plan` says which conversations go together):
+- padded (default on CPU): length-sorted, right-padded batches under a token budget;
+- packed (default on CUDA): rows concatenated without padding, per-sequence position ids;
+- shared prompts (`share_prompts`): conversations whose tokens start with the same prompt run it once and
+  the responses continue from its key/value cache; the prompt embedding comes from that one prompt pass;
+- one per forward (`batch_invariant`): every conversation alone, so its result cannot depend on neighbours.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .backbone import Backbone
-from .batch_plan import plan_padded_batches
+from .batch_plan import plan_packed_batches, plan_padded_batches, plan_shared_prompts
 from .encoding import EncodedConversation
 
 
@@ -23,15 +30,36 @@ class Embeddings:
 
 
 def embed_encoded(
-    backbone: Backbone, encoded: Sequence[EncodedConversation], token_budget: int, max_batch_size: int
+    backbone: Backbone,
+    encoded: Sequence[EncodedConversation],
+    token_budget: int,
+    max_batch_size: int,
+    *,
+    share_prompts: bool = False,
+    batch_invariant: bool = False,
+    packed: bool = False,
 ) -> Embeddings:
-    """Embeddings in input order, computed in length-sorted padded batches under `token_budget`."""
+    """Embeddings in input order."""
     H = backbone.hidden_size
     response = torch.empty((len(encoded), H))
     prompt = torch.empty((len(encoded), H))
-    lengths = [e.num_tokens for e in encoded]
-    for batch in plan_padded_batches(lengths, token_budget, max_batch_size):
-        hidden = backbone.hidden_at(
+    if batch_invariant:
+        # One conversation per forward, no padding: the same shapes and kernels whatever the neighbours.
+        for i, e in enumerate(encoded):
+            hidden = backbone.hidden_at([list(e.input_ids)], [[e.prompt_anchor, e.response_anchor]])
+            prompt[i], response[i] = hidden[0, 0], hidden[0, 1]
+        return Embeddings(response=response, prompt=prompt)
+    rest = list(range(len(encoded)))
+    if share_prompts:
+        groups, rest = plan_shared_prompts([e.input_ids[: e.prompt_anchor + 1] for e in encoded])
+        for group in groups:
+            _embed_shared_prompt(backbone, encoded, group, token_budget, max_batch_size, response, prompt)
+    lengths = [encoded[i].num_tokens for i in rest]
+    plan = plan_packed_batches if packed else plan_padded_batches
+    run = backbone.hidden_packed if packed else backbone.hidden_at
+    for batch in plan(lengths, token_budget, max_batch_size):
+        batch = [rest[j] for j in batch]
+        hidden = run(
             [list(encoded[i].input_ids) for i in batch],
             [[encoded[i].prompt_anchor, encoded[i].response_anchor] for i in batch],
         )  # (b, 2, H)
@@ -39,3 +67,17 @@ def embed_encoded(
         prompt[index] = hidden[:, 0]
         response[index] = hidden[:, 1]
     return Embeddings(response=response, prompt=prompt)
+
+
+def _embed_shared_prompt(backbone, encoded, group, token_budget, max_batch_size, response, prompt) -> None:
+    """One prompt pass, then the group's responses in length-sorted batches continuing from its cache."""
+    first = encoded[group[0]]
+    start = first.prompt_anchor + 1  # every member's prompt is input_ids[:start] (plan_shared_prompts)
+    prompt_hidden, kv = backbone.prompt_cache(list(first.input_ids[:start]))
+    tails = [encoded[i].input_ids[start:] for i in group]
+    # The budget counts the response tokens; each row also attends to the `start` cached prompt positions.
+    for batch in plan_padded_batches([len(t) for t in tails], token_budget, max_batch_size):
+        hidden = backbone.hidden_after_prompt(kv, [list(tails[j]) for j in batch], [[len(tails[j]) - 1] for j in batch])
+        index = torch.tensor([group[j] for j in batch])
+        response[index] = hidden[:, 0]
+        prompt[index] = prompt_hidden

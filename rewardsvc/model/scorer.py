@@ -6,6 +6,7 @@ Not thread-safe: one thread (the server's batcher, or the CLI) owns a Scorer.
 from __future__ import annotations
 
 import logging
+from dataclasses import fields
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from ..config import BackboneConfig, ScorerConfig
 from ..errors import CheckpointError
 from ..types import AttributeWeights, InspectResult, ScoreResult, weights_source
 from .backbone import Backbone, load_backbone, load_tokenizer, resolve_device, resolve_dtype, truncate_backbone
-from .checkpoint import is_heads_checkpoint, is_reference_checkpoint, load_heads, load_reference
+from .checkpoint import is_heads_checkpoint, is_reference_checkpoint, load_heads, load_reference, load_reference_heads
 from .conversation import validate_conversation, validate_prompt, with_response
 from .embedding import Embeddings, embed_encoded
 from .encoding import ChatEncoder, EncodedConversation
@@ -82,8 +83,15 @@ class Scorer:
             )  # fmt: skip
         if is_reference_checkpoint(directory):
             backbone_config = backbone or BackboneConfig(model=str(directory))
-            if backbone_config.quantization or backbone_config.adapter:
-                raise CheckpointError("quantization and adapters are not supported with reference-format checkpoints yet")
+            if backbone_config.quantization or backbone_config.adapter or backbone_config.model != str(directory):
+                # The backbone part loads like a heads-format checkpoint's backbone (bitsandbytes, PEFT, another
+                # backbone); the heads come from the checkpoint, checked as strictly as the direct path.
+                heads, raw = load_reference_heads(directory)
+                loaded = load_backbone(backbone_config)
+                model_id = f"reference:{raw.get('_name_or_path') or directory.name}"
+                own = backbone_config.model == str(directory)
+                suffix = loaded.model_id[len(str(directory)) :] if own else f"+backbone:{loaded.model_id}"  # +8bit, +adapter:..
+                return cls(loaded, heads, model_id=model_id + suffix, config=config, trained=True)
             device = resolve_device(backbone_config.device)
             dtype = resolve_dtype(backbone_config.dtype, device)
             hf_model, heads, raw = load_reference(directory, device, dtype)
@@ -113,7 +121,12 @@ class Scorer:
 
     def embed(self, encoded: Sequence[EncodedConversation]) -> Embeddings:
         """Response and prompt embeddings (N, H), in input order, from length-sorted padded batches."""
-        return embed_encoded(self.backbone, encoded, self.config.token_budget, self.config.max_batch_size)
+        c = self.config
+        return embed_encoded(
+            self.backbone, encoded, c.token_budget, c.max_batch_size,
+            share_prompts=c.share_prompts and not c.batch_invariant, batch_invariant=c.batch_invariant,
+            packed=c.batch_plan == "packed" or (c.batch_plan == "auto" and self.backbone.device.type == "cuda"),
+        )  # fmt: skip
 
     def _weights_used(self, prompt_embedding: torch.Tensor, weights: AttributeWeights | None) -> torch.Tensor:
         """The gating for these prompts (N, K), steered by `weights` when given."""
@@ -122,6 +135,16 @@ class Scorer:
 
     @torch.inference_mode()
     def _head_outputs(self, embeddings: Embeddings, weights: AttributeWeights | None):
+        if self.config.batch_invariant:
+            # A matmul's kernel (and so its rounding) can depend on the row count: one row at a time.
+            rows = [
+                self._head_rows(Embeddings(response=embeddings.response[i : i + 1], prompt=embeddings.prompt[i : i + 1]), weights)
+                for i in range(embeddings.response.shape[0])
+            ]
+            return type(rows[0])(**{f.name: torch.cat([getattr(r, f.name) for r in rows]) for f in fields(rows[0])})
+        return self._head_rows(embeddings, weights)
+
+    def _head_rows(self, embeddings: Embeddings, weights: AttributeWeights | None):
         rewards = self.heads.rewards(embeddings.response)  # (N, K)
         return self.heads.combine(rewards, self._weights_used(embeddings.prompt, weights))
 

@@ -185,9 +185,9 @@ class RewardService:
         """The same steps as Scorer.score_group (validate the prompt once, encode each response after it,
         score_encoded), split so that tokenizing happens here and the model runs on the batcher thread.
 
-        Today the prompt's tokens still run through the backbone once per response. KV-cache prefix reuse
-        (roadmap) would run the shared prompt once and only the N responses after it, and gate once: the
-        prompt anchor's hidden state is the same for every response under causal attention."""
+        The responses reach the scorer in one score_encoded call (unless the batcher's token budget splits
+        them), where conversations starting with the same prompt tokens run that prompt once and continue from
+        its key/value cache (ScorerConfig.share_prompts, model/batch_plan.plan_shared_prompts)."""
         scorer = self._require_ready()
         if not responses:
             raise InvalidInputError("responses: a group needs at least one response", field="responses")
