@@ -25,5 +25,5 @@ def test_score_flags_reach_the_scorer(tmp_path, tiny_llama_dir):
     for row, result in zip(got, invariant.score([[{"role": "user", "content": r["prompt"]},
                                                   {"role": "assistant", "content": r["response"]}] for r in rows])):  # fmt: skip
         assert row["score"] == result.score  # bitwise: the same one-per-forward computation
-    defaults = cli.build_parser().parse_args(["score", "x"])
+    defaults = cli.build_parser()[0].parse_args(["score", "x"])
     assert (defaults.share_prompts, defaults.batch_invariant, defaults.batch_plan) == (True, False, "auto")
