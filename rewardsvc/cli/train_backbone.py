@@ -17,6 +17,13 @@ import os
 from ..config import BackboneConfig
 
 
+INPUT_FORMAT = """\
+input: the data directory (--data-dir, default ../shared/data): the stage-2 training pairs of `rewardsvc train`
+  (same adapters and split; evaluation prompts never enter). output: WORK_DIR/stage0/adapter (a PEFT adapter
+  for `rewardsvc train --adapter`), head.safetensors, optimizer.pt and state.json (step, losses, validation).
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", default="artifacts/train", help="the adapter and its resumable state go to WORK_DIR/stage0")
     parser.add_argument("--data-dir", help="the shared data directory (default: ../shared/data)")

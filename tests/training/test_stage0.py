@@ -142,3 +142,32 @@ def test_config_checks_name_the_field():
         Stage0Config(feature_layer=1, rank=0)
     with pytest.raises(InvalidInputError, match="stage0.learning_rate"):
         Stage0Config(feature_layer=1, learning_rate=float("nan"))
+
+
+def test_the_recipe_with_a_stage0_adapter_ships_it_in_the_checkpoint(tmp_path, causal_dir, monkeypatch):
+    """train-backbone then train --adapter, end to end on synthetic sets: features come from the adapted
+    backbone (their own store), the checkpoint carries the adapter, and it scores the same after a move."""
+    import rewardsvc.training.pipeline as pipeline
+    from rewardsvc.training.pipeline import TrainConfig, run_training
+    from rewardsvc.training.stage2 import Stage2Config
+    from test_training_pipeline import synthetic_sets
+
+    sets = synthetic_sets()
+    train_stage0(tmp_path / "work", BackboneConfig(model=str(causal_dir)), _config(total_steps=4), sets.stage2_train, save_every=100)
+    adapter = tmp_path / "work" / "stage0" / "adapter"
+    monkeypatch.setattr(pipeline, "build_training_sets", lambda *args, **kwargs: sets)
+    config = TrainConfig(
+        out_dir=str(tmp_path / "heads"), work_dir=str(tmp_path / "work"), name="tiny-stage0", max_tokens=2048,
+        backbone=BackboneConfig(model=str(causal_dir), adapter=str(adapter)), layers=(1,), preference_heads=(False,),
+        gating_hidden_dim=16, stage2=Stage2Config(lr=1e-2, patience=3, max_epochs=5), evaluate=False,
+    )  # fmt: skip
+    run_training(config)
+    saved = json.loads((tmp_path / "heads" / "rewardsvc.json").read_text())
+    assert saved["backbone"]["adapter"] == "adapter" and (tmp_path / "heads" / "adapter" / "adapter_config.json").is_file()
+    stores = sorted(p.name for p in (tmp_path / "work").iterdir() if p.name.startswith("features"))
+    assert len(stores) == 1 and stores[0].startswith("features-")  # not the plain backbone's store
+    conversation = [*sets.eval_pairs[0].prompt, {"role": "assistant", "content": sets.eval_pairs[0].chosen}]
+    before = Scorer.load(tmp_path / "heads").score([conversation])[0].score
+    shutil.move(str(tmp_path / "heads"), tmp_path / "elsewhere")
+    after = Scorer.load(tmp_path / "elsewhere").score([conversation])[0].score
+    assert after == before
