@@ -85,10 +85,33 @@ def render(config: dict[str, Any]) -> str:
         for category, weights in gating.items():
             top = sorted(weights.items(), key=lambda kv: -kv[1])[:3]
             lines.append(f"| {category} | " + ", ".join(f"{a} {w:.2f}" for a, w in top) + " |")
-    lines += ["", "## Limitations", "",
-              "A 135M-parameter backbone on a few thousand labelled examples: the rewards are a small, fast, honest "
-              "baseline, not a frontier reward model. Check the per-category numbers above before relying on a category.", ""]  # fmt: skip
+    lines += ["", "## Limitations", "", *_limitations(config, evaluation), ""]
     return "\n".join(lines)
+
+
+def _limitations(config: dict[str, Any], evaluation: dict[str, Any]) -> list[str]:
+    """Known weaknesses, read from the provenance: where the model loses to 'the longer answer wins', how much
+    of the data the fit saw, and what the recipe left out."""
+    items = ["- A small backbone on a few thousand labelled examples: a fast, honest baseline, not a frontier reward model."]
+    shipped = evaluation.get("after_debiasing")
+    if shipped:
+        base = shipped["length_baseline"]["categories"]
+        below = [f"{c} ({_pct(r['accuracy'])} vs {_pct(base[c]['accuracy'])})" for c, r in sorted(shipped["categories"].items())
+                 if c in base and r["accuracy"] < base[c]["accuracy"]]  # fmt: skip
+        if below:
+            items.append("- Below the length baseline (longer answer wins) on the held-out mix in: " + ", ".join(below) + ".")
+        near_chance = [c for c, r in sorted(shipped["categories"].items()) if r["accuracy"] < 0.55]
+        if near_chance:
+            items.append("- At or near chance (< 55 %) on the held-out mix in: " + ", ".join(near_chance) + ".")
+    features = config.get("provenance", {}).get("data", {}).get("features") or {}
+    stored, wanted = features.get("conversations_stored"), features.get("conversations_wanted")
+    if stored is not None and wanted and stored < wanted:
+        items.append(f"- Fit on a partial feature pass: {stored} of {wanted} conversations ({stored / wanted:.0%}); the "
+                     "held-out figures cover only the pairs whose conversations are stored.")  # fmt: skip
+    if not config.get("backbone", {}).get("adapter"):
+        items.append("- No stage 0: the backbone is the frozen chat model, not fine-tuned as a Bradley-Terry reward model "
+                     "(`rewardsvc train-backbone`).")  # fmt: skip
+    return items
 
 
 def _coverage(features: dict[str, Any] | None, embed: str | None) -> str:

@@ -1,0 +1,38 @@
+"""The model card's limitations are read from the provenance they describe."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+from rewardsvc.model.scorer import DEFAULT_MODEL_DIR
+from rewardsvc.training.model_card import render
+
+
+def _packaged() -> dict:
+    return json.loads((DEFAULT_MODEL_DIR / "rewardsvc.json").read_text())
+
+
+def test_the_packaged_card_is_the_rendering_of_its_provenance():
+    assert (DEFAULT_MODEL_DIR / "MODEL_CARD.md").read_text() == render(_packaged())
+
+
+def test_limitations_name_every_category_below_the_length_baseline():
+    config = _packaged()
+    shipped = config["provenance"]["metrics"]["eval"]["after_debiasing"]
+    base = shipped["length_baseline"]["categories"]
+    below = sorted(c for c, r in shipped["categories"].items() if r["accuracy"] < base[c]["accuracy"])
+    limitations = render(config).split("## Limitations")[1]
+    line = next(x for x in limitations.splitlines() if x.startswith("- Below the length baseline"))
+    assert below and all(f"{c} (" in line for c in below)
+    assert all(f"{c} (" not in line for c in set(shipped["categories"]) - set(below))
+
+
+def test_limitations_follow_coverage_and_stage0():
+    config = copy.deepcopy(_packaged())
+    features = config["provenance"]["data"]["features"]
+    assert "partial feature pass" in render(config)
+    features["conversations_stored"] = features["conversations_wanted"]
+    config["backbone"]["adapter"] = "adapter"
+    text = render(config)
+    assert "partial feature pass" not in text and "No stage 0" not in text
