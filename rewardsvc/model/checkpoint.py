@@ -227,8 +227,11 @@ def _rebuild_non_persistent_buffers(model, hf_config, device: torch.device) -> N
         raise CheckpointError(f"reference checkpoint: tensors not initialised after loading: {left[:8]}")
 
 
-def load_reference(directory: str | Path, device: torch.device, dtype: torch.dtype):
-    """Load a reference-format checkpoint: returns (hidden-state model, ArmoHeads, hf config dict)."""
+def _reference_parts(directory: str | Path, read_backbone: bool):
+    """Read and strictly check a reference-format checkpoint: every key and shape of the backbone part and of
+    the heads. Returns (hf config, backbone model on the meta device, loaded ArmoHeads, raw config dict,
+    backbone tensors keyed without the `model.` prefix). With read_backbone=False the backbone tensors are
+    meta tensors of the stored shapes (read from the safetensors headers only)."""
     from transformers import CONFIG_MAPPING, AutoModel
 
     directory = Path(directory)
@@ -241,7 +244,6 @@ def load_reference(directory: str | Path, device: torch.device, dtype: torch.dty
     heads = ArmoHeads(reference_heads_config(raw))
     with torch.device("meta"):
         model = AutoModel.from_config(hf_config, trust_remote_code=False)
-    backbone_expected = model.state_dict()
     heads_expected = heads.state_dict()
     backbone_found: dict[str, torch.Tensor] = {}
     heads_found: dict[str, torch.Tensor] = {}
@@ -250,21 +252,28 @@ def load_reference(directory: str | Path, device: torch.device, dtype: torch.dty
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for key in f.keys():
                 if key.startswith("model."):
-                    backbone_found[key[len("model."):]] = f.get_tensor(key)
+                    backbone_found[key[len("model."):]] = (
+                        f.get_tensor(key) if read_backbone else torch.empty(f.get_slice(key).get_shape(), device="meta")
+                    )
                 elif key in heads_expected:
                     heads_found[key] = f.get_tensor(key)
                 else:
                     unexpected.append(key)
     if unexpected:
         raise CheckpointError(f"{directory}: unexpected keys {sorted(unexpected)[:8]}")
-    check_state_dict({f"model.{k}": v for k, v in backbone_expected.items()},
+    check_state_dict({f"model.{k}": v for k, v in model.state_dict().items()},
                      {f"model.{k}": v for k, v in backbone_found.items()}, str(directory))  # fmt: skip
     check_state_dict(heads_expected, heads_found, str(directory))
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in backbone_found.items()}, assign=True)
-    _rebuild_non_persistent_buffers(model, hf_config, device)
     heads.load_state_dict({k: v.float() for k, v in heads_found.items()})
+    return hf_config, model, heads.eval(), raw, backbone_found
+
+
+def load_reference(directory: str | Path, device: torch.device, dtype: torch.dtype):
+    """Load a reference-format checkpoint: returns (hidden-state model, ArmoHeads, hf config dict)."""
+    hf_config, model, heads, raw, backbone = _reference_parts(directory, read_backbone=True)
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in backbone.items()}, assign=True)
+    _rebuild_non_persistent_buffers(model, hf_config, device)
     model.eval().requires_grad_(False)
-    heads.eval()
     return model, heads, raw
 
 
@@ -273,34 +282,5 @@ def load_reference_heads(directory: str | Path):
     `load_reference` over the backbone part too, but without reading the backbone's tensors (shapes come
     from the safetensors headers). Used when the backbone loads through `backbone.load_backbone`
     (quantization, adapters), as heads-format checkpoints' backbones do. Returns (ArmoHeads, raw config)."""
-    from transformers import CONFIG_MAPPING, AutoModel
-
-    directory = Path(directory)
-    raw = _read_json(directory / "config.json")
-    model_type = raw.get("model_type")
-    if model_type not in CONFIG_MAPPING:
-        raise CheckpointError(f"{directory / 'config.json'}: model_type {model_type!r} is not a built-in transformers model")
-    fields = {k: v for k, v in raw.items() if k not in ("auto_map", "architectures", "model_type")}
-    heads = ArmoHeads(reference_heads_config(raw))
-    with torch.device("meta"):
-        model = AutoModel.from_config(CONFIG_MAPPING[model_type](**fields), trust_remote_code=False)
-    backbone_expected = {f"model.{k}": v for k, v in model.state_dict().items()}
-    heads_expected = heads.state_dict()
-    backbone_found: dict[str, torch.Tensor] = {}
-    heads_found: dict[str, torch.Tensor] = {}
-    unexpected: list[str] = []
-    for path in _reference_tensor_files(directory):
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                if key.startswith("model."):
-                    backbone_found[key] = torch.empty(f.get_slice(key).get_shape(), device="meta")
-                elif key in heads_expected:
-                    heads_found[key] = f.get_tensor(key)
-                else:
-                    unexpected.append(key)
-    if unexpected:
-        raise CheckpointError(f"{directory}: unexpected keys {sorted(unexpected)[:8]}")
-    check_state_dict(backbone_expected, backbone_found, str(directory))
-    check_state_dict(heads_expected, heads_found, str(directory))
-    heads.load_state_dict({k: v.float() for k, v in heads_found.items()})
-    return heads.eval(), raw
+    _, _, heads, raw, _ = _reference_parts(directory, read_backbone=False)
+    return heads, raw
