@@ -249,7 +249,7 @@ def train_stage0(
     order = pair_order(len(train), config.seed, config.total_steps * config.pairs_per_step)
     torch.manual_seed(config.seed + state.step)
     stop = config.total_steps if max_steps is None else min(config.total_steps, state.step + max_steps)
-    started = time.perf_counter()
+    run_started = started = time.perf_counter()  # run_started bounds this run; started accumulates state.seconds
     log.info("stage0: %d train pairs (%d too long), %d val, steps %d..%d", len(train), skipped, len(val), state.step, stop)
     while state.step < stop:
         model.train()
@@ -264,14 +264,14 @@ def train_stage0(
         optimizer.step()
         state.step += 1
         state.losses.append(round(float(loss.detach()), 6))
-        out_of_time = max_seconds is not None and time.perf_counter() - started >= max_seconds
+        out_of_time = max_seconds is not None and time.perf_counter() - run_started >= max_seconds
         if state.step % save_every == 0 or state.step == stop or out_of_time:
             state.seconds = round(state.seconds + time.perf_counter() - started, 3)
             started = time.perf_counter()
             if val:
                 state.validation.append({"step": state.step, "accuracy": pair_accuracy(model, val), "pairs": len(val)})
             _save(directory, model, optimizer, state)
-            log.info("stage0: step %d loss %.4f %s", state.step, loss, state.validation[-1:] or "")
+            log.info("stage0: step %d loss %.4f %s", state.step, float(loss.detach()), state.validation[-1:] or "")
         if out_of_time:
             break
     return state

@@ -171,3 +171,12 @@ def test_the_recipe_with_a_stage0_adapter_ships_it_in_the_checkpoint(tmp_path, c
     shutil.move(str(tmp_path / "heads"), tmp_path / "elsewhere")
     after = Scorer.load(tmp_path / "elsewhere").score([conversation])[0].score
     assert after == before
+
+
+def test_max_seconds_counts_the_whole_run_not_the_time_since_the_last_save(tmp_path, causal_dir, monkeypatch):
+    import rewardsvc.training.stage0 as stage0
+
+    ticks = iter(range(10_000))  # a clock that advances 1 s per reading: no real time, no flake
+    monkeypatch.setattr(stage0.time, "perf_counter", lambda: float(next(ticks)))
+    state = train_stage0(tmp_path, BackboneConfig(model=str(causal_dir)), _config(), _pairs(3), max_seconds=5, save_every=1)
+    assert 1 <= state.step <= 3  # saving every step must not restart the run's clock
