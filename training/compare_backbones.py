@@ -27,9 +27,9 @@ import torch
 from rewardsvc.config import BackboneConfig
 from rewardsvc.errors import InvalidInputError
 from rewardsvc.model.backbone import Backbone, converted_gguf_dir, load_backbone, truncate_backbone
-from rewardsvc.model.batch_plan import plan_padded_batches
 from rewardsvc.model.encoding import ChatEncoder
 from rewardsvc.training.data.build import build_training_sets, round_robin
+from rewardsvc.training.pipeline import _features_fn
 
 # Gemma's turn format (as in the Gemma instruction-tuned models); a system turn is folded into the first user turn.
 GEMMA_TEMPLATE = (
@@ -54,18 +54,10 @@ def load_gemma() -> Backbone:
 
 
 def embed(backbone: Backbone, encoded, layers, budget=2048):
-    """(N, L, H) response-anchor and prompt-anchor states, and tokens/s."""
-    n = len(encoded)
-    response = torch.empty(n, len(layers), backbone.hidden_size)
-    prompt = torch.empty_like(response)
+    """(N, L, H) response-anchor and prompt-anchor states (the training pipeline's own feature pass), and tokens/s."""
     start = time.perf_counter()
-    for batch in plan_padded_batches([e.num_tokens for e in encoded], budget, 32):
-        hidden = backbone.hidden_at_layers([list(encoded[i].input_ids) for i in batch],
-                                           [[encoded[i].prompt_anchor, encoded[i].response_anchor] for i in batch], layers)  # fmt: skip
-        index = torch.tensor(batch)
-        prompt[index], response[index] = hidden[:, 0], hidden[:, 1]
-    seconds = time.perf_counter() - start
-    return response, prompt, sum(e.num_tokens for e in encoded) / seconds
+    response, prompt = _features_fn(backbone, layers, budget)(encoded)
+    return response, prompt, sum(e.num_tokens for e in encoded) / (time.perf_counter() - start)
 
 
 def ridge_pearson(x_tr, y_tr, x_va, y_va) -> float:

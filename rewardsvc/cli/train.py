@@ -56,16 +56,22 @@ def _layers(text: str) -> tuple[int, ...]:
         raise InvalidInputError(f"--layers: expected comma-separated integers, got {text!r}", field="layers") from None
 
 
-def run(args: argparse.Namespace) -> int:
+def existing_data_dir(args: argparse.Namespace) -> str:
+    """--data-dir, else the default; checked here so the message names the flag, not the Python argument."""
     from ..errors import InvalidInputError
     from ..training.data import DATA_DIR_ENV, default_data_dir
 
     data_dir = args.data_dir or default_data_dir()
-    if not os.path.isdir(data_dir):  # checked here so the message names the flag, not the Python argument
+    if not os.path.isdir(data_dir):
         raise InvalidInputError(
             f"--data-dir: the data directory {data_dir} does not exist; pass --data-dir DIR or set ${DATA_DIR_ENV}",
             field="data_dir",
         )
+    return str(data_dir)
+
+
+def run(args: argparse.Namespace) -> int:
+    existing_data_dir(args)
     from ..training.pipeline import TrainConfig, run_training  # torch and transformers: only past the checks
     from .main import quiet_transformers
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 from ..config import BackboneConfig
 
@@ -43,14 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import InvalidInputError
-    from ..training.data import DATA_DIR_ENV, default_data_dir
+    from .train import existing_data_dir
 
-    data_dir = args.data_dir or default_data_dir()
-    if not os.path.isdir(data_dir):
-        raise InvalidInputError(
-            f"--data-dir: the data directory {data_dir} does not exist; pass --data-dir DIR or set ${DATA_DIR_ENV}",
-            field="data_dir",
-        )
+    data_dir = existing_data_dir(args)
     for flag in ("max_steps", "val_pairs"):
         value = getattr(args, flag)
         if value is not None and value < 0:

@@ -89,23 +89,19 @@ class Stage0State:
 class BTRewardModel(torch.nn.Module):
     """LoRA-adapted decoder (truncated to the feature layer) + scalar head on the response-anchor state."""
 
-    def __init__(self, peft_model, decoder, head: torch.nn.Linear):
+    def __init__(self, peft_model, backbone: Backbone, head: torch.nn.Linear):
         super().__init__()
         self.peft_model = peft_model  # owns the LoRA parameters; the decoder is inside it, adapted in place
-        self.decoder = decoder
+        self.backbone = backbone  # padding and gathering exactly as serving does (Backbone._inputs / _gather)
+        self.decoder = _decoder_of(backbone.model)
         self.head = head
 
     def forward(self, encoded: Sequence[EncodedConversation]) -> torch.Tensor:
-        """One reward per conversation, (N,). Rows are right-padded; the anchor is each row's last token."""
-        lengths = [e.num_tokens for e in encoded]
-        input_ids = torch.zeros((len(encoded), max(lengths)), dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for i, e in enumerate(encoded):
-            input_ids[i, : lengths[i]] = torch.tensor(e.input_ids)
-            mask[i, : lengths[i]] = 1
+        """One reward per conversation, (N,), from the state at each row's response anchor (its last token)."""
+        input_ids, mask, index = self.backbone._inputs([list(e.input_ids) for e in encoded],
+                                                       [[e.response_anchor] for e in encoded])  # fmt: skip
         hidden = self.decoder(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (N, T, H)
-        last = hidden[torch.arange(len(encoded)), torch.tensor(lengths) - 1]  # (N, H)
-        return self.head(last.float()).squeeze(-1)
+        return self.head(Backbone._gather(hidden, index)[:, 0].float()).squeeze(-1)
 
 
 def build_model(backbone: BackboneConfig, config: Stage0Config, adapter_dir: Path | None = None):
@@ -119,7 +115,8 @@ def build_model(backbone: BackboneConfig, config: Stage0Config, adapter_dir: Pat
     source, backbone_id = _source(backbone)
     tokenizer = load_tokenizer(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=False)
-    truncate_backbone(Backbone(model, tokenizer, backbone_id, torch.device("cpu"), torch.float32), config.feature_layer)
+    wrapped = Backbone(model, tokenizer, backbone_id, torch.device("cpu"), torch.float32)
+    truncate_backbone(wrapped, config.feature_layer)
     model.requires_grad_(False)
     if adapter_dir is not None:
         peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
@@ -133,7 +130,7 @@ def build_model(backbone: BackboneConfig, config: Stage0Config, adapter_dir: Pat
     head = torch.nn.Linear(int(model.config.hidden_size), 1)
     torch.nn.init.zeros_(head.weight)  # r = 0 for every answer at step 0: the loss starts at log 2
     torch.nn.init.zeros_(head.bias)
-    return BTRewardModel(peft_model, _decoder_of(model), head), tokenizer, backbone_id
+    return BTRewardModel(peft_model, wrapped, head), tokenizer, backbone_id
 
 
 def encode_pairs(tokenizer, pairs: Sequence[PreferencePair], max_tokens: int) -> tuple[list, int]:
