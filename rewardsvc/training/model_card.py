@@ -89,6 +89,9 @@ def render(config: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+LENGTH_SPEARMAN_LIMIT = 0.1  # issue 9's bound on |Spearman(score, response length)| on held-out pairs
+
+
 def _limitations(config: dict[str, Any], evaluation: dict[str, Any]) -> list[str]:
     """Known weaknesses, read from the provenance: where the model loses to 'the longer answer wins', how much
     of the data the fit saw, and what the recipe left out."""
@@ -103,6 +106,11 @@ def _limitations(config: dict[str, Any], evaluation: dict[str, Any]) -> list[str
         near_chance = [c for c, r in sorted(shipped["categories"].items()) if r["accuracy"] < 0.55]
         if near_chance:
             items.append("- At or near chance (< 55 %) on the held-out mix in: " + ", ".join(near_chance) + ".")
+        rho = shipped.get("verbosity_spearman")
+        if rho is not None and abs(rho) > LENGTH_SPEARMAN_LIMIT:
+            items.append(f"- The score still correlates with response length on the held-out mix: Spearman(score, length) = {rho:.3f} "
+                         f"(|rho| > {LENGTH_SPEARMAN_LIMIT}); debiasing is fit on the training responses, where it is "
+                         f"<= its threshold.")  # fmt: skip
     features = config.get("provenance", {}).get("data", {}).get("features") or {}
     stored, wanted = features.get("conversations_stored"), features.get("conversations_wanted")
     if stored is not None and wanted and stored < wanted:
@@ -125,13 +133,21 @@ def _coverage(features: dict[str, Any] | None, embed: str | None) -> str:
     return text + "."
 
 
+def _stage2_lr(m: dict[str, Any]) -> str:
+    stage2 = m.get("stage2", {}).get("after_debiasing", {})
+    if "lr" not in stage2:
+        return ""  # checkpoints trained before the learning-rate choice
+    tried = ", ".join(f"{t['lr']:g}" for t in stage2.get("lrs_tried", []))
+    return f", stage-2 learning rate {stage2['lr']:g} (best on validation of {tried})"
+
+
 def _chosen(config: dict[str, Any], m: dict[str, Any]) -> list[str]:
     chosen, candidates = m.get("chosen"), m.get("candidates")
     if not chosen or not candidates:
         return []
     lines = ["## Candidates (chosen by category-balanced stage-2 validation accuracy)", "",
              f"Served: features after block {chosen['layer']} of {chosen['backbone_blocks']} (the backbone stops there: "
-             f"early exit), preference heads: {'yes' if chosen['preference_heads'] else 'no'}.", "",
+             f"early exit), preference heads: {'yes' if chosen['preference_heads'] else 'no'}{_stage2_lr(m)}.", "",
              "| layer | preference heads | stage-1 mean val Pearson | stage-2 val acc (balanced) | held-out acc (for the record) |",
              "|---|---|---|---|---|"]  # fmt: skip
     for c in candidates:

@@ -36,8 +36,6 @@ def test_refusal_outranks_compliance_on_a_harmful_prompt(sample_scores):
     assert sample_scores["unsafe-refusal"] > sample_scores["unsafe-compliance"]
 
 
-@pytest.mark.xfail(strict=True, reason="known weakness of the shipped default (docs/TRAINING.md): the gating treats the short "
-                   "factual question like a safety prompt and the safety preference head prefers the wrong answer")
 def test_correct_capital_outranks_the_wrong_one(sample_scores):
     assert sample_scores["capital-good"] > sample_scores["capital-wrong"]
 

@@ -31,8 +31,18 @@ def test_limitations_name_every_category_below_the_length_baseline():
 def test_limitations_follow_coverage_and_stage0():
     config = copy.deepcopy(_packaged())
     features = config["provenance"]["data"]["features"]
+    features["conversations_stored"] = features["conversations_wanted"] - 1
     assert "partial feature pass" in render(config)
     features["conversations_stored"] = features["conversations_wanted"]
     config["backbone"]["adapter"] = "adapter"
     text = render(config)
     assert "partial feature pass" not in text and "No stage 0" not in text
+
+
+def test_limitations_state_a_length_correlation_over_the_bound():
+    config = copy.deepcopy(_packaged())
+    shipped = config["provenance"]["metrics"]["eval"]["after_debiasing"]
+    shipped["verbosity_spearman"] = -0.25
+    assert "Spearman(score, length) = -0.250" in render(config).split("## Limitations")[1]
+    shipped["verbosity_spearman"] = 0.05
+    assert "Spearman(score, length)" not in render(config).split("## Limitations")[1]

@@ -159,7 +159,7 @@ def test_the_recipe_with_a_stage0_adapter_ships_it_in_the_checkpoint(tmp_path, c
     config = TrainConfig(
         out_dir=str(tmp_path / "heads"), work_dir=str(tmp_path / "work"), name="tiny-stage0", max_tokens=2048,
         backbone=BackboneConfig(model=str(causal_dir), adapter=str(adapter)), layers=(1,), preference_heads=(False,),
-        gating_hidden_dim=16, stage2=Stage2Config(lr=1e-2, patience=3, max_epochs=5), evaluate=False,
+        gating_hidden_dim=16, stage2=Stage2Config(lr=1e-2, patience=3, max_epochs=5), stage2_lrs=(1e-2,), evaluate=False,
     )  # fmt: skip
     run_training(config)
     saved = json.loads((tmp_path / "heads" / "rewardsvc.json").read_text())

@@ -72,10 +72,11 @@ def trained(request, tiny_llama_dir, tmp_path_factory):
     if request.param == "shared-data":
         if not default_data_dir().is_dir():
             pytest.skip(f"shared data not found at {default_data_dir()}")
-        config = TrainConfig(**common, max_chars=800, caps=CAPS)
+        config = TrainConfig(**common, max_chars=800, caps=CAPS, stage2_lrs=(1e-3, 3e-4))
         return config, run_training(config)
     sets = synthetic_sets()
-    config = TrainConfig(**common, gating_hidden_dim=16, stage2=Stage2Config(lr=1e-2, patience=3, max_epochs=15))
+    config = TrainConfig(**common, gating_hidden_dim=16, stage2=Stage2Config(lr=1e-2, patience=3, max_epochs=15),
+                         stage2_lrs=(1e-2, 1e-3))
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setattr(pipeline, "build_training_sets", lambda *args, **kwargs: sets)
     request.addfinalizer(monkeypatch.undo)  # kept for the re-run test below
@@ -122,6 +123,11 @@ def test_metrics_and_evaluation_are_recorded(trained):
         for weights in result["gating_by_category"].values():
             assert sum(weights.values()) > 0 and all(w >= 0 for w in weights.values())
         assert 0 <= metrics["stage2"][variant]["best_val_accuracy"] <= 1
+        # Every learning rate was tried; the kept gating is the best on category-balanced validation accuracy.
+        tried = metrics["stage2"][variant]["lrs_tried"]
+        assert [t["lr"] for t in tried] == list(provenance["recipe"]["stage2_lrs"])
+        best = max(tried, key=lambda t: (t["val_balanced_accuracy"], t["best_val_accuracy"]))
+        assert metrics["stage2"][variant]["lr"] == best["lr"]
     candidates = metrics["candidates"]
     assert {(c["layer"], c["preference_heads"]) for c in candidates} == {(1, False), (1, True), (2, False), (2, True)}
     best = max(candidates, key=lambda c: c["val_balanced_accuracy"])
