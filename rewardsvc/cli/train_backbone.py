@@ -1,7 +1,7 @@
 """`rewardsvc train-backbone`: stage 0, a LoRA adapter that makes the backbone a Bradley-Terry reward model.
 
-    rewardsvc train-backbone --work-dir artifacts/train --layer 12 --steps 500 [--max-seconds 3600]
-    rewardsvc train --work-dir artifacts/train --adapter artifacts/train/stage0/adapter --layers 12 --out DIR
+    rewardsvc train-backbone --work-dir artifacts/train --layer 16 --steps 500 [--max-seconds 3600]
+    rewardsvc train --work-dir artifacts/train --adapter artifacts/train/stage0/adapter --layers 16 --out DIR
 
 Resumable: run the same command again and it continues from the last saved step (a CPU can spread the
 schedule over many runs; --max-seconds bounds one run). The pairs are the stage-2 training pairs of
