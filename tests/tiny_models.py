@@ -71,13 +71,14 @@ def tiny_llama_config(vocab_size: int, **overrides):
     return LlamaConfig(**fields)
 
 
-def save_tiny_llama(directory: Path, template: str = "chatml", seed: int = 0, causal_lm: bool = False) -> Path:
-    """A random tiny Llama (hidden 32) + tokenizer saved as a regular HF directory."""
+def save_tiny_llama(directory: Path, template: str = "chatml", seed: int = 0, causal_lm: bool = False, **config_overrides) -> Path:
+    """A random tiny Llama (hidden 32) + tokenizer saved as a regular HF directory; `config_overrides` go to
+    tiny_llama_config (e.g. num_hidden_layers, tie_word_embeddings)."""
     from transformers import LlamaForCausalLM, LlamaModel
 
     tokenizer = build_tokenizer(template)
     torch.manual_seed(seed)
-    config = tiny_llama_config(len(tokenizer))
+    config = tiny_llama_config(len(tokenizer), **config_overrides)
     model = (LlamaForCausalLM if causal_lm else LlamaModel)(config)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -14,7 +14,7 @@ from rewardsvc.model.backbone import Backbone, load_backbone, truncate_backbone
 from rewardsvc.model.checkpoint import HeadsCheckpoint, save_heads
 from rewardsvc.model.heads import ArmoHeads
 from rewardsvc.model.scorer import Scorer
-from tiny_models import build_tokenizer, tiny_llama_config
+from tiny_models import save_tiny_llama
 
 DEPTH = 4
 ROWS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18, 19]]  # three lengths: right padding is exercised
@@ -30,14 +30,7 @@ CONVERSATIONS = [
 @pytest.fixture(scope="module")
 def deep_llama_dir(tmp_path_factory) -> Path:
     """A random tiny Llama with 4 blocks (the shared one has 2)."""
-    from transformers import LlamaModel
-
-    directory = tmp_path_factory.mktemp("tiny-llama-4")
-    tokenizer = build_tokenizer("chatml")
-    torch.manual_seed(7)
-    LlamaModel(tiny_llama_config(len(tokenizer), num_hidden_layers=DEPTH)).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-4"), seed=7, num_hidden_layers=DEPTH)
 
 
 def full_model(directory: Path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tiny_models import build_tokenizer, tiny_llama_config
+from tiny_models import save_tiny_llama
 
 SCRIPT = Path(__file__).resolve().parents[2] / "training" / "measure_likelihood.py"
 
@@ -22,14 +22,7 @@ def _script():
 
 @pytest.fixture(scope="module")
 def tied_tiny_dir(tmp_path_factory):
-    from transformers import LlamaForCausalLM
-
-    directory = tmp_path_factory.mktemp("tied-tiny")
-    tokenizer = build_tokenizer("chatml")
-    torch.manual_seed(3)
-    LlamaForCausalLM(tiny_llama_config(len(tokenizer), tie_word_embeddings=True)).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_tiny_llama(tmp_path_factory.mktemp("tied-tiny"), seed=3, causal_lm=True, tie_word_embeddings=True)
 
 
 def test_log_probs_equal_the_causal_lm(tied_tiny_dir):
