@@ -74,6 +74,15 @@ def metric_value(metrics_port: int, name: str, labels: dict[str, str] | None = N
     return total
 
 
+def settled_requests(metrics_port: int, labels: dict[str, str], timeout: float = 10.0) -> float:
+    """requests_total matching `labels` once no RPC of that method is in progress. A call is counted when gRPC
+    has finished it, a moment after the client has its reply; the server counts it before the in-progress gauge
+    drops, so after the gauge reads 0 every call a client has seen answered is in the count."""
+    in_progress = {"method": labels["method"]} if "method" in labels else None
+    wait_until(lambda: metric_value(metrics_port, "rewardsvc_requests_in_progress", in_progress) == 0, timeout)
+    return metric_value(metrics_port, "rewardsvc_requests_total", labels)
+
+
 def has_metric(metrics_port: int, name: str) -> bool:
     """Whether the /metrics page has at least one sample named `name` (metric_value is 0 for a missing one)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()

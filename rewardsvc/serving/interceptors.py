@@ -156,8 +156,9 @@ class ObservingInterceptor(grpc.ServerInterceptor):
                     else:
                         final = "CANCELLED"
                 seconds = time.monotonic() - started
-                metrics.in_progress.labels(method).dec()
+                # Counted before the in-progress gauge drops: "nothing in progress" then means "every call counted".
                 metrics.observe_rpc(method, final, seconds)
+                metrics.in_progress.labels(method).dec()
                 active.exit()
                 level = logging.DEBUG if final == "OK" else logging.INFO
                 if log.isEnabledFor(level):

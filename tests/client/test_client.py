@@ -28,6 +28,7 @@ from service_fixtures import (  # noqa: F401  (fixtures)
     metric_value,
     score_request,
     served,
+    settled_requests,
     short_conversation,
     start_server,
     wait_until,
@@ -152,12 +153,10 @@ def test_trl_reward_funcs_share_one_rpc_per_batch(client, served, embedded_score
     prompts = [PROMPT, PROMPT, [{"role": "user", "content": "Hi"}]]  # G completions of one prompt are contiguous
     completions = [[{"role": "assistant", "content": "Red."}], [{"role": "assistant", "content": "Seven."}],
                    [{"role": "assistant", "content": "Hello!"}]]  # fmt: skip
-    before = metric_value(served.metrics_port, "rewardsvc_requests_total", {"method": "Score"})
+    before = settled_requests(served.metrics_port, {"method": "Score"})
     scores = score_func(prompts=prompts, completions=completions, completion_ids=None, trainer_state=None)
     attribute_values = attribute_func(prompts=prompts, completions=completions)
-    # Counted once gRPC has finished the call on the server, which can be a moment after the client has its reply.
-    count = lambda: metric_value(served.metrics_port, "rewardsvc_requests_total", {"method": "Score"})  # noqa: E731
-    assert wait_until(lambda: count() == before + 1, 10) and count() == before + 1
+    assert settled_requests(served.metrics_port, {"method": "Score"}) == before + 1
     offline = embedded_scorer.score([p + c for p, c in zip(prompts, completions)])
     assert scores == pytest.approx([r.score for r in offline], abs=TOL)
     assert attribute_values == pytest.approx([r.rewards[attribute] for r in offline], abs=TOL)

@@ -15,7 +15,7 @@ import pytest
 from rewardsvc.errors import InvalidInputError
 from rewardsvc.integrations import trl as rtrl
 from rewardsvc.integrations import verl as rverl
-from service_fixtures import metric_value, start_server, wait_until
+from service_fixtures import settled_requests, start_server
 from tiny_service import ATTRS, load_tiny_scorer, save_tiny_heads
 
 TOL = 1e-5
@@ -39,12 +39,8 @@ def server(tiny):
 
 
 def score_calls(server) -> float:
-    return metric_value(server.metrics_port, "rewardsvc_requests_total", {"method": "Score"})
-
-
-def settled(server, expected: float) -> bool:
-    # Counted once gRPC has finished the call server-side, a moment after the client has its reply.
-    return wait_until(lambda: score_calls(server) == expected, 10) and score_calls(server) == expected
+    """Score RPCs counted, once the ones already answered are all in the count (service_fixtures.settled_requests)."""
+    return settled_requests(server.metrics_port, {"method": "Score"})
 
 
 class Metrics:
@@ -77,7 +73,7 @@ def test_trl_sync_functions_share_one_rpc_and_log_gating(server, tiny):
     # TRL's GRPOTrainer call: keyword arguments, plus the dataset's extra columns and its own callbacks.
     values = [f(prompts=PROMPTS, completions=COMPLETIONS, completion_ids=[[1]] * 3, trainer_state=None,
                 log_metric=metrics, log_extra=lambda column, values: None) for f in funcs]  # fmt: skip
-    assert settled(server, before + 1)  # two functions, one RPC
+    assert score_calls(server) == before + 1  # two functions, one RPC
     offline = tiny.score(CONVERSATIONS)
     assert values[0] == pytest.approx([r.score for r in offline], abs=TOL)
     assert values[1] == pytest.approx([r.rewards[ATTRS[0]] for r in offline], abs=TOL)
@@ -103,7 +99,7 @@ def test_trl_async_functions_run_concurrently_on_one_rpc(server, tiny):
                                       for f in funcs))  # fmt: skip
 
     values = asyncio.run(trl_step())
-    assert settled(server, before + 1)
+    assert score_calls(server) == before + 1
     offline = tiny.score(CONVERSATIONS)
     assert values[0] == pytest.approx([r.score for r in offline], abs=TOL)
     assert values[1] == pytest.approx([r.rewards[ATTRS[1]] for r in offline], abs=TOL)
@@ -152,5 +148,5 @@ def test_verl_batched_form_is_one_rpc(server, tiny):
         ground_truths=np.array([None] * 3, dtype=object),
         extra_infos=np.array([{"prompt": c[:-1]} for c in CONVERSATIONS], dtype=object),
     )
-    assert settled(server, before + 1)
+    assert score_calls(server) == before + 1
     assert got == pytest.approx([r.rewards[ATTRS[2]] for r in tiny.score(CONVERSATIONS)], abs=TOL)

@@ -17,7 +17,7 @@ from rewardsvc.config import Limits
 from rewardsvc.errors import InvalidInputError
 from rewardsvc.types import AttributeWeights, CompareResult, GroupResult, InspectResult, ScoreResult
 from rewardsvc.wire import FIELD_KEY
-from service_fixtures import metric_value, score_request, start_server, wait_until
+from service_fixtures import metric_value, score_request, settled_requests, start_server
 from tiny_models import TINY_ATTRIBUTES
 
 PROMPT = [{"role": "user", "content": "Name a colour."}]
@@ -111,9 +111,8 @@ def test_stream_answers_each_request_and_survives_a_bad_one(client, tiny_scorer)
 
 
 def test_metrics_count_the_calls(tiny_served):
-    before = metric_value(tiny_served.metrics_port, "rewardsvc_requests_total", {"method": "Score", "code": "OK"})
+    before = settled_requests(tiny_served.metrics_port, {"method": "Score", "code": "OK"})
     with grpc.insecure_channel(f"127.0.0.1:{tiny_served.port}") as channel:
         pb_grpc.RewardServiceStub(channel).Score(score_request([conversation("Red.")]), timeout=30)
-    # Counted once gRPC has finished the call, a moment after the client has its reply.
-    assert wait_until(lambda: metric_value(tiny_served.metrics_port, "rewardsvc_requests_total", {"method": "Score", "code": "OK"}) == before + 1, 10)
+    assert settled_requests(tiny_served.metrics_port, {"method": "Score", "code": "OK"}) == before + 1
     assert metric_value(tiny_served.metrics_port, "rewardsvc_scored_conversations_total") >= 1
