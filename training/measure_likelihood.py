@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from rewardsvc.config import BackboneConfig
+from rewardsvc.evaluation.report import evaluate_pairs
 from rewardsvc.model.backbone import load_backbone
 
 
@@ -67,14 +68,19 @@ def sample(path: Path, split: str | None, per_source: int, seed: int) -> list[di
     return out
 
 
-def accuracy(rows: list[dict], key) -> dict[str, float]:
-    by: dict[str, list[float]] = defaultdict(list)
-    for r in rows:
-        d = key(r)
-        by[r["category"]].append(1.0 if d > 0 else 0.5 if d == 0 else 0.0)
-    out = {c: round(100 * sum(v) / len(v), 1) for c, v in sorted(by.items())}
-    out["n"] = {c: len(v) for c, v in sorted(by.items())}
-    return out
+def by_category(rows: list[dict], signal: str) -> dict:
+    """Per-category pair accuracy (percent, ties 0.5) of "higher `signal` wins", and of "longer wins" on the same
+    pairs, through the evaluation's own evaluate_pairs."""
+    result = evaluate_pairs({"category": r["category"], "subset": r["source"], "chosen_score": r[f"{signal}_c"],
+                             "rejected_score": r[f"{signal}_r"], "chosen_length": r["len_c"],
+                             "rejected_length": r["len_r"]} for r in rows)  # fmt: skip
+
+    def percent(block: dict) -> dict:
+        out = {c: round(100 * v["accuracy"], 1) for c, v in block.items()}
+        out["n"] = {c: v["n"] for c, v in block.items()}
+        return out
+
+    return {"model": percent(result["categories"]), "longer_wins": percent(result["length_baseline"]["categories"])}
 
 
 def main() -> None:
@@ -104,13 +110,9 @@ def main() -> None:
             rows.append({"id": p["id"], "category": p["category"], "source": p["source"],
                          "mean_c": sum(c) / len(c), "mean_r": sum(r) / len(r), "sum_c": sum(c), "sum_r": sum(r),
                          "len_c": len(p["chosen"]), "len_r": len(p["rejected"])})  # fmt: skip
-        result[name] = {
-            "pairs": len(rows),
-            "mean_log_prob": accuracy(rows, lambda r: r["mean_c"] - r["mean_r"]),
-            "sum_log_prob": accuracy(rows, lambda r: r["sum_c"] - r["sum_r"]),
-            "longer_wins": accuracy(rows, lambda r: r["len_c"] - r["len_r"]),
-            "rows": rows,
-        }
+        mean, total = by_category(rows, "mean"), by_category(rows, "sum")
+        result[name] = {"pairs": len(rows), "mean_log_prob": mean["model"], "sum_log_prob": total["model"],
+                        "longer_wins": mean["longer_wins"], "rows": rows}  # fmt: skip
         print(name, json.dumps({k: v for k, v in result[name].items() if k != "rows"}), flush=True)
     result["seconds"] = round(time.perf_counter() - t, 1)
     result["response_tokens"] = tokens

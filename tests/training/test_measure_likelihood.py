@@ -64,3 +64,14 @@ def test_over_max_tokens_is_none(tied_tiny_dir):
 
     backbone = load_backbone(BackboneConfig(model=str(tied_tiny_dir)))
     assert _script().response_log_probs(backbone, [{"role": "user", "content": "hi"}], "hello " * 50, max_tokens=20) is None
+
+
+def test_by_category_counts_pairs_as_the_evaluation_does():
+    rows = [  # chosen higher and longer; a tie on the signal; rejected higher but chosen longer
+        {"category": "chat", "source": "a", "mean_c": -1.0, "mean_r": -2.0, "len_c": 10, "len_r": 5},
+        {"category": "chat", "source": "a", "mean_c": -1.0, "mean_r": -1.0, "len_c": 5, "len_r": 5},
+        {"category": "safety", "source": "b", "mean_c": -3.0, "mean_r": -2.0, "len_c": 9, "len_r": 4},
+    ]
+    got = _script().by_category(rows, "mean")
+    assert got["model"] == {"chat": 75.0, "safety": 0.0, "n": {"chat": 2, "safety": 1}}
+    assert got["longer_wins"] == {"chat": 75.0, "safety": 100.0, "n": {"chat": 2, "safety": 1}}
