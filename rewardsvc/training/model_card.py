@@ -61,6 +61,11 @@ def render(config: dict[str, Any]) -> str:
               "| attribute | lambda | Spearman with verbosity before | after |", "|---|---|---|---|"]  # fmt: skip
     for name, r in debias.get("report", {}).items():
         lines.append(f"| {name} | {r.get('lambda')} | {_num(r.get('spearman_at_zero'))} | {_num(r.get('spearman'))} |")
+    offset = m.get("length_offset")
+    if offset:
+        lines += ["", f"After stage 2 every lambda was raised by **{offset['delta']:+.2f}**, so that Spearman(score, length) "
+                  f"is {_num(offset['spearman'])} (from {_num(offset['spearman_at_zero'])}) on the "
+                  f"{offset['responses']} {offset['reference']}."]  # fmt: skip
     lines += ["", "## Stage 2 (gating, Bradley-Terry) and evaluation on the held-out mix", ""]
     evaluation = m.get("eval", {})
     variants = [v for v in ("before_debiasing", "after_debiasing") if v in evaluation]
@@ -109,8 +114,7 @@ def _limitations(config: dict[str, Any], evaluation: dict[str, Any]) -> list[str
         rho = shipped.get("verbosity_spearman")
         if rho is not None and abs(rho) > LENGTH_SPEARMAN_LIMIT:
             items.append(f"- The score still correlates with response length on the held-out mix: Spearman(score, length) = {rho:.3f} "
-                         f"(|rho| > {LENGTH_SPEARMAN_LIMIT}); debiasing is fit on the training responses, where it is "
-                         f"<= its threshold.")  # fmt: skip
+                         f"(|rho| > {LENGTH_SPEARMAN_LIMIT}); the debiasing is calibrated on the training responses, not on this mix.")  # fmt: skip
     features = config.get("provenance", {}).get("data", {}).get("features") or {}
     stored, wanted = features.get("conversations_stored"), features.get("conversations_wanted")
     if stored is not None and wanted and stored < wanted:

@@ -41,7 +41,7 @@ from .data.attributes import ATTRIBUTE_NAMES, VERBOSITY
 from .data.build import TrainingSets, build_training_sets, conversation_key, round_robin
 from .data.schema import PreferencePair, RatedConversation
 from .data.splits import unit_hash
-from .debias import fit_verbosity_penalties
+from .debias import apply_length_offset, fit_length_offset, fit_verbosity_penalties
 from .feature_store import FeatureStore, extract_features, feature_key
 from .model_card import write_model_card
 from .preference_heads import fit_preference_head
@@ -87,6 +87,11 @@ class TrainConfig:
     gating_n_hidden: int = 3
     gating_temperature: float = 10.0
     debias_threshold: float = 0.03
+    length_reference: tuple[str, ...] = ("chat",)
+    """After stage 2, every lambda_j is raised by one delta so that the score's Spearman with response length is ~0
+    on the stage-2 responses (training and validation) of these categories (debias.fit_length_offset); () skips
+    it. Safety responses are left out: their length is set by refusing or complying, which is what the safety
+    heads must judge. Without it the held-out Spearman was -0.134; docs/TRAINING.md has the measurements."""
     stage2: Stage2Config = field(default_factory=lambda: Stage2Config(lr=1e-3, weight_decay=1e-3, patience=30, max_epochs=300))
     stage2_lrs: tuple[float, ...] = (1e-3, 3e-4, 1e-4)
     """Stage-2 learning rates tried (each replaces `stage2.lr`); the gating best on category-balanced validation
@@ -103,6 +108,7 @@ class TrainConfig:
         object.__setattr__(self, "stage2_lrs", tuple(float(x) for x in self.stage2_lrs))
         if not self.stage2_lrs or not all(x > 0 for x in self.stage2_lrs):
             raise InvalidInputError(f"stage2_lrs must be learning rates > 0, got {self.stage2_lrs}", field="stage2_lrs")
+        object.__setattr__(self, "length_reference", tuple(str(x) for x in self.length_reference))
         if self.embed not in EMBED_MODES:
             raise InvalidInputError(f"embed must be one of {EMBED_MODES}, got {self.embed!r}", field="embed")
 
@@ -358,7 +364,37 @@ def _fit_candidate(config: TrainConfig, layer: int, i: int, preference: bool, st
         variants[variant] = heads
     chosen = report["stage2"]["after_debiasing"]
     report["val_balanced_accuracy"], report["val_categories"] = chosen["val_balanced_accuracy"], chosen["val_categories"]
+    if config.length_reference:
+        report["length_offset"] = _calibrate_length(variants["after_debiasing"], (train, val), i, config.length_reference,
+                                                     attributes.index(VERBOSITY))  # fmt: skip
+        result = evaluate_pairs(pair_records(variants["after_debiasing"], val.pairs, val_pairs))
+        report["length_offset"]["val_categories"] = {c: v["accuracy"] for c, v in result["categories"].items()}
+        calibrated = report["length_offset"]["val_categories"]
+        report["val_categories"] = calibrated
+        report["val_balanced_accuracy"] = sum(calibrated.values()) / len(calibrated)
     return _Candidate(layer, preference, variants["after_debiasing"], variants, report)
+
+
+def _calibrate_length(heads: ArmoHeads, splits: Sequence[_Split], i: int, categories: Sequence[str],
+                      verbosity_index: int) -> dict[str, Any]:  # fmt: skip
+    """Apply the common lambda offset fit on the splits' responses of `categories` (in place); its report."""
+    prompt, responses, lengths = [], [], []
+    for split in splits:
+        mine = torch.tensor([p.category in categories for p in split.pairs])
+        pairs = [p for p in split.pairs if p.category in categories]
+        prompt += [split.prompt[mine, i], split.prompt[mine, i]]
+        responses += [split.chosen[mine, i], split.rejected[mine, i]]
+        lengths += [len(p.chosen) for p in pairs] + [len(p.rejected) for p in pairs]
+    if len(lengths) < 3:
+        raise InvalidInputError(f"length_reference {tuple(categories)} matches fewer than 2 stage-2 pairs",
+                                field="length_reference")  # fmt: skip
+    with torch.inference_mode():
+        gating, rewards = heads.gate(torch.cat(prompt)), heads.rewards(torch.cat(responses))
+    transform = heads.reward_transform_matrix
+    delta, rho, rho_zero = fit_length_offset(rewards, gating, transform, verbosity_index, lengths)
+    heads.reward_transform_matrix.copy_(apply_length_offset(transform, verbosity_index, delta))
+    return {"delta": delta, "spearman": rho, "spearman_at_zero": rho_zero, "responses": len(lengths),
+            "reference": f"stage-2 training and validation responses of {', '.join(categories)}"}  # fmt: skip
 
 
 @torch.inference_mode()
@@ -479,6 +515,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
             "stage1_validation": stage1.metrics,
             "stage1_alphas": stage1.alphas,
             "debiasing": best.report["debiasing"],
+            "length_offset": best.report.get("length_offset"),
             "stage2": best.report["stage2"],
             "preference_heads": best.report.get("preference_heads_fit", {}),
             "eval": evaluation,

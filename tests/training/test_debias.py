@@ -10,7 +10,10 @@ import torch
 from scipy import stats
 
 from rewardsvc.config import HeadsConfig
-from rewardsvc.training.debias import DEFAULT_GRID, fit_length_head, fit_verbosity_penalties, verbosity_transform
+from rewardsvc.training.debias import (
+    DEFAULT_GRID, DEFAULT_OFFSET_GRID, apply_length_offset, fit_length_head, fit_length_offset, fit_verbosity_penalties,
+    verbosity_transform,
+)
 from rewardsvc.errors import InvalidInputError
 from rewardsvc.model.heads import ArmoHeads
 
@@ -112,3 +115,56 @@ def test_length_head_predicts_log_length_on_held_out_rows():
     # Not ~0.998 (the noise level): intercept-free on uncentered X trades a little fit for a zero-mean head.
     assert stats.pearsonr(held_out, log_len[400:])[0] > 0.95
     assert abs((x[:400] @ weight.double().numpy()).mean()) < 0.1  # standardized: mean ~0 on its training rows
+
+
+def _length_case(n: int = 400, seed: int = 1):
+    """Rewards whose mixed score leans toward long responses, a gating varying per row, and true lengths."""
+    rng = np.random.default_rng(seed)
+    r = torch.from_numpy(_rewards(n, seed))
+    length = np.exp(r[:, V].numpy() + rng.normal(size=n) * 0.3) * 200  # r_v predicts log length, with error
+    gating = torch.softmax(torch.from_numpy(rng.normal(size=(n, len(ATTRS)))), dim=1) * 1.5  # sums to beta 1.5
+    lambdas, transform, _ = fit_verbosity_penalties(r, V, ATTRS, threshold=0.3)  # under-corrected on purpose
+    return r, gating, transform, length
+
+
+def _score_spearman(r, gating, transform, length) -> float:
+    """Independent path: the score through ArmoHeads.combine, then scipy."""
+    heads = ArmoHeads(HeadsConfig(attributes=ATTRS, hidden_size=4, verbosity_attribute="verbosity"))
+    heads.reward_transform_matrix.copy_(transform)
+    score = heads.combine(r.float(), gating.float()).score.double().numpy()
+    return stats.spearmanr(score, length)[0]
+
+
+def test_length_offset_minimizes_the_score_spearman_over_the_grid():
+    r, gating, transform, length = _length_case()
+    delta, rho, rho_zero = fit_length_offset(r, gating, transform, V, length)
+    assert rho_zero == pytest.approx(_score_spearman(r, gating, transform, length), abs=1e-5)
+    assert rho_zero > 0.1  # the case does lean toward length, so there is something to remove
+    shifted = apply_length_offset(transform, V, delta)
+    assert rho == pytest.approx(_score_spearman(r, gating, shifted, length), abs=1e-5)
+    assert abs(rho) < 0.02 and delta > 0
+    # No grid value does better, each scored the independent way (every 10th value, and both neighbours).
+    index = DEFAULT_OFFSET_GRID.index(delta)
+    for value in DEFAULT_OFFSET_GRID[::10] + DEFAULT_OFFSET_GRID[index - 1 : index + 2]:
+        assert abs(_score_spearman(r, gating, apply_length_offset(transform, V, value), length)) >= abs(rho) - 1e-6
+
+
+def test_apply_length_offset_raises_every_lambda_and_keeps_verbosity_out():
+    _, _, transform, _ = _length_case()
+    shifted = apply_length_offset(transform, V, 0.25)
+    expected = transform.clone()
+    for j in range(len(ATTRS)):
+        if j != V:
+            expected[V, j] -= 0.25
+    assert torch.equal(shifted, expected) and shifted[V, V] == 0
+    assert torch.equal(apply_length_offset(transform, V, 0.0), transform)
+
+
+def test_length_offset_errors_name_the_field():
+    r, gating, transform, length = _length_case()
+    with pytest.raises(InvalidInputError) as exc:
+        fit_length_offset(r, gating, transform, V, length[:-1])
+    assert exc.value.field == "lengths"
+    with pytest.raises(InvalidInputError) as exc:
+        fit_length_offset(r, gating, transform, V, length, grid=[])
+    assert exc.value.field == "grid"

@@ -46,3 +46,12 @@ def test_limitations_state_a_length_correlation_over_the_bound():
     assert "Spearman(score, length) = -0.250" in render(config).split("## Limitations")[1]
     shipped["verbosity_spearman"] = 0.05
     assert "Spearman(score, length)" not in render(config).split("## Limitations")[1]
+
+
+def test_the_card_states_the_length_offset_and_where_it_was_calibrated():
+    config = _packaged()
+    offset = config["provenance"]["metrics"]["length_offset"]
+    text = render(config)
+    assert f"raised by **{offset['delta']:+.2f}**" in text and offset["reference"] in text
+    del config["provenance"]["metrics"]["length_offset"]
+    assert "raised by" not in render(config)  # checkpoints fit before the calibration existed still render
