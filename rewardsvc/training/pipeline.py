@@ -433,6 +433,9 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     store = FeatureStore(store_dir, backbone_id, layers, backbone.hidden_size)
     features = _Features(store)
     ordered = _in_embedding_order(sets, config.seed)
+    if not config.evaluate:  # held-out conversations are embedded only to be evaluated
+        held_out = {id(p) for p in sets.eval_pairs}
+        ordered = [item for item in ordered if id(item) not in held_out]
     features.add(encoder, backbone_id, ordered, dropped)
     wanted = {k: features.encoded[k] for k in features.key_of.values() if k}  # embedding order, deduplicated
     t = time.perf_counter()

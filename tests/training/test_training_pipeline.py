@@ -164,3 +164,12 @@ def test_a_partial_store_trains_on_what_is_stored(trained, tmp_path, monkeypatch
     coverage = partial["data"]["features"]
     assert coverage["conversations_stored"] < coverage["conversations_wanted"]
     assert any("not embedded yet" in reason for reason in partial["data"]["dropped"])
+
+
+def test_without_evaluation_no_held_out_conversation_is_embedded(trained, tmp_path):
+    config, provenance = trained
+    quick = run_training(replace(config, work_dir=str(tmp_path / "work"), out_dir=str(tmp_path / "heads"), evaluate=False,
+                                 preference_heads=(False,)))  # fmt: skip
+    wanted = quick["data"]["features"]["conversations_wanted"]
+    assert wanted < provenance["data"]["features"]["conversations_wanted"]
+    assert quick["data"]["features"]["conversations_stored"] == wanted and not quick["metrics"]["eval"]
