@@ -188,8 +188,8 @@ def fit_length_offset(
 
     Why: the per-attribute lambdas are fit on the training responses and decorrelate each attribute from the
     verbosity head, but the mixed score's length dependence also comes from which attributes the gating picks,
-    and it does not carry over to another mix (fit to 0.03 per attribute on the training responses, the shipped
-    score had Spearman -0.134 with length on the held-out mix). Raising every lambda_j by delta changes the score
+    and it does not carry over to another mix (fit to 0.03 per attribute on the training responses, the previous
+    default's score had Spearman -0.134 with length on the held-out mix). Raising every lambda_j by delta changes the score
     by -delta * r_v * sum_{j != v} g_j: a length penalty in the score itself, calibrated where the score is used,
     in the same format (only row v of T changes; `apply_length_offset`).
 

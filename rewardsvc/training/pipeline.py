@@ -364,14 +364,13 @@ def _fit_candidate(config: TrainConfig, layer: int, i: int, preference: bool, st
         variants[variant] = heads
     chosen = report["stage2"]["after_debiasing"]
     report["val_balanced_accuracy"], report["val_categories"] = chosen["val_balanced_accuracy"], chosen["val_categories"]
-    if config.length_reference:
-        report["length_offset"] = _calibrate_length(variants["after_debiasing"], (train, val), i, config.length_reference,
-                                                     attributes.index(VERBOSITY))  # fmt: skip
-        result = evaluate_pairs(pair_records(variants["after_debiasing"], val.pairs, val_pairs))
-        report["length_offset"]["val_categories"] = {c: v["accuracy"] for c, v in result["categories"].items()}
-        calibrated = report["length_offset"]["val_categories"]
-        report["val_categories"] = calibrated
-        report["val_balanced_accuracy"] = sum(calibrated.values()) / len(calibrated)
+    if config.length_reference:  # the candidates then compete on their calibrated validation accuracy
+        heads = variants["after_debiasing"]
+        offset = _calibrate_length(heads, (train, val), i, config.length_reference, attributes.index(VERBOSITY))
+        result = evaluate_pairs(pair_records(heads, val.pairs, val_pairs))
+        offset["val_categories"] = {c: v["accuracy"] for c, v in result["categories"].items()}
+        report["length_offset"], report["val_categories"] = offset, offset["val_categories"]
+        report["val_balanced_accuracy"] = sum(offset["val_categories"].values()) / len(offset["val_categories"])
     return _Candidate(layer, preference, variants["after_debiasing"], variants, report)
 
 
