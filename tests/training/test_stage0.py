@@ -16,13 +16,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import rewardsvc.training.pipeline as pipeline
 from rewardsvc.config import BackboneConfig
 from rewardsvc.errors import CheckpointError, InvalidInputError
 from rewardsvc.model.backbone import load_backbone, truncate_backbone
 from rewardsvc.model.checkpoint import load_heads, save_heads
 from rewardsvc.model.scorer import Scorer
 from rewardsvc.training.data.schema import PreferencePair
+from rewardsvc.training.pipeline import TrainConfig, run_training
 from rewardsvc.training.stage0 import Stage0Config, build_model, encode_pairs, pair_order, train_stage0
+from rewardsvc.training.stage2 import Stage2Config
+from synthetic_training import synthetic_sets
 
 # Words the tiny tokenizer knows (tiny_models.CORPUS): a refusal is "better" here, a learnable signal.
 GOOD = ["I cannot help with that request.", "I cannot help with that.", "Be brief and kind. I cannot help."]
@@ -180,3 +184,26 @@ def test_max_seconds_counts_the_whole_run_not_the_time_since_the_last_save(tmp_p
     monkeypatch.setattr(stage0.time, "perf_counter", lambda: float(next(ticks)))
     state = train_stage0(tmp_path, BackboneConfig(model=str(causal_dir)), _config(), _pairs(3), max_seconds=5, save_every=1)
     assert 1 <= state.step <= 3  # saving every step must not restart the run's clock
+
+
+def test_training_on_the_adapted_backbone_ships_a_checkpoint_that_scores_as_evaluated(tmp_path, causal_dir, monkeypatch):
+    """`rewardsvc train --adapter` (what scripts/gpu_stage0.sh runs after stage 0): the adapted features get their
+    own store, the adapter travels inside the checkpoint, and the moved checkpoint (adapter merged at load) scores
+    the held-out pairs exactly as the training run evaluated them."""
+    train_stage0(tmp_path, BackboneConfig(model=str(causal_dir)), _config(total_steps=5), _pairs(9), save_every=100)
+    sets = synthetic_sets()
+    monkeypatch.setattr(pipeline, "build_training_sets", lambda *args, **kwargs: sets)
+    config = TrainConfig(out_dir=str(tmp_path / "heads"), work_dir=str(tmp_path / "work"), name="tiny-adapted",
+                         backbone=BackboneConfig(model=str(causal_dir), adapter=str(tmp_path / "stage0" / "adapter")),
+                         max_tokens=2048, layers=(1,), preference_heads=(False,), gating_hidden_dim=16,
+                         stage2=Stage2Config(lr=1e-2, patience=3, max_epochs=15), stage2_lrs=(1e-2,))  # fmt: skip
+    run_training(config)
+    assert [p.name.startswith("features-") for p in (tmp_path / "work").glob("features*")] == [True]
+    moved = shutil.copytree(tmp_path / "heads", tmp_path / "elsewhere")
+    assert json.loads((moved / "rewardsvc.json").read_text())["backbone"]["adapter"] == "adapter"
+    scorer = Scorer.load(moved)
+    records = json.loads((tmp_path / "work" / "eval_records.json").read_text())["after_debiasing"]
+    by_id = {p.id: p for p in sets.eval_pairs}
+    conversations = [[*by_id[r["id"]].prompt, {"role": "assistant", "content": by_id[r["id"]].chosen}] for r in records]
+    got = [s.score for s in scorer.score(conversations)]
+    assert got == pytest.approx([r["chosen_score"] for r in records], abs=1e-4)
