@@ -351,12 +351,9 @@ def _fit_candidate(config: TrainConfig, layer: int, i: int, preference: bool, st
             result = train_gating(heads, train_pairs, val_pairs, replace(config.stage2, lr=lr),
                                   sample_weights=weights, train_rewards=train_rewards)  # fmt: skip
             best = result.history[result.best_epoch]
-            val_result = evaluate_pairs(pair_records(heads, val.pairs, val_pairs))
-            balanced = sum(c["accuracy"] for c in val_result["categories"].values()) / len(val_result["categories"])
-            summary = {"lr": lr, "val_balanced_accuracy": balanced, "best_val_accuracy": result.best_val_accuracy,
-                       "best_val_loss": best["val_loss"], "best_epoch": result.best_epoch, "steps": result.steps,
-                       "seconds": round(time.perf_counter() - t, 2),
-                       "val_categories": {c: v["accuracy"] for c, v in val_result["categories"].items()}}  # fmt: skip
+            summary = {"lr": lr, "best_val_accuracy": result.best_val_accuracy, "best_val_loss": best["val_loss"],
+                       "best_epoch": result.best_epoch, "steps": result.steps,
+                       "seconds": round(time.perf_counter() - t, 2), **_val_accuracy(heads, val, val_pairs)}  # fmt: skip
             tried.append((heads, summary))
         # Best category-balanced validation accuracy, then overall, then the larger lr (the first given).
         heads, chosen = max(tried, key=lambda hs: (hs[1]["val_balanced_accuracy"], hs[1]["best_val_accuracy"]))
@@ -367,11 +364,17 @@ def _fit_candidate(config: TrainConfig, layer: int, i: int, preference: bool, st
     if config.length_reference:  # the candidates then compete on their calibrated validation accuracy
         heads = variants["after_debiasing"]
         offset = _calibrate_length(heads, (train, val), i, config.length_reference, attributes.index(VERBOSITY))
-        result = evaluate_pairs(pair_records(heads, val.pairs, val_pairs))
-        offset["val_categories"] = {c: v["accuracy"] for c, v in result["categories"].items()}
-        report["length_offset"], report["val_categories"] = offset, offset["val_categories"]
-        report["val_balanced_accuracy"] = sum(offset["val_categories"].values()) / len(offset["val_categories"])
+        calibrated = _val_accuracy(heads, val, val_pairs)
+        offset["val_categories"] = calibrated["val_categories"]
+        report["length_offset"] = offset
+        report.update(calibrated)
     return _Candidate(layer, preference, variants["after_debiasing"], variants, report)
+
+
+def _val_accuracy(heads: ArmoHeads, val: _Split, val_pairs: PreferencePairs) -> dict[str, Any]:
+    """Validation accuracy per category and its category-balanced mean (what ranks gatings and candidates)."""
+    categories = {c: v["accuracy"] for c, v in evaluate_pairs(pair_records(heads, val.pairs, val_pairs))["categories"].items()}
+    return {"val_balanced_accuracy": sum(categories.values()) / len(categories), "val_categories": categories}
 
 
 def _calibrate_length(heads: ArmoHeads, splits: Sequence[_Split], i: int, categories: Sequence[str],
