@@ -123,7 +123,7 @@ def _length_case(n: int = 400, seed: int = 1):
     r = torch.from_numpy(_rewards(n, seed))
     length = np.exp(r[:, V].numpy() + rng.normal(size=n) * 0.3) * 200  # r_v predicts log length, with error
     gating = torch.softmax(torch.from_numpy(rng.normal(size=(n, len(ATTRS)))), dim=1) * 1.5  # sums to beta 1.5
-    lambdas, transform, _ = fit_verbosity_penalties(r, V, ATTRS, threshold=0.3)  # under-corrected on purpose
+    _, transform, _ = fit_verbosity_penalties(r, V, ATTRS, threshold=0.3)  # under-corrected on purpose
     return r, gating, transform, length
 
 
