@@ -11,6 +11,7 @@ loads take well under a second.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -278,9 +279,25 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=32)
+def _file_sha256(resolved: str, size: int, mtime_ns: int) -> str:
+    """Content hash of a file; memoized per (location, size, mtime) so a process hashes each file once."""
+    digest = hashlib.sha256()
+    with open(resolved, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _gguf_cache_dir(gguf_path: Path) -> Path:
+    """Cache directory of a GGUF file's conversion, keyed by the file's content and the transformers version
+    (which does the conversion). Keying by content, not location, means every install or clone of the same
+    package shares one converted copy (~0.5 GB for the embedded default) instead of adding another."""
+    import transformers
+
     stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:16]
+    content = _file_sha256(str(gguf_path.resolve()), stat.st_size, stat.st_mtime_ns)
+    key = hashlib.sha256(f"{content}:transformers-{transformers.__version__}".encode()).hexdigest()[:16]
     return cache_root() / "converted" / f"{gguf_path.stem}-{key}"
 
 

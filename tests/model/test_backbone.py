@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
 import torch
 
-from rewardsvc.model.backbone import load_backbone
+from rewardsvc.model.backbone import _gguf_cache_dir, load_backbone
 from rewardsvc.config import EMBEDDED_DEFAULT_BACKBONE, BackboneConfig
 from rewardsvc.errors import BackboneError, InvalidInputError
 
@@ -85,3 +86,22 @@ def test_adapter_for_another_model_is_an_error(tmp_path, tiny_llama_dir):
     peft_model.save_pretrained(tmp_path / "adapter")
     with pytest.raises(BackboneError, match="adapter"):
         load_backbone(BackboneConfig(model=str(tiny_llama_dir), adapter=str(tmp_path / "adapter"), device="cpu"))
+
+
+def test_conversion_cache_is_keyed_by_content_not_location(tmp_path, monkeypatch):
+    """Two installs of the same GGUF (other directory, other mtime) share one converted copy; other bytes do not."""
+    monkeypatch.setenv("REWARDSVC_CACHE", str(tmp_path / "cache"))
+    first, second, other = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf", tmp_path / "c" / "m.gguf"
+    for path, content in ((first, b"GGUF" * 1000), (second, b"GGUF" * 1000), (other, b"GGUF" * 999 + b"FUGG")):
+        path.parent.mkdir()
+        path.write_bytes(content)
+    os.utime(second, (1_000_000, 1_000_000))
+    assert _gguf_cache_dir(first) == _gguf_cache_dir(second)
+    assert _gguf_cache_dir(first) != _gguf_cache_dir(other)
+    assert _gguf_cache_dir(first).parent == tmp_path / "cache" / "converted"
+    assert _gguf_cache_dir(first).name.startswith("m-")
+    # Rewriting a file in place (new mtime) is re-hashed, not served from the in-process memo.
+    before = _gguf_cache_dir(first)
+    first.write_bytes(b"GGUF" * 999 + b"FUGG")
+    os.utime(first, (2_000_000, 2_000_000))
+    assert _gguf_cache_dir(first) == _gguf_cache_dir(other) != before
