@@ -382,8 +382,9 @@ def _calibrate_length(heads: ArmoHeads, splits: Sequence[_Split], i: int, catego
     """Apply the common lambda offset fit on the splits' responses of `categories` (in place); its report."""
     prompt, responses, lengths = [], [], []
     for split in splits:
-        mine = torch.tensor([p.category in categories for p in split.pairs])
-        pairs = [p for p in split.pairs if p.category in categories]
+        keep = [p.category in categories for p in split.pairs]
+        mine = torch.tensor(keep, dtype=torch.bool)
+        pairs = [p for p, kept in zip(split.pairs, keep) if kept]
         prompt += [split.prompt[mine, i], split.prompt[mine, i]]
         responses += [split.chosen[mine, i], split.rejected[mine, i]]
         lengths += [len(p.chosen) for p in pairs] + [len(p.rejected) for p in pairs]
