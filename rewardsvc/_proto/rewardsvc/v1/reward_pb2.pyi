@@ -85,7 +85,7 @@ class ScoreResult(_message.Message):
     truncated: bool
     model_id: str
     weights_source: str
-    def __init__(self, score: _Optional[float] = ..., rewards: _Optional[_Mapping[str, float]] = ..., gating: _Optional[_Mapping[str, float]] = ..., coefficients: _Optional[_Mapping[str, float]] = ..., num_tokens: _Optional[int] = ..., truncated: _Optional[bool] = ..., model_id: _Optional[str] = ..., weights_source: _Optional[str] = ...) -> None: ...
+    def __init__(self, score: _Optional[float] = ..., rewards: _Optional[_Mapping[str, float]] = ..., gating: _Optional[_Mapping[str, float]] = ..., coefficients: _Optional[_Mapping[str, float]] = ..., num_tokens: _Optional[int] = ..., truncated: bool = ..., model_id: _Optional[str] = ..., weights_source: _Optional[str] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("conversations", "weights", "request_id")
@@ -239,7 +239,7 @@ class InspectWeightsResponse(_message.Message):
     truncated: bool
     model_id: str
     weights_source: str
-    def __init__(self, attributes: _Optional[_Iterable[_Union[AttributeWeight, _Mapping]]] = ..., num_tokens: _Optional[int] = ..., truncated: _Optional[bool] = ..., model_id: _Optional[str] = ..., weights_source: _Optional[str] = ...) -> None: ...
+    def __init__(self, attributes: _Optional[_Iterable[_Union[AttributeWeight, _Mapping]]] = ..., num_tokens: _Optional[int] = ..., truncated: bool = ..., model_id: _Optional[str] = ..., weights_source: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
@@ -287,4 +287,4 @@ class ModelInfo(_message.Message):
     label_scales: _struct_pb2.Struct
     server_version: str
     limits: ServerLimits
-    def __init__(self, model_id: _Optional[str] = ..., attributes: _Optional[_Iterable[str]] = ..., backbone: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_tokens: _Optional[int] = ..., truncation: _Optional[str] = ..., trained: _Optional[bool] = ..., provenance: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., metrics: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., label_scales: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., server_version: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ...) -> None: ...
+    def __init__(self, model_id: _Optional[str] = ..., attributes: _Optional[_Iterable[str]] = ..., backbone: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_tokens: _Optional[int] = ..., truncation: _Optional[str] = ..., trained: bool = ..., provenance: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., metrics: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., label_scales: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., server_version: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ...) -> None: ...

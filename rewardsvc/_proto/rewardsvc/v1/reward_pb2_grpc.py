@@ -6,7 +6,7 @@ import warnings
 
 from rewardsvc._proto.rewardsvc.v1 import reward_pb2 as rewardsvc_dot_v1_dot_reward__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.74.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -19,14 +19,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in rewardsvc/v1/reward_pb2_grpc.py depends on'
+        + f' but the generated code in rewardsvc/v1/reward_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class RewardServiceStub:
+class RewardServiceStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -67,7 +67,7 @@ class RewardServiceStub:
                 _registered_method=True)
 
 
-class RewardServiceServicer:
+class RewardServiceServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Score(self, request, context):
@@ -155,7 +155,7 @@ def add_RewardServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class RewardService:
+class RewardService(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
