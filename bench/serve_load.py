@@ -170,7 +170,7 @@ def offline_throughput(scorer, conversations) -> float:
 def measure_level(c: int, conversations, port: int, metrics_port: int, scorer) -> dict:
     """Served throughput at concurrency c, then offline `scorer.score` on the same conversations right after
     (the server idle), so that drift in the machine's speed hits both sides of the ratio alike."""
-    from rewardsvc.client import score_request
+    from rewardsvc.wire import score_request
 
     requests = [score_request([conversation], request_id=str(i)) for i, conversation in enumerate(conversations)]
     before, cpu_before = batch_counters(metrics_port), cpu_times()

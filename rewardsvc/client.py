@@ -36,19 +36,20 @@ from .errors import (
     RewardError,
     UnauthenticatedError,
 )
-from .integrations.trl import reward_funcs, trl_conversation  # noqa: F401  (trl_conversation: re-exported)
 from .types import AttributeWeights, CompareResult, GroupResult, InspectResult, ScoreResult
 from .wire import (
     FIELD_KEY,
     RETRY_AFTER_KEY,
     SERVICE_NAME,
     compare_from_pb,
+    compare_request,
     group_from_pb,
+    group_request,
     inspect_from_pb,
-    messages_to_pb,
+    inspect_request,
     model_info_from_pb,
     result_from_pb,
-    weights_to_pb,
+    score_request,
 )
 
 __all__ = [
@@ -117,61 +118,6 @@ def _pem(value: bytes | str | None) -> bytes | None:
     if value is None or isinstance(value, bytes):
         return value
     return Path(value).read_bytes()
-
-
-# ---- requests ------------------------------------------------------------------------------------------
-
-
-def as_weights(weights: AttributeWeights | dict | None) -> AttributeWeights | None:
-    if weights is None or isinstance(weights, AttributeWeights):
-        return weights
-    return AttributeWeights(mode=weights["mode"], values=weights.get("values") or {})
-
-
-def _response_text(response: Any, field: str) -> str:
-    """A response as the wire takes it: a string, or one assistant message (dict or one-element list)."""
-    if isinstance(response, list) and len(response) == 1:
-        response = response[0]
-    if isinstance(response, dict):
-        if response.get("role", "assistant") != "assistant":
-            raise InvalidInputError(f"{field} must be an assistant message", field=field)
-        response = response.get("content")
-    if not isinstance(response, str):
-        raise InvalidInputError(f"{field} must be a string or one assistant message", field=field)
-    return response
-
-
-def _with_weights(request, weights) -> Any:
-    w = weights_to_pb(as_weights(weights))
-    if w is not None:
-        request.weights.CopyFrom(w)
-    return request
-
-
-def score_request(conversations: Sequence[Any], weights=None, request_id: str = ""):
-    convs = [pb.Conversation(messages=messages_to_pb(c)) for c in conversations]
-    return _with_weights(pb.ScoreRequest(conversations=convs, request_id=request_id), weights)
-
-
-def group_request(prompt: Any, responses: Sequence[Any], weights=None, request_id: str = ""):
-    texts = [_response_text(r, f"responses[{i}]") for i, r in enumerate(responses)]
-    return _with_weights(pb.ScoreGroupRequest(prompt=messages_to_pb(prompt), responses=texts, request_id=request_id), weights)
-
-
-def compare_request(pairs: Iterable[Any], weights=None, request_id: str = ""):
-    out = []
-    for i, pair in enumerate(pairs):
-        prompt, chosen, rejected = (pair["prompt"], pair["chosen"], pair["rejected"]) if isinstance(pair, dict) else pair
-        out.append(pb.ComparePair(
-            prompt=messages_to_pb(prompt),
-            chosen=_response_text(chosen, f"pairs[{i}].chosen"),
-            rejected=_response_text(rejected, f"pairs[{i}].rejected"),
-        ))  # fmt: skip
-    return _with_weights(pb.CompareRequest(pairs=out, request_id=request_id), weights)
-
-
-def inspect_request(prompt: Any, weights=None, top_k: int = 0):
-    return _with_weights(pb.InspectWeightsRequest(prompt=messages_to_pb(prompt), top_k=top_k), weights)
 
 
 # ---- errors and retries ------------------------------------------------------------------------------
@@ -347,8 +293,10 @@ class RewardClient(_Base):
     def trl_reward_funcs(self, attributes: Sequence[str | None], weights: AttributeWeights | dict | None = None, *,
                          max_conversations_per_call: int = 256, log_gating: bool = False) -> list[Callable[..., list[float]]]:  # fmt: skip
         """One TRL reward function per attribute (None = the overall score), sharing one RPC per batch; see
-        rewardsvc.integrations.trl.reward_funcs (which this calls)."""
-        return reward_funcs(self, attributes, weights, log_gating=log_gating, max_conversations_per_call=max_conversations_per_call)
+        rewardsvc.integrations.trl.reward_funcs. (trl_functions imports no client: no import cycle.)"""
+        from .integrations.trl_functions import shared_reward_funcs
+
+        return shared_reward_funcs(self, attributes, weights, log_gating=log_gating, max_conversations_per_call=max_conversations_per_call)
 
     def trl_reward_func(self, attribute: str | None = None, weights: AttributeWeights | dict | None = None, *,
                         max_conversations_per_call: int = 256) -> Callable[..., list[float]]:  # fmt: skip

@@ -42,6 +42,16 @@ class AttributeWeights:
                 )
         object.__setattr__(self, "values", dict(self.values))
 
+    @classmethod
+    def of(cls, value: AttributeWeights | Mapping | None) -> AttributeWeights | None:
+        """The one coercion of what callers pass as weights: None, an AttributeWeights, or the dict form
+        {"mode": "override"|"mask", "values": {name: number}} (JSON of `--weights`, trainer configs)."""
+        if value is None or isinstance(value, AttributeWeights):
+            return value
+        if not isinstance(value, Mapping) or "mode" not in value:
+            raise InvalidInputError('weights must be {"mode": "override"|"mask", "values": {name: number}}', field="weights")
+        return cls(mode=value["mode"], values=value.get("values") or {})
+
     def check_attributes(self, attributes: tuple[str, ...]) -> None:
         unknown = sorted(set(self.values) - set(attributes))
         if unknown:

@@ -7,6 +7,7 @@ two ends read the wire the same way. Needs protobuf only: no grpc, no torch.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, fields
 from typing import Any
 
@@ -188,3 +189,56 @@ def model_info_to_pb(info: dict[str, Any]):
         server_version=info.get("server_version", ""),
         limits=limits_to_pb(info.get("limits", Limits())),
     )
+
+
+# ---- requests, as a client sends them -------------------------------------------------------------------
+# Lenient about the Python shapes callers hold (a prompt string, a response as one assistant message, a pair
+# as a tuple or dict, weights as a dict); the server validates the rest.
+
+
+def _response_text(response: Any, field: str) -> str:
+    """A response as the wire takes it: a string, or one assistant message (dict or one-element list)."""
+    if isinstance(response, list) and len(response) == 1:
+        response = response[0]
+    if isinstance(response, dict):
+        if response.get("role", "assistant") != "assistant":
+            raise InvalidInputError(f"{field} must be an assistant message", field=field)
+        response = response.get("content")
+    if not isinstance(response, str):
+        raise InvalidInputError(f"{field} must be a string or one assistant message", field=field)
+    return response
+
+
+def _with_weights(request, weights: AttributeWeights | dict | None) -> Any:
+    w = weights_to_pb(AttributeWeights.of(weights))
+    if w is not None:
+        request.weights.CopyFrom(w)
+    return request
+
+
+def score_request(conversations: Sequence[Any], weights: AttributeWeights | dict | None = None, request_id: str = ""):
+    convs = [pb.Conversation(messages=messages_to_pb(c)) for c in conversations]
+    return _with_weights(pb.ScoreRequest(conversations=convs, request_id=request_id), weights)
+
+
+def group_request(prompt: Any, responses: Sequence[Any], weights: AttributeWeights | dict | None = None,
+                  request_id: str = ""):  # fmt: skip
+    texts = [_response_text(r, f"responses[{i}]") for i, r in enumerate(responses)]
+    return _with_weights(pb.ScoreGroupRequest(prompt=messages_to_pb(prompt), responses=texts, request_id=request_id), weights)
+
+
+def compare_request(pairs: Iterable[Any], weights: AttributeWeights | dict | None = None, request_id: str = ""):
+    """pairs: (prompt, chosen, rejected) tuples or {"prompt", "chosen", "rejected"} dicts."""
+    out = []
+    for i, pair in enumerate(pairs):
+        prompt, chosen, rejected = (pair["prompt"], pair["chosen"], pair["rejected"]) if isinstance(pair, dict) else pair
+        out.append(pb.ComparePair(
+            prompt=messages_to_pb(prompt),
+            chosen=_response_text(chosen, f"pairs[{i}].chosen"),
+            rejected=_response_text(rejected, f"pairs[{i}].rejected"),
+        ))  # fmt: skip
+    return _with_weights(pb.CompareRequest(pairs=out, request_id=request_id), weights)
+
+
+def inspect_request(prompt: Any, weights: AttributeWeights | dict | None = None, top_k: int = 0):
+    return _with_weights(pb.InspectWeightsRequest(prompt=messages_to_pb(prompt), top_k=top_k), weights)

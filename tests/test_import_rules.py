@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = ROOT / "rewardsvc"
 
 SHARED = {"rewardsvc", "rewardsvc.config", "rewardsvc.errors", "rewardsvc.types"}
-INTEGRATIONS = {"rewardsvc.integrations", "rewardsvc.integrations.trl", "rewardsvc.integrations.verl",
-                "rewardsvc.integrations.openrlhf", "rewardsvc.integrations.chat_text"}
+INTEGRATIONS = {"rewardsvc.integrations", "rewardsvc.integrations.trl", "rewardsvc.integrations.trl_functions",
+                "rewardsvc.integrations.verl", "rewardsvc.integrations.openrlhf", "rewardsvc.integrations.chat_text"}
 CLIENT_SIDE = SHARED | INTEGRATIONS | {"rewardsvc.client", "rewardsvc.wire"}
 PROTOBUF_USERS = {"rewardsvc.wire", "rewardsvc.client", "rewardsvc.serving.servicer", "rewardsvc.serving.server",
                   "rewardsvc.serving.http"}
@@ -128,6 +128,75 @@ def test_layers_import_downwards(package, forbidden):
         if in_package(module, package):
             bad = {n for n in internal(imports(module)) if in_package(n, *forbidden)}
             assert not bad, f"{module} imports {sorted(bad)}"
+
+
+def test_who_may_import_integrations():
+    # Trainer glue sits above the client: only the CLI and the HTTP transport (which serves the trainers' own
+    # protocols) import it, and the client only its TRL shortcut's machinery, which imports no client.
+    for module in modules():
+        used = {n for n in internal(imports(module)) if in_package(n, "rewardsvc.integrations")}
+        if not used or in_package(module, "rewardsvc.integrations", "rewardsvc.cli", "rewardsvc.serving"):
+            continue
+        assert module == "rewardsvc.client" and used == {"rewardsvc.integrations.trl_functions"}, f"{module} imports {sorted(used)}"
+    assert "rewardsvc.client" not in closure("rewardsvc.integrations.trl_functions")
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the rewardsvc modules it imports. Importing a module's own parent package is left out:
+    Python initializes the parents first anyway (`from . import sibling` in a submodule is not a cycle)."""
+    return {m: {n for n in internal(imports(m)) if not m.startswith(n + ".") and n != m} for m in modules()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, edges = work[-1]
+            child = next(edges, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_cycles_are_found():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles():
+    # Lazy imports count: a cycle through a function-level import is still two modules that need each other.
+    assert cycles(import_graph()) == []
 
 
 def test_shared_modules_import_only_each_other():

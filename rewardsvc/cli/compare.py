@@ -53,7 +53,7 @@ def pair_conversations(row: dict[str, Any]) -> tuple[list, list]:
 def compare_rows(chunk: Sequence, backend) -> list[dict[str, Any]]:
     """One output row per input row of the chunk; both conversations of every pair in one backend call."""
     from ..serving.service import sigmoid
-    from .score import conversation_key
+    from .score_pipeline import conversation_key
 
     parsed: list[Any] = []
     for raw in chunk:

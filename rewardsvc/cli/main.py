@@ -92,9 +92,7 @@ def parse_weights(text: str | None) -> AttributeWeights | None:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidInputError(f"--weights is not valid JSON: {exc}", field="weights") from exc
-    if not isinstance(data, dict) or "mode" not in data:
-        raise InvalidInputError('--weights must be {"mode": "override"|"mask", "values": {name: number}}', field="weights")
-    return AttributeWeights(mode=data["mode"], values=data.get("values") or {})
+    return AttributeWeights.of(data)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:

@@ -1,26 +1,15 @@
 """`rewardsvc score INPUT -o OUTPUT`: resumable batch scoring, JSONL or Parquet in and out.
 
-`score_rows(inputs, output, backend)` is the pipeline (also the unit a sharded run calls once per shard):
-rows are taken in input order, chunk by chunk; in each chunk identical conversations are scored once (and
-never again later in the run), `--group-by` groups go through the backend's group path, and the chunk's
-output rows are appended and fsynced before the next chunk starts (see score_io for resuming).
+The command only: flags, file checks, then one run of the pipeline (`score_pipeline.score_rows`), or, under
+torchrun, one shard of it per rank (`sharded.run_sharded`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, TextIO
 
-from ..errors import InvalidInputError, RewardError
-from ..model.conversation import Messages
-from ..types import ScoreResult
-from .rows import RawRow, conversation_of
+from ..errors import InvalidInputError
 
 uses_model = True
 
@@ -54,211 +43,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_server_arguments(parser)
 
 
-# ---- the pipeline -------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Summary:
-    rows: int = 0  # input rows
-    resumed: int = 0  # rows an earlier run had written
-    written: int = 0  # rows written by this run
-    unique: int = 0  # conversations sent to the model by this run
-    tokens: int = 0  # their tokens
-    errors: int = 0  # error rows in the whole output
-    seconds: float = 0.0
-    backend: str = ""
-    output: str = "stdout"
-
-    def line(self) -> str:
-        rate = self.written / self.seconds if self.seconds > 0 else 0.0
-        token_rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
-        resumed = f", resumed after row {self.resumed}" if self.resumed else ""
-        return (
-            f"score: {self.rows} rows{resumed}; {self.written} written ({self.unique} unique conversations scored, "
-            f"{self.tokens} tokens) in {self.seconds:.1f} s: {rate:.1f} rows/s, {token_rate:.0f} tokens/s; "
-            f"{self.errors} errors; {self.backend} -> {self.output}"
-        )
-
-
-@dataclass
-class _Prepared:
-    """One input row after validation: its conversation, or the error row to write instead."""
-
-    raw: RawRow
-    messages: Messages | None = None
-    key: str | None = None  # canonical conversation: identical conversations share it
-    error: str | None = None
-    group: str | None = None  # canonical value of the --group-by field
-
-
-def conversation_key(messages: Messages) -> str:
-    return json.dumps(messages, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-
-
-def _prepare(rows: Sequence[RawRow], group_by: str | None) -> list[_Prepared]:
-    out = []
-    prompts: dict[str, tuple[str, int]] = {}  # group -> (prompt key, line of its first row)
-    for raw in rows:
-        if raw.error is not None:
-            out.append(_Prepared(raw, error=raw.error))
-            continue
-        try:
-            messages = conversation_of(raw.data)
-        except RewardError as exc:
-            out.append(_Prepared(raw, error=f"line {raw.line}: {exc}"))
-            continue
-        p = _Prepared(raw, messages, conversation_key(messages))
-        if group_by is not None:
-            if group_by not in raw.data:
-                p.error = f"line {raw.line}: --group-by field {group_by!r} is missing"
-            else:
-                p.group = json.dumps(raw.data[group_by], sort_keys=True)
-                prompt = conversation_key(messages[:-1])
-                first = prompts.setdefault(p.group, (prompt, raw.line))
-                if first[0] != prompt:
-                    p.error = (f"line {raw.line}: its prompt differs from the prompt of line {first[1]}, the first row of "
-                               f"--group-by {group_by}={raw.data[group_by]!r}; a group shares one prompt")  # fmt: skip
-        out.append(p)
-    return out
-
-
-def result_row(row_id: Any, result: ScoreResult) -> dict[str, Any]:
-    """One output row: the row's id and every ScoreResult field."""
-    return {"id": row_id, **asdict(result)}
-
-
-def _error_row(p: _Prepared, error: str) -> dict[str, Any]:
-    return {"id": p.raw.id, "line": p.raw.line, "error": error}
-
-
-class _Scores:
-    """Results by conversation key (each conversation scored once per run) and group statistics. Memory:
-    one result per distinct conversation of the run (a few hundred bytes per attribute set)."""
-
-    def __init__(self, backend, prepared: list[_Prepared]):
-        self.backend = backend
-        self.by_key: dict[str, ScoreResult | RewardError] = {}
-        self.group_stats: dict[str, dict[int, dict[str, Any]]] = {}  # group -> id(row) -> that row's "group" field
-        self.members: dict[str, list[_Prepared]] = {}
-        for p in prepared:
-            if p.group is not None and p.error is None:
-                self.members.setdefault(p.group, []).append(p)
-        self.unique = self.tokens = 0
-
-    def _record(self, keys: list[str], outcomes: list) -> None:
-        for key, outcome in zip(keys, outcomes):
-            self.by_key[key] = outcome
-            if isinstance(outcome, ScoreResult):
-                self.tokens += outcome.num_tokens
-        self.unique += len(keys)
-
-    def ensure(self, chunk: list[_Prepared]) -> None:
-        for group in dict.fromkeys(p.group for p in chunk if p.group is not None and p.error is None):
-            if group not in self.group_stats:
-                self._score_group(group)
-        flat = [p.key for p in chunk if p.error is None and p.group is None and p.key not in self.by_key]
-        keys = list(dict.fromkeys(flat))
-        if keys:
-            wanted = set(keys)
-            by_key = {p.key: p.messages for p in chunk if p.key in wanted}
-            self._record(keys, self.backend.score([by_key[k] for k in keys]))
-
-    def _score_group(self, group: str) -> None:
-        """The whole group at once (also its rows in later chunks): the statistics need every member."""
-        from ..serving.service import group_statistics
-
-        members = self.members[group]
-        todo = list(dict.fromkeys(p.key for p in members if p.key not in self.by_key))
-        if todo:
-            messages = {p.key: p.messages for p in members}
-            prompt = messages[todo[0]][:-1]
-            self._record(todo, self.backend.score_group(prompt, [messages[k][-1]["content"] for k in todo]))
-        scored = [p for p in members if isinstance(self.by_key[p.key], ScoreResult)]
-        mean, std, ranks = group_statistics([self.by_key[p.key].score for p in scored])
-        self.group_stats[group] = {
-            id(p): {"key": json.loads(group), "size": len(scored), "mean": mean, "std": std, "rank": rank}
-            for p, rank in zip(scored, ranks)
-        }
-
-    def row(self, p: _Prepared) -> dict[str, Any]:
-        if p.error is not None:
-            return _error_row(p, p.error)
-        outcome = self.by_key[p.key]
-        if isinstance(outcome, RewardError):
-            return _error_row(p, f"line {p.raw.line}: {outcome}")
-        row = result_row(p.raw.id, outcome)
-        if p.group is not None:
-            row["group"] = self.group_stats[p.group][id(p)]
-        return row
-
-
-@dataclass
-class _Progress:
-    enabled: bool
-    total: int
-    initial: int
-    bar: Any = field(default=None, init=False)
-
-    def __post_init__(self) -> None:
-        if self.enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.total, initial=self.initial, unit="row", file=sys.stderr, dynamic_ncols=True)
-
-    def update(self, rows: int, tokens: int, seconds: float) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"{tokens / max(seconds, 1e-9):.0f} tokens/s", refresh=False)
-            self.bar.update(rows)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def score_rows(
-    inputs: Sequence[RawRow],
-    output: str | Path | None,
-    backend,
-    *,
-    chunk_size: int = 256,
-    group_by: str | None = None,
-    overwrite: bool = False,
-    progress: bool = False,
-    stdout: TextIO | None = None,
-    table: bool = False,
-) -> Summary:
-    """Score `inputs` into `output` (.jsonl / .parquet; None = stdout), resuming a previous run's output.
-    Returns the run's summary; every input row ends up in the output exactly once, in input order."""
-    from .score_io import ResumableWriter
-    from .tables import StdoutWriter
-
-    if chunk_size < 1:
-        raise InvalidInputError(f"--chunk-size must be >= 1, got {chunk_size}", field="chunk_size")
-    started = time.monotonic()
-    writer = StdoutWriter(stdout or sys.stdout, table) if output is None else ResumableWriter(output, inputs, overwrite)
-    summary = Summary(rows=len(inputs), resumed=writer.done, errors=writer.done_errors,
-                      output=str(output) if output is not None else "stdout")  # fmt: skip
-    prepared = _prepare(inputs, group_by)
-    scores = _Scores(backend, prepared)
-    bar = _Progress(progress, len(inputs), writer.done)
-    try:
-        for start in range(writer.done, len(prepared), chunk_size):
-            chunk = prepared[start : start + chunk_size]
-            scores.ensure(chunk)
-            rows = [scores.row(p) for p in chunk]
-            writer.write(rows)
-            summary.errors += sum("error" in r for r in rows)
-            summary.written += len(rows)
-            bar.update(len(rows), scores.tokens, time.monotonic() - started)
-        writer.finish()
-    finally:
-        writer.close()
-        bar.close()
-    summary.unique, summary.tokens = scores.unique, scores.tokens
-    summary.seconds = time.monotonic() - started
-    return summary
-
-
 # ---- the command --------------------------------------------------------------------------------------------
 
 
@@ -266,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from .backends import open_backend
     from .main import parse_weights
     from .score_io import check_output, read_rows
+    from .score_pipeline import score_rows
 
     # Everything about the files is checked before the model loads (seconds) or the output is touched.
     if args.output is not None:
@@ -274,11 +59,11 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidInputError("--format table prints to stdout; drop -o (or use --format jsonl)", field="format")
     inputs = read_rows(args.input, "input")
     weights = parse_weights(args.weights)
-    from .sharded import run_sharded, world
+    from .sharded import run_sharded, torchrun_job
 
-    w = world()
-    if w.size > 1:  # under torchrun: this rank scores its shard (cli/sharded.py)
-        return run_sharded(args, inputs, weights, w)
+    job = torchrun_job()
+    if job.size > 1:  # under torchrun: this rank scores its shard (cli/sharded.py)
+        return run_sharded(args, inputs, weights, job)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     backend, description = open_backend(args, weights)
     try:

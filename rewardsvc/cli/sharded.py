@@ -2,7 +2,7 @@
 through torchrun's rendezvous, with OUT on a filesystem every node sees).
 
 Each of the N ranks scores its shard of the input on its own device (cuda:LOCAL_RANK when --device is auto and a
-GPU is present) with the ordinary resumable pipeline (`score.score_rows`) into its own part file
+GPU is present) with the ordinary resumable pipeline (`score_pipeline.score_rows`) into its own part file
 `OUT.part-R-of-N.jsonl`. When every rank is done (a gloo barrier), rank 0 merges the parts in input order into OUT
 (written to a temporary file and renamed: OUT is absent or complete) and removes them.
 
@@ -30,14 +30,16 @@ BARRIER_TIMEOUT = datetime.timedelta(hours=72)
 
 
 @dataclass(frozen=True)
-class World:
+class TorchrunJob:
+    """This process's place in a torchrun job: its rank among `size` processes, and on its node."""
+
     rank: int
     size: int
     local_rank: int
 
 
-def world() -> World:
-    """This process's place in a torchrun job (size 1 outside torchrun)."""
+def torchrun_job() -> TorchrunJob:
+    """From torchrun's environment (size 1 outside torchrun)."""
 
     def env_int(name: str, default: int) -> int:
         raw = os.environ.get(name)
@@ -46,10 +48,10 @@ def world() -> World:
         except ValueError:
             raise InvalidInputError(f"${name}={raw!r} is not an integer (set by torchrun)", field=name) from None
 
-    w = World(env_int("RANK", 0), env_int("WORLD_SIZE", 1), env_int("LOCAL_RANK", 0))
-    if w.size < 1 or not 0 <= w.rank < w.size:
-        raise InvalidInputError(f"$RANK={w.rank} is not in [0, $WORLD_SIZE={w.size})", field="RANK")
-    return w
+    job = TorchrunJob(env_int("RANK", 0), env_int("WORLD_SIZE", 1), env_int("LOCAL_RANK", 0))
+    if job.size < 1 or not 0 <= job.rank < job.size:
+        raise InvalidInputError(f"$RANK={job.rank} is not in [0, $WORLD_SIZE={job.size})", field="RANK")
+    return job
 
 
 def part_path(output: str | Path, rank: int, size: int) -> Path:
@@ -116,57 +118,57 @@ def _finished(output: Path, inputs: Sequence[RawRow], overwrite: bool) -> bool:
     )
 
 
-def run_sharded(args, inputs: list[RawRow], weights, w: World) -> int:
+def run_sharded(args, inputs: list[RawRow], weights, job: TorchrunJob) -> int:
     """The score command's body on one rank of a torchrun job. Every rank returns the same exit code."""
     import torch
     import torch.distributed as dist
 
     from .backends import open_backend
-    from .score import score_rows
+    from .score_pipeline import score_rows
 
     if args.output is None:
         raise InvalidInputError("-o/--output is required under torchrun: each rank writes a part file next to it",
                                 field="output")  # fmt: skip
     if args.device == "auto" and getattr(args, "device_map", None) is None and torch.cuda.is_available():
-        args.device = f"cuda:{w.local_rank % torch.cuda.device_count()}"  # one GPU per rank
+        args.device = f"cuda:{job.local_rank % torch.cuda.device_count()}"  # one GPU per rank
     output = Path(args.output)
-    shards = plan_shards(inputs, w.size, args.group_by)
-    mine = [inputs[i] for i in shards[w.rank]]
+    shards = plan_shards(inputs, job.size, args.group_by)
+    mine = [inputs[i] for i in shards[job.rank]]
     # gloo: the job only synchronizes (a barrier and a few small objects), on any device.
     dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
     try:
-        outcome: dict[str, Any] = {"rank": w.rank, "errors": 0, "failure": None, "line": ""}
+        outcome: dict[str, Any] = {"rank": job.rank, "errors": 0, "failure": None, "line": ""}
         try:
             finished = _finished(output, inputs, args.overwrite)
             if not finished:
-                if args.overwrite and w.rank == 0:
+                if args.overwrite and job.rank == 0:
                     output.unlink(missing_ok=True)
                 backend, description = open_backend(args, weights)
                 try:
-                    summary = score_rows(mine, part_path(output, w.rank, w.size), backend, chunk_size=args.chunk_size,
+                    summary = score_rows(mine, part_path(output, job.rank, job.size), backend, chunk_size=args.chunk_size,
                                          group_by=args.group_by, overwrite=args.overwrite, progress=False)  # fmt: skip
                 finally:
                     backend.close()
                 summary.backend = f"{description} on {args.device}"
-                outcome.update(errors=summary.errors, line=f"rank {w.rank}/{w.size}: {summary.line()}")
+                outcome.update(errors=summary.errors, line=f"rank {job.rank}/{job.size}: {summary.line()}")
             else:
-                outcome["line"] = f"rank {w.rank}/{w.size}: {output} is already complete ({len(inputs)} rows)"
+                outcome["line"] = f"rank {job.rank}/{job.size}: {output} is already complete ({len(inputs)} rows)"
         except RewardError as exc:
             outcome["failure"] = str(exc)
-        outcomes: list[Any] = [None] * w.size
+        outcomes: list[Any] = [None] * job.size
         dist.all_gather_object(outcomes, outcome)  # also the barrier: every part is complete after it
-        print(outcome["line"] or f"rank {w.rank}/{w.size}: error: {outcome['failure']}", file=sys.stderr)
+        print(outcome["line"] or f"rank {job.rank}/{job.size}: error: {outcome['failure']}", file=sys.stderr)
         failures = [o for o in outcomes if o["failure"]]
         if failures:
-            if w.rank == 0:
+            if job.rank == 0:
                 for o in failures:
                     print(f"error: rank {o['rank']}: {o['failure']} (parts kept; re-run to resume)", file=sys.stderr)
             return 2
         merge_failure = None
-        if w.rank == 0 and not finished:
+        if job.rank == 0 and not finished:
             try:
                 merge_parts(output, shards, len(inputs))
-                print(f"score: merged {w.size} parts into {output} ({len(inputs)} rows, input order)", file=sys.stderr)
+                print(f"score: merged {job.size} parts into {output} ({len(inputs)} rows, input order)", file=sys.stderr)
             except (RewardError, OSError) as exc:  # still reach the barrier below, so no rank waits for us
                 merge_failure = exc
         dist.barrier()  # nobody exits (and so no launcher tears the job down) before the merge is done

@@ -18,72 +18,13 @@ Client side: grpc and protobuf only (no torch).
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-import json
-import threading
-import warnings
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..errors import InvalidInputError
-from ..types import AttributeWeights, ScoreResult
+from ..types import AttributeWeights
+from .trl_functions import log_gating_metrics, shared_async_reward_funcs, shared_reward_funcs, trl_conversation
 
-
-def trl_conversation(prompt: Any, completion: Any) -> list[dict[str, str]]:
-    """TRL's (prompt, completion) -> one conversation. Conversational: prompt = messages, completion =
-    [{"role": "assistant", "content": ...}]; standard: both plain strings."""
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
-    if isinstance(completion, str):
-        return [*messages, {"role": "assistant", "content": completion}]
-    if isinstance(completion, dict):
-        completion = [completion]
-    return [*messages, *[dict(m) for m in completion]]
-
-
-def _as_weights(weights: AttributeWeights | dict | None) -> AttributeWeights | None:
-    if weights is None or isinstance(weights, AttributeWeights):
-        return weights
-    return AttributeWeights(mode=weights["mode"], values=weights.get("values") or {})
-
-
-def _batch(prompts: Sequence[Any], completions: Sequence[Any], weights) -> tuple[str, list[list[dict[str, str]]]]:
-    """(fingerprint of the batch, its conversations)."""
-    if len(prompts) != len(completions):
-        raise InvalidInputError(f"got {len(prompts)} prompts and {len(completions)} completions", field="completions")
-    conversations = [trl_conversation(p, c) for p, c in zip(prompts, completions)]
-    key = hashlib.sha256(json.dumps([conversations, repr(weights)], sort_keys=True).encode()).hexdigest()
-    return key, conversations
-
-
-def _pick(attribute: str | None) -> Callable[[list[ScoreResult]], list[float]]:
-    def values(results: list[ScoreResult]) -> list[float]:
-        if attribute is None:
-            return [r.score for r in results]
-        if results and attribute not in results[0].rewards:
-            raise InvalidInputError(f"attribute {attribute!r} is not one of the model's {sorted(results[0].rewards)}", field="attribute")
-        return [r.rewards[attribute] for r in results]
-
-    return values
-
-
-_warned: list[bool] = []
-
-
-def log_gating_metrics(results: Sequence[ScoreResult], kwargs: dict[str, Any]) -> None:
-    """Mean gating weight and effective coefficient per attribute over the batch -> TRL's `log_metric`."""
-    log_metric = kwargs.get("log_metric")
-    if log_metric is None:
-        if not _warned:
-            _warned.append(True)
-            warnings.warn("log_gating: this TRL passes no `log_metric` to reward functions; gating is not logged", stacklevel=3)
-        return
-    if not results:
-        return
-    for name in results[0].gating:
-        log_metric(f"rewardsvc/gating/{name}", sum(r.gating[name] for r in results) / len(results))
-        log_metric(f"rewardsvc/coefficient/{name}", sum(r.coefficients[name] for r in results) / len(results))
+__all__ = ["async_reward_funcs", "log_gating_metrics", "reward_funcs", "trl_conversation"]
 
 
 def reward_funcs(client_or_target: Any, attributes: Sequence[str | None] = (None,), weights: AttributeWeights | dict | None = None,
@@ -94,74 +35,16 @@ def reward_funcs(client_or_target: Any, attributes: Sequence[str | None] = (None
     from ..client import RewardClient
 
     client = client_or_target if isinstance(client_or_target, RewardClient) else RewardClient(client_or_target, **client_kwargs)
-    weights = _as_weights(weights)
-    last: list[tuple[str, list[ScoreResult]]] = []  # (fingerprint, results) of the last batch
-    lock = threading.Lock()
-
-    def score(prompts, completions, kwargs) -> list[ScoreResult]:
-        key, conversations = _batch(prompts, completions, weights)
-        with lock:  # TRL calls the functions one after another; the lock covers threaded callers too
-            if last and last[0][0] == key:
-                return last[0][1]
-            results: list[ScoreResult] = []
-            for start in range(0, len(conversations), max_conversations_per_call):
-                results.extend(client.score(conversations[start : start + max_conversations_per_call], weights))
-            last[:] = [(key, results)]
-        if log_gating:  # once per batch: by the call that scored it
-            log_gating_metrics(results, kwargs)
-        return results
-
-    def make(attribute: str | None):
-        values = _pick(attribute)
-
-        def reward_func(prompts, completions, **kwargs) -> list[float]:
-            return values(score(prompts, completions, kwargs))
-
-        reward_func.__name__ = reward_func.__qualname__ = f"rewardsvc_{attribute or 'score'}"  # TRL logs under it
-        return reward_func
-
-    return [make(a) for a in attributes]
+    return shared_reward_funcs(client, attributes, weights, log_gating=log_gating,
+                               max_conversations_per_call=max_conversations_per_call)  # fmt: skip
 
 
 def async_reward_funcs(target: str, attributes: Sequence[str | None] = (None,), weights: AttributeWeights | dict | None = None,
                        *, log_gating: bool = False, max_conversations_per_call: int = 256,
                        **client_kwargs) -> list[Callable[..., Any]]:  # fmt: skip
-    """Coroutine TRL reward functions over grpc.aio. A grpc.aio channel belongs to the event loop it was made
-    on, so one AsyncRewardClient is made per running loop, on first use. The functions of one batch run
-    concurrently: the first starts the Score RPC as a task, the others await the same task."""
+    """Coroutine TRL reward functions over grpc.aio: one AsyncRewardClient per running event loop, made on
+    first use; the functions of one batch share one Score RPC (trl_functions.shared_async_reward_funcs)."""
     from ..client import AsyncRewardClient
 
-    weights = _as_weights(weights)
-    # Keyed by the loop object itself (an id could be reused by a later loop).
-    clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-    tasks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per loop: (fingerprint, task) of the last batch
-
-    async def run(client, conversations, kwargs) -> list[ScoreResult]:
-        results: list[ScoreResult] = []
-        for start in range(0, len(conversations), max_conversations_per_call):
-            results.extend(await client.score(conversations[start : start + max_conversations_per_call], weights))
-        if log_gating:
-            log_gating_metrics(results, kwargs)
-        return results
-
-    async def score(prompts, completions, kwargs) -> list[ScoreResult]:
-        loop = asyncio.get_running_loop()
-        key, conversations = _batch(prompts, completions, weights)
-        if loop not in clients:
-            clients[loop] = AsyncRewardClient(target, **client_kwargs)
-        held = tasks.get(loop)
-        if held is None or held[0] != key or (held[1].done() and held[1].exception() is not None):
-            held = (key, loop.create_task(run(clients[loop], conversations, kwargs)))
-            tasks[loop] = held
-        return await asyncio.shield(held[1])  # one caller's cancel must not cancel the shared RPC
-
-    def make(attribute: str | None):
-        values = _pick(attribute)
-
-        async def reward_func(prompts, completions, **kwargs) -> list[float]:
-            return values(await score(prompts, completions, kwargs))
-
-        reward_func.__name__ = reward_func.__qualname__ = f"rewardsvc_{attribute or 'score'}"
-        return reward_func
-
-    return [make(a) for a in attributes]
+    return shared_async_reward_funcs(lambda: AsyncRewardClient(target, **client_kwargs), attributes, weights,
+                                     log_gating=log_gating, max_conversations_per_call=max_conversations_per_call)  # fmt: skip

@@ -20,7 +20,7 @@ import pytest
 from rewardsvc.cli import main as cli
 from rewardsvc.cli.backends import LocalBackend
 from rewardsvc.cli.rows import conversation_of
-from rewardsvc.cli.score import score_rows
+from rewardsvc.cli.score_pipeline import score_rows
 from rewardsvc.cli.score_io import read_output, read_rows
 from rewardsvc.config import ScorerConfig
 from rewardsvc.model.scorer import Scorer

@@ -85,7 +85,7 @@ def test_torchrun_two_processes_equal_one(heads, tmp_path):
 
 def test_torchrun_resumes_each_part_and_keeps_groups_whole(heads, tmp_path):
     from rewardsvc.cli.backends import LocalBackend
-    from rewardsvc.cli.score import score_rows
+    from rewardsvc.cli.score_pipeline import score_rows
     from rewardsvc.model.scorer import Scorer
 
     source = write_input(tmp_path / "in.jsonl", group_field=True)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from rewardsvc.client import RemoteError, RetryPolicy, compare_request, group_request, retry_delay, trl_conversation, typed_error
+from rewardsvc.client import RemoteError, RetryPolicy, retry_delay, typed_error
+from rewardsvc.integrations.trl import trl_conversation
+from rewardsvc.wire import compare_request, group_request
 from rewardsvc.errors import InvalidInputError, NotReadyError, OverloadedError
 from rewardsvc.wire import FIELD_KEY, RETRY_AFTER_KEY
 

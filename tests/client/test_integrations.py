@@ -14,6 +14,7 @@ import pytest
 
 from rewardsvc.errors import InvalidInputError
 from rewardsvc.integrations import trl as rtrl
+from rewardsvc.integrations import trl_functions
 from rewardsvc.integrations import verl as rverl
 from service_fixtures import settled_requests, start_server
 from tiny_service import ATTRS, load_tiny_scorer, save_tiny_heads
@@ -110,7 +111,7 @@ def test_trl_async_functions_run_concurrently_on_one_rpc(server, tiny):
 
 def test_log_gating_warns_once_without_log_metric(server):
     [func] = rtrl.reward_funcs(f"127.0.0.1:{server.port}", log_gating=True)
-    rtrl._warned.clear()
+    trl_functions._warned.clear()
     with pytest.warns(UserWarning, match="no `log_metric`"):
         func(prompts=PROMPTS, completions=COMPLETIONS)
 
