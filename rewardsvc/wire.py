@@ -7,7 +7,7 @@ two ends read the wire the same way. Needs protobuf only: no grpc, no torch.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, fields
 from typing import Any
 
@@ -16,6 +16,7 @@ from google.protobuf import struct_pb2
 from ._proto.rewardsvc.v1 import reward_pb2 as pb
 from .config import Limits
 from .errors import InvalidInputError
+from .messages import as_list, message_content, tool_call
 from .types import AttributeWeights, CompareResult, GroupResult, InspectResult, ScoreResult
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RewardService"].full_name  # "rewardsvc.v1.RewardService"
@@ -29,8 +30,23 @@ _MODE_FROM_PB = {v: k for k, v in _MODE_TO_PB.items()}
 # ---- protobuf -> dataclasses / plain Python -----------------------------------------------------------
 
 
-def messages_from_pb(messages) -> list[dict[str, str]]:
-    return [{"role": m.role, "content": m.content} for m in messages]
+def messages_from_pb(messages) -> list[dict[str, Any]]:
+    """Plain role + content dicts; tool_calls / name / tool_call_id only when set (model.conversation
+    validates them)."""
+    out = []
+    for m in messages:
+        message: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            message["tool_calls"] = [
+                {"type": "function", "function": {"name": c.name, "arguments": c.arguments}, **({"id": c.id} if c.id else {})}
+                for c in m.tool_calls
+            ]
+        if m.name:
+            message["name"] = m.name
+        if m.tool_call_id:
+            message["tool_call_id"] = m.tool_call_id
+        out.append(message)
+    return out
 
 
 def weights_from_pb(request) -> AttributeWeights | None:
@@ -120,10 +136,33 @@ def model_info_from_pb(info) -> dict[str, Any]:
 # ---- dataclasses / plain Python -> protobuf -----------------------------------------------------------
 
 
-def messages_to_pb(messages) -> list:
+def messages_to_pb(messages, field: str = "messages") -> list:
+    """Messages (OpenAI format: content as a string or text blocks, assistant tool_calls, tool messages) ->
+    pb.Message. A message that cannot go on the wire is an InvalidInputError naming its field."""
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
-    return [pb.Message(role=m["role"], content=m["content"]) for m in messages]
+    return [_message_to_pb(m, f"{field}[{i}]") for i, m in enumerate(as_list(messages))]
+
+
+def _message_to_pb(m: Any, field: str):
+    if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
+        raise InvalidInputError(f"{field} must be an object with a string 'role'", field=field)
+    calls = [tool_call(c, f"{field}.tool_calls[{i}]") for i, c in enumerate(as_list(m.get("tool_calls")) or ())]
+    return pb.Message(
+        role=m["role"],
+        content=message_content(m.get("content"), f"{field}.content"),
+        tool_calls=[pb.ToolCall(id=c.get("id", ""), name=c["function"]["name"],
+                                arguments=json.dumps(c["function"]["arguments"], ensure_ascii=False)) for c in calls],
+        name=_optional_text(m, "name", field),
+        tool_call_id=_optional_text(m, "tool_call_id", field),
+    )
+
+
+def _optional_text(m: Mapping, key: str, field: str) -> str:
+    value = m.get(key)
+    if value is not None and not isinstance(value, str):
+        raise InvalidInputError(f"{field}.{key} must be a string, got {type(value).__name__}", field=f"{field}.{key}")
+    return value or ""
 
 
 def weights_to_pb(weights: AttributeWeights | None):
@@ -217,7 +256,7 @@ def _with_weights(request, weights: AttributeWeights | dict | None) -> Any:
 
 
 def score_request(conversations: Sequence[Any], weights: AttributeWeights | dict | None = None, request_id: str = ""):
-    convs = [pb.Conversation(messages=messages_to_pb(c)) for c in conversations]
+    convs = [pb.Conversation(messages=messages_to_pb(c, f"conversations[{i}]")) for i, c in enumerate(conversations)]
     return _with_weights(pb.ScoreRequest(conversations=convs, request_id=request_id), weights)
 
 

@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = ROOT / "rewardsvc"
 
-SHARED = {"rewardsvc", "rewardsvc.config", "rewardsvc.errors", "rewardsvc.types"}
+SHARED = {"rewardsvc", "rewardsvc.config", "rewardsvc.errors", "rewardsvc.types", "rewardsvc.messages"}
 INTEGRATIONS = {"rewardsvc.integrations", "rewardsvc.integrations.trl", "rewardsvc.integrations.trl_functions",
                 "rewardsvc.integrations.verl", "rewardsvc.integrations.openrlhf", "rewardsvc.integrations.chat_text"}
 CLIENT_SIDE = SHARED | INTEGRATIONS | {"rewardsvc.client", "rewardsvc.wire"}

@@ -8,6 +8,12 @@ sync or async (TRL awaits coroutine reward functions concurrently, with asyncio.
   calls each with the same batch; they share one Score RPC per batch (the first call scores, the others reuse
   its answer), split only above `max_conversations_per_call`. TRL names each function's log after its
   `__name__`: `rewards/rewardsvc_score/mean`, `rewards/rewardsvc_<attribute>/mean`.
+- Tools: completions from GRPO with `tools=` hold assistant messages with `tool_calls`, `tool` messages, and
+  content that may be a list of text blocks; they go to the server as they are (rewardsvc.messages,
+  model.encoding renders them).
+- A sample that cannot be scored (the server rejects it: too long, a template that refuses it, a malformed
+  message) gets None, which TRL turns into NaN and leaves out of the reward, and a WARNING log line with the
+  reason, instead of failing the whole batch. The other samples of the batch are scored as usual.
 - `log_gating=True`: for each batch, the mean gating weight and mean effective coefficient of every attribute
   go to the trainer's logs through the `log_metric` callback TRL passes to reward functions
   (`rewardsvc/gating/<attribute>`, `rewardsvc/coefficient/<attribute>`). A TRL too old to pass `log_metric`

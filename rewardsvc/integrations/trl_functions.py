@@ -3,7 +3,8 @@ conversation, one scoring call shared by every function of a batch, and the gati
 
 `rewardsvc.integrations.trl` binds these to a client it makes from a target; `RewardClient.trl_reward_funcs`
 binds them to itself. This module imports no client, so the client can offer that shortcut without an import
-cycle (tests/test_import_rules.py). Client side: stdlib only.
+cycle (tests/test_import_rules.py). Client side: stdlib, and rewardsvc.wire to check that a sample can go on the
+wire before a batch is sent.
 """
 
 from __future__ import annotations
@@ -11,19 +12,25 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
+import re
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 from ..errors import InvalidInputError
 from ..types import AttributeWeights, ScoreResult
+from ..wire import messages_to_pb
+
+log = logging.getLogger("rewardsvc.integrations.trl")
 
 
-def trl_conversation(prompt: Any, completion: Any) -> list[dict[str, str]]:
+def trl_conversation(prompt: Any, completion: Any) -> list[dict[str, Any]]:
     """TRL's (prompt, completion) -> one conversation. Conversational: prompt = messages, completion =
-    [{"role": "assistant", "content": ...}]; standard: both plain strings."""
+    [{"role": "assistant", "content": ...}] (with tools: assistant turns with tool_calls, tool messages, and the
+    final assistant turn); standard: both plain strings."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
     if isinstance(completion, str):
         return [*messages, {"role": "assistant", "content": completion}]
@@ -41,13 +48,82 @@ def _batch(prompts: Sequence[Any], completions: Sequence[Any], weights) -> tuple
     return key, conversations
 
 
-def _pick(attribute: str | None) -> Callable[[list[ScoreResult]], list[float]]:
-    def values(results: list[ScoreResult]) -> list[float]:
+_CONVERSATION_INDEX = re.compile(r"^conversations\[(\d+)\]")
+
+
+def score_tolerantly(conversations: Sequence[Any], max_per_call: int) -> Generator[list[Any], list[ScoreResult], list[ScoreResult | None]]:
+    """The calls that score `conversations` with None for the ones the server rejects, as a generator: it
+    yields each batch to score and is sent its results, or thrown the InvalidInputError that rejected it
+    (drive it with run_sync / run_async). A rejection names its conversation (field `conversations[i]...`):
+    that one gets None and the rest of its batch is sent again. An error about the request as a whole (the
+    weights, a limit on the count) is raised: no sample could be scored. Conversations that cannot even be
+    put on the wire are rejected before any call."""
+    out: list[ScoreResult | None] = [None] * len(conversations)
+    pending: list[int] = []
+    for i, conversation in enumerate(conversations):
+        try:
+            messages_to_pb(conversation, f"conversations[{i}]")
+            pending.append(i)
+        except InvalidInputError as exc:
+            _log_rejected(i, exc)
+    while pending:
+        batch, pending = pending[:max_per_call], pending[max_per_call:]
+        try:
+            results = yield [conversations[i] for i in batch]
+            out_of_batch = dict(zip(batch, results))
+            for i in batch:
+                out[i] = out_of_batch[i]
+        except InvalidInputError as exc:
+            match = _CONVERSATION_INDEX.match(getattr(exc, "field", None) or "")
+            if match is None or int(match.group(1)) >= len(batch):
+                raise
+            j = int(match.group(1))
+            _log_rejected(batch[j], exc)
+            pending = batch[:j] + batch[j + 1 :] + pending
+    return out
+
+
+def _log_rejected(index: int, exc: Exception) -> None:
+    log.warning("rewardsvc: sample %d of the batch gets no reward (None): the server rejected it: %s", index, exc)
+
+
+def run_sync(plan: Generator, call: Callable[[list[Any]], list[ScoreResult]]) -> list[ScoreResult | None]:
+    """Drive score_tolerantly with a blocking score call (run_async: the same with an awaited one)."""
+    try:
+        batch = next(plan)
+        while True:
+            try:
+                results = call(batch)
+            except InvalidInputError as exc:
+                batch = plan.throw(exc)
+                continue
+            batch = plan.send(results)
+    except StopIteration as stop:
+        return stop.value
+
+
+async def run_async(plan: Generator, call: Callable[[list[Any]], Any]) -> list[ScoreResult | None]:
+    try:
+        batch = next(plan)
+        while True:
+            try:
+                results = await call(batch)
+            except InvalidInputError as exc:
+                batch = plan.throw(exc)
+                continue
+            batch = plan.send(results)
+    except StopIteration as stop:
+        return stop.value
+
+
+def _pick(attribute: str | None) -> Callable[[list[ScoreResult | None]], list[float | None]]:
+    def values(results: list[ScoreResult | None]) -> list[float | None]:
+        scored = [r for r in results if r is not None]
         if attribute is None:
-            return [r.score for r in results]
-        if results and attribute not in results[0].rewards:
-            raise InvalidInputError(f"attribute {attribute!r} is not one of the model's {sorted(results[0].rewards)}", field="attribute")
-        return [r.rewards[attribute] for r in results]
+            return [None if r is None else r.score for r in results]
+        if scored and attribute not in scored[0].rewards:
+            raise InvalidInputError(f"attribute {attribute!r} is not one of the model's {sorted(scored[0].rewards)}", field="attribute")
+        return [None if r is None else r.rewards[attribute] for r in results]
 
     return values
 
@@ -55,7 +131,7 @@ def _pick(attribute: str | None) -> Callable[[list[ScoreResult]], list[float]]:
 _warned: list[bool] = []
 
 
-def log_gating_metrics(results: Sequence[ScoreResult], kwargs: dict[str, Any]) -> None:
+def log_gating_metrics(results: Sequence[ScoreResult | None], kwargs: dict[str, Any]) -> None:
     """Mean gating weight and effective coefficient per attribute over the batch -> TRL's `log_metric`."""
     log_metric = kwargs.get("log_metric")
     if log_metric is None:
@@ -63,6 +139,7 @@ def log_gating_metrics(results: Sequence[ScoreResult], kwargs: dict[str, Any]) -
             _warned.append(True)
             warnings.warn("log_gating: this TRL passes no `log_metric` to reward functions; gating is not logged", stacklevel=3)
         return
+    results = [r for r in results if r is not None]
     if not results:
         return
     for name in results[0].gating:
@@ -78,14 +155,12 @@ def shared_reward_funcs(client: Any, attributes: Sequence[str | None], weights: 
     last: list[tuple[str, list[ScoreResult]]] = []  # (fingerprint, results) of the last batch
     lock = threading.Lock()
 
-    def score(prompts, completions, kwargs) -> list[ScoreResult]:
+    def score(prompts, completions, kwargs) -> list[ScoreResult | None]:
         key, conversations = _batch(prompts, completions, weights)
         with lock:  # TRL calls the functions one after another; the lock covers threaded callers too
             if last and last[0][0] == key:
                 return last[0][1]
-            results: list[ScoreResult] = []
-            for start in range(0, len(conversations), max_conversations_per_call):
-                results.extend(client.score(conversations[start : start + max_conversations_per_call], weights))
+            results = run_sync(score_tolerantly(conversations, max_conversations_per_call), lambda batch: client.score(batch, weights))
             last[:] = [(key, results)]
         if log_gating:  # once per batch: by the call that scored it
             log_gating_metrics(results, kwargs)
@@ -94,7 +169,7 @@ def shared_reward_funcs(client: Any, attributes: Sequence[str | None], weights: 
     def make(attribute: str | None):
         values = _pick(attribute)
 
-        def reward_func(prompts, completions, **kwargs) -> list[float]:
+        def reward_func(prompts, completions, **kwargs) -> list[float | None]:
             return values(score(prompts, completions, kwargs))
 
         reward_func.__name__ = reward_func.__qualname__ = f"rewardsvc_{attribute or 'score'}"  # TRL logs under it
@@ -115,15 +190,13 @@ def shared_async_reward_funcs(new_client: Callable[[], Any], attributes: Sequenc
     clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
     tasks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per loop: (fingerprint, task) of the last batch
 
-    async def run(client, conversations, kwargs) -> list[ScoreResult]:
-        results: list[ScoreResult] = []
-        for start in range(0, len(conversations), max_conversations_per_call):
-            results.extend(await client.score(conversations[start : start + max_conversations_per_call], weights))
+    async def run(client, conversations, kwargs) -> list[ScoreResult | None]:
+        results = await run_async(score_tolerantly(conversations, max_conversations_per_call), lambda batch: client.score(batch, weights))
         if log_gating:
             log_gating_metrics(results, kwargs)
         return results
 
-    async def score(prompts, completions, kwargs) -> list[ScoreResult]:
+    async def score(prompts, completions, kwargs) -> list[ScoreResult | None]:
         loop = asyncio.get_running_loop()
         key, conversations = _batch(prompts, completions, weights)
         if loop not in clients:
@@ -137,7 +210,7 @@ def shared_async_reward_funcs(new_client: Callable[[], Any], attributes: Sequenc
     def make(attribute: str | None):
         values = _pick(attribute)
 
-        async def reward_func(prompts, completions, **kwargs) -> list[float]:
+        async def reward_func(prompts, completions, **kwargs) -> list[float | None]:
             return values(await score(prompts, completions, kwargs))
 
         reward_func.__name__ = reward_func.__qualname__ = f"rewardsvc_{attribute or 'score'}"

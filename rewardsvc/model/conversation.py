@@ -1,33 +1,66 @@
-"""Validation of OpenAI-style conversations (system / user / assistant message lists)."""
+"""Validation of OpenAI-style conversations: system / user / assistant / tool messages.
+
+Besides plain `{"role", "content": str}` messages it takes what trainers with tools produce (TRL's GRPO with
+`tools=`, OpenAI's chat format):
+- content given as a list of text blocks `[{"type": "text", "text": ...}, ...]`: the texts are joined with "\n"
+  (what vLLM does for templates that take string content); any other block type (an image, ...) is an error,
+  since the reward model reads text only;
+- `tool_calls` on an assistant message: `[{"type": "function", "function": {"name", "arguments"}, "id"?}]`,
+  arguments a JSON object or its JSON text; kept in that shape (arguments as a dict), the shape Hugging Face
+  chat templates read;
+- `tool` messages (the result of a call), with optional `name` and `tool_call_id`.
+How they become text is model.encoding's business (the backbone's template where it renders them, otherwise
+the rendering documented there).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import InvalidConversationError
+from ..messages import as_list, message_content, tool_call
 
-ROLES = ("system", "user", "assistant")
-Messages = list[dict[str, str]]
+ROLES = ("system", "user", "assistant", "tool")
+# role and content always; tool_calls (assistant), name and tool_call_id (tool) only when given.
+Messages = list[dict[str, Any]]
 
 
-def _message(raw: Any, field: str) -> dict[str, str]:
-    if not isinstance(raw, dict):
+def _optional_str(raw: Mapping, key: str, field: str) -> str | None:
+    value = raw.get(key)
+    if value is not None and not isinstance(value, str):
+        raise InvalidConversationError(f"{field}.{key} must be a string, got {type(value).__name__}", f"{field}.{key}")
+    return value or None
+
+
+def _message(raw: Any, field: str) -> dict[str, Any]:
+    if not isinstance(raw, Mapping):
         raise InvalidConversationError(f"{field} must be an object with 'role' and 'content', got {type(raw).__name__}", field)
-    role, content = raw.get("role"), raw.get("content")
+    role = raw.get("role")
     if role not in ROLES:
         raise InvalidConversationError(f"{field}.role must be one of {ROLES}, got {role!r}", f"{field}.role")
-    if not isinstance(content, str):
-        raise InvalidConversationError(
-            f"{field}.content must be a string, got {type(content).__name__}", f"{field}.content"
-        )
-    return {"role": role, "content": content}
+    if "content" not in raw and not raw.get("tool_calls"):
+        raise InvalidConversationError(f"{field}.content is missing", f"{field}.content")
+    message: dict[str, Any] = {"role": role, "content": message_content(raw.get("content"), f"{field}.content")}
+    calls = as_list(raw.get("tool_calls"))
+    if calls:
+        if role != "assistant":
+            raise InvalidConversationError(f"{field}.tool_calls: only an assistant message calls tools", f"{field}.tool_calls")
+        if isinstance(calls, (str, bytes, Mapping)) or not isinstance(calls, Sequence):
+            raise InvalidConversationError(f"{field}.tool_calls must be a list", f"{field}.tool_calls")
+        message["tool_calls"] = [tool_call(c, f"{field}.tool_calls[{i}]") for i, c in enumerate(calls)]
+    if role == "tool":
+        for key in ("name", "tool_call_id"):
+            value = _optional_str(raw, key, field)
+            if value is not None:
+                message[key] = value
+    return message
 
 
 def validate_messages(raw: Any, field: str = "messages") -> Messages:
     """The one message validator (serving's requests, the CLI's rows and training's data rows all go through
-    it): a list of {"role": system | user | assistant, "content": str}, a system message only first. Returns
-    copies holding just role and content."""
+    it): a list of {"role": system | user | assistant | tool, "content": str or text blocks} (module docstring),
+    a system message only first. Returns normalised copies: content as one string, tool fields only when given."""
     if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence):
         raise InvalidConversationError(f"{field} must be a list of messages, got {type(raw).__name__}", field)
     messages = [_message(m, f"{field}[{i}]") for i, m in enumerate(raw)]
@@ -72,7 +105,7 @@ def with_response(prompt: Messages, response: Any, field: str = "response") -> M
         message = _message(response[0], f"{field}[0]")
         if message["role"] != "assistant":
             raise InvalidConversationError(f"{field}[0].role must be 'assistant'", f"{field}[0].role")
-        response = message["content"]
+        return [*prompt, message]  # as given, tool calls included
     if not isinstance(response, str):
         raise InvalidConversationError(f"{field} must be a string, got {type(response).__name__}", field)
     return [*prompt, {"role": "assistant", "content": response}]

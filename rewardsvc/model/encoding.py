@@ -9,10 +9,21 @@ Both come from the template itself: the prompt part is rendered separately and i
 the full rendering (trailing whitespace stripped) marks where the prompt ends; token offsets map that
 character position to a token. No token id is hard-coded, and positions are indices into the unpadded
 token list, so padding (whatever the pad token is) cannot move them.
+
+Tool use (assistant `tool_calls`, `tool` messages): the backbone's own template renders them when it can.
+It is taken as able when it renders the conversation without an error and the tool calls change its text
+(many templates silently drop `tool_calls`). Otherwise the documented fallback rendering is used, the
+Hermes / Qwen2.5 convention in plain text that any template can carry:
+- each tool call is appended to its assistant message's content as
+  `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>` (one block per call, joined by "\n");
+- a tool message becomes a user message `<tool_response>\n{content}\n</tool_response>` (consecutive tool
+  messages share one user message, one block each).
+The choice is made once per conversation, so the prompt part and the whole conversation render alike.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -45,6 +56,19 @@ class ChatEncoder:
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
         self.truncation = truncation
+
+    def with_tools_rendered(self, messages: Messages, field: str) -> Messages:
+        """`messages` unchanged when they hold no tool use or the template renders it; otherwise the
+        fallback rendering of the module docstring."""
+        calls = any(m.get("tool_calls") for m in messages)
+        if not calls and not any(m["role"] == "tool" for m in messages):
+            return messages
+        try:
+            text = self.render(messages, field)
+            plain = self.render([_without_tool_calls(m) for m in messages], field) if calls else None
+        except InvalidConversationError:
+            return fallback_tool_rendering(messages)
+        return messages if text != plain else fallback_tool_rendering(messages)
 
     def render(self, messages: Messages, field: str) -> str:
         try:
@@ -107,6 +131,7 @@ class ChatEncoder:
 
     def encode(self, messages: Messages, field: str = "messages") -> EncodedConversation:
         """Encode a validated conversation whose last message is the assistant response."""
+        messages = self.with_tools_rendered(messages, field)
         full = self.render(messages, field)
         prompt_text = self.render(messages[:-1], field)
         prompt_end = len(os.path.commonprefix([full, prompt_text]).rstrip())
@@ -127,6 +152,7 @@ class ChatEncoder:
     def encode_prompt(self, messages: Messages, field: str = "prompt") -> EncodedConversation:
         """Encode prompt messages alone (for gating inspection); the prompt anchor is the last token, the
         same token the full conversation uses as its prompt anchor."""
+        messages = self.with_tools_rendered(messages, field)
         text = self.render(messages, field).rstrip()
         ids, offsets = self._tokenize(text)
         if not ids:
@@ -136,3 +162,30 @@ class ChatEncoder:
         return EncodedConversation(
             input_ids=tuple(window), prompt_anchor=len(window) - 1, original_tokens=len(ids), truncated=cut > 0
         )
+
+
+def _without_tool_calls(message: dict) -> dict:
+    return {k: v for k, v in message.items() if k != "tool_calls"}
+
+
+def fallback_tool_rendering(messages: Messages) -> Messages:
+    """Tool calls and tool results as plain text in assistant and user turns (module docstring)."""
+    out: Messages = []
+    for m in messages:
+        if m["role"] == "tool":
+            block = f"<tool_response>\n{m['content']}\n</tool_response>"
+            if out and out[-1].get("_tool_turn"):
+                out[-1]["content"] += "\n" + block
+            else:
+                out.append({"role": "user", "content": block, "_tool_turn": True})
+            continue
+        message = {"role": m["role"], "content": m["content"]}
+        calls = [
+            "<tool_call>\n" + json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]},
+                                         ensure_ascii=False) + "\n</tool_call>"
+            for c in m.get("tool_calls") or ()
+        ]
+        if calls:
+            message["content"] = "\n".join([message["content"], *calls] if message["content"] else calls)
+        out.append(message)
+    return [{k: v for k, v in m.items() if k != "_tool_turn"} for m in out]

@@ -17,7 +17,14 @@ S = {"role": "system", "content": "sys"}
         ([], "messages"),
         ([U], "messages"),  # no response
         ([A], "messages"),  # no user turn before the response
-        ([U, {"role": "tool", "content": "x"}], "messages[1].role"),
+        ([U, {"role": "function", "content": "x"}], "messages[1].role"),
+        ([U, {"role": "assistant", "content": [{"type": "image_url", "image_url": "x"}]}], "messages[1].content[0]"),
+        ([U, {"role": "user", "content": "x", "tool_calls": [{"type": "function", "function": {"name": "f"}}]}, A],
+         "messages[1].tool_calls"),
+        ([U, {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{"}}]}, A],
+         "messages[1].tool_calls[0].function.arguments"),
+        ([U, {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": ""}}]}, A],
+         "messages[1].tool_calls[0].function.name"),
         ([U, {"role": "assistant", "content": 3}], "messages[1].content"),
         ([U, "hello"], "messages[1]"),
         ([U, S, A], "messages[1].role"),  # system not first

@@ -112,3 +112,38 @@ def test_left_truncation_cannot_cut_the_response(chatml_tokenizer):
     long_answer = [USER, {"role": "assistant", "content": "Paris is the capital. " * 20}]
     with pytest.raises(ConversationTooLongError, match="even truncated"):
         ChatEncoder(chatml_tokenizer, 20, truncation="left").encode(long_answer)
+
+
+TOOL_CONVERSATION = [
+    {"role": "user", "content": "What is 6 times 7?"},
+    {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "multiply", "arguments": {"a": 6, "b": 7}}}]},
+    {"role": "tool", "name": "multiply", "content": "42"},
+    {"role": "assistant", "content": "It is 42."},
+]
+# ChatML plus the tool-call block of Qwen2.5's template: a template that renders tool calls itself.
+TOOL_AWARE_CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] }}"
+    "{% for call in message.tool_calls or [] %}{{ '<tool_call>\n{\"name\": \"' + call.function.name + '\", \"arguments\": ' }}"
+    "{{ call.function.arguments | tojson }}{{ '}\n</tool_call>' }}{% endfor %}{{ '<|im_end|>\n' }}{% endfor %}"
+)
+
+
+def test_tool_calls_use_the_template_when_it_renders_them(chatml_tokenizer):
+    from rewardsvc.model.conversation import validate_conversation
+
+    messages = validate_conversation(TOOL_CONVERSATION)
+    ignoring = ChatEncoder(chatml_tokenizer, max_tokens=512)
+    # The plain ChatML template drops tool_calls: the documented fallback rendering is used instead.
+    assert ignoring.with_tools_rendered(messages, "m")[1]["content"].startswith("<tool_call>\n")
+    aware = ChatEncoder(chatml_tokenizer, max_tokens=512)
+    original = chatml_tokenizer.chat_template
+    chatml_tokenizer.chat_template = TOOL_AWARE_CHATML
+    try:
+        assert aware.with_tools_rendered(messages, "m") is messages  # the template's own rendering
+        text = aware.render(messages, "m")
+        assert '<tool_call>\n{"name": "multiply", "arguments": {"a": 6, "b": 7}}\n</tool_call>' in text
+        assert "<|im_start|>tool\n42<|im_end|>" in text
+        encoded = aware.encode(messages)
+        assert encoded.prompt_anchor < encoded.response_anchor
+    finally:
+        chatml_tokenizer.chat_template = original
