@@ -192,3 +192,45 @@ class ScorerConfig:
             raise InvalidInputError(
                 f"scorer.max_batch_size must be >= 1, got {self.max_batch_size}", field="scorer.max_batch_size"
             )
+
+
+@dataclass(frozen=True)
+class ScoreMix:
+    """The score of a sequence-classification model with several labels: sum_k weights[k] * logit_k, over the
+    labels the model's `id2label` names. The model card says which label (or mix) is the score; a single label
+    is {label: 1.0}. Unnamed labels get weight 0."""
+
+    weights: tuple[tuple[str, float], ...]
+
+    def __post_init__(self) -> None:
+        import math
+
+        if not self.weights:
+            raise InvalidInputError("score_mix must name at least one label", field="score_mix")
+        names = [name for name, _ in self.weights]
+        if len(set(names)) != len(names):
+            raise InvalidInputError(f"score_mix names a label twice: {names}", field="score_mix")
+        for name, value in self.weights:
+            if not isinstance(name, str) or not name:
+                raise InvalidInputError(f"score_mix: label names must be non-empty strings, got {name!r}", field="score_mix")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InvalidInputError(f"score_mix[{name!r}] must be a finite number, got {value!r}", field="score_mix")
+
+    @classmethod
+    def parse(cls, text: str) -> "ScoreMix":
+        """`LABEL` (that label's logit is the score) or a JSON object {label: weight} (`--score-mix`)."""
+        import json
+
+        text = text.strip()
+        if not text.startswith("{"):
+            return cls(weights=((text, 1.0),))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidInputError(f"score_mix is neither a label nor a JSON object: {exc}", field="score_mix") from exc
+        if not isinstance(data, dict):
+            raise InvalidInputError("score_mix must be a label or a JSON object {label: weight}", field="score_mix")
+        return cls(weights=tuple(data.items()))
+
+    def as_dict(self) -> dict[str, float]:
+        return {name: float(value) for name, value in self.weights}

@@ -100,3 +100,41 @@ def save_tiny_heads(directory: Path, backbone_dir: Path, seed: int = 1) -> Path:
     heads.reward_transform_matrix.copy_(torch.tensor([[1.0, 0, 0], [0, 1, 0], [-0.3, -0.1, 0]]))
     save_heads(directory, HeadsCheckpoint(heads=heads, backbone={"model": str(backbone_dir)}, name="tiny", trained=True))
     return Path(directory)
+
+
+SEQCLS_ARCHITECTURES = ("llama", "qwen2", "gemma", "mistral")
+
+
+def tiny_seqcls_config(arch: str, vocab_size: int, pad_token_id: int | None, num_labels: int = 1, **overrides):
+    """A tiny config of `arch` (see SEQCLS_ARCHITECTURES) for *ForSequenceClassification, built locally."""
+    from transformers import GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config, "gemma": GemmaConfig, "mistral": MistralConfig}[arch]
+    fields = dict(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=512, rms_norm_eps=1e-6, num_labels=num_labels,
+        pad_token_id=pad_token_id,
+    )  # fmt: skip
+    if num_labels > 1:
+        fields["id2label"] = {i: name for i, name in enumerate(["helpfulness", "safety", "verbosity", "style"][:num_labels])}
+        fields["label2id"] = {name: i for i, name in fields["id2label"].items()}
+    fields.update(overrides)
+    return config_class(**fields)
+
+
+def save_tiny_seqcls(directory: Path, arch: str = "llama", template: str = "chatml", num_labels: int = 1, seed: int = 0,
+                     **config_overrides) -> Path:  # fmt: skip
+    """A random tiny `AutoModelForSequenceClassification` of `arch` + its tokenizer (with a chat template), saved
+    the way TRL's RewardTrainer saves its output (save_pretrained of both; config.pad_token_id = the tokenizer's
+    pad token, which is the eos token here)."""
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = build_tokenizer(template)
+    torch.manual_seed(seed)
+    config = tiny_seqcls_config(arch, len(tokenizer), tokenizer.pad_token_id, num_labels, **config_overrides)
+    model = AutoModelForSequenceClassification.from_config(config)
+    with torch.no_grad():  # random init of the score layer is tiny (std 0.02): make scores clearly distinct
+        model.score.weight.normal_(0.0, 1.0)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return Path(directory)

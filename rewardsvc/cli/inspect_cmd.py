@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict
 
 from ..errors import InvalidInputError
@@ -15,7 +16,9 @@ INPUT_FORMAT = """\
 PROMPT: a plain string (one user turn), or a JSON list of messages ending with a user message:
   '[{"role": "system", "content": "..."}, {"role": "user", "content": "..."}]'
 output: a table (attribute, gating weight, effective coefficient), largest weight first;
-  --json prints {"model_id", "weights_source", "num_tokens", "gating", "coefficients"} instead
+  --json prints {"model_id", "weights_source", "num_tokens", "gating", "coefficients", "has_gating"} instead.
+  A model without gating (a sequence-classification model) says so: its weights never depend on the prompt
+  (gating is empty; coefficients are its fixed label mix, empty for a single-score model)
 """
 
 
@@ -49,6 +52,18 @@ def plot_weights(gating: dict[str, float], coefficients: dict[str, float], title
     plt.close(fig)
 
 
+def no_gating_text(model_id: str, coefficients: dict[str, float], source: str) -> str:
+    """What inspect says for a model without gating (a sequence-classification model)."""
+    if not coefficients:
+        return f"model {model_id} has no gating: it is a single-score model (no attributes), the same for every prompt"
+    from .tables import render
+
+    ranked = sorted(coefficients, key=lambda n: -coefficients[n])
+    weights = "steered by --weights" if source in ("override", "mask") else "fixed"
+    return (f"model {model_id} has no gating: every prompt gets the same label weights ({weights}); "
+            f"score = sum of weight x label logit\n" + render(["attribute", "weight"], [[n, coefficients[n]] for n in ranked]))  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> int:
     from .backends import connect
     from .main import load_scorer, parse_weights
@@ -70,12 +85,18 @@ def run(args: argparse.Namespace) -> int:
         from ..model.conversation import as_prompt
 
         result = load_scorer(args).inspect(as_prompt(prompt), weights)
+    has_gating = bool(result.gating)  # a model kind without gating answers with an empty gating
     ranked = dict(sorted(result.gating.items(), key=lambda kv: -kv[1]))
     if args.json:
-        print(json.dumps({**asdict(result), "gating": ranked}, indent=2))
-    else:
+        print(json.dumps({**asdict(result), "gating": ranked, "has_gating": has_gating}, indent=2))
+    elif has_gating:
         print(f"model {result.model_id}; {result.num_tokens} prompt tokens; weights: {result.weights_source}")
         print(weights_table(result.gating, result.coefficients))
+    else:
+        print(no_gating_text(result.model_id, result.coefficients, result.weights_source))
+    if args.plot and not has_gating:
+        print(f"--plot: nothing drawn: {result.model_id} has no gating", file=sys.stderr)
+        return 1
     if args.plot:
         plot_weights(result.gating, result.coefficients, f"{result.model_id}: {prompt[-1]['content'][:60]}", args.plot)
     return 0

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from .. import __version__
-from ..config import BackboneConfig, ScorerConfig
+from ..config import BackboneConfig, ScoreMix, ScorerConfig
 from ..errors import InvalidInputError, RewardError
 from ..types import AttributeWeights
 
@@ -22,7 +22,11 @@ log = logging.getLogger("rewardsvc")
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", help="heads checkpoint or reference ArmoRM directory (default: the packaged default)")
+    group.add_argument("--model", help="heads checkpoint, reference ArmoRM directory or Hugging Face sequence-classification "
+                                       "model; a directory or a cached hub id (default: the packaged default; docs/MODELS.md)")
+    group.add_argument("--score-mix", metavar="LABEL|JSON",
+                       help="a sequence-classification model with several labels: the label whose logit is the score, "
+                            "or a JSON mix {label: weight} (what its model card defines)")  # fmt: skip
     group.add_argument("--backbone", help="override the checkpoint's backbone: directory, hub id or .gguf file")
     group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     group.add_argument("--device-map", help='spread a backbone over several GPUs: auto, balanced, sequential, or JSON '
@@ -55,7 +59,7 @@ def backbone_override(args: argparse.Namespace) -> BackboneConfig | None:
         from ..model.scorer import DEFAULT_MODEL_DIR
 
         directory = resolve_model_path(args.model) if args.model else DEFAULT_MODEL_DIR
-        base = load_heads(directory).backbone if is_heads_checkpoint(directory) else {"model": str(directory)}
+        base = load_heads(directory).backbone if is_heads_checkpoint(directory) else {"model": str(directory)}  # seq-cls too
     else:
         base = {"model": args.backbone}
     return BackboneConfig(**{**base, "device": args.device, "dtype": args.dtype, "quantization": args.quantization,
@@ -78,7 +82,8 @@ def load_scorer(args: argparse.Namespace):
         max_tokens=args.max_tokens, truncation=args.truncation, token_budget=args.token_budget,
         batch_plan=args.batch_plan, batch_invariant=args.batch_invariant, share_prompts=args.share_prompts,
     )  # fmt: skip
-    scorer = Scorer.load(args.model, backbone=backbone_override(args), config=config)
+    score_mix = ScoreMix.parse(args.score_mix) if getattr(args, "score_mix", None) else None
+    scorer = Scorer.load(args.model, backbone=backbone_override(args), config=config, score_mix=score_mix)
     if not scorer.trained:
         print(f"warning: {scorer.model_id}: the heads are NOT trained; scores are meaningless", file=sys.stderr)
     return scorer

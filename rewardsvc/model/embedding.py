@@ -51,7 +51,14 @@ def embed_encoded(
         return Embeddings(response=response, prompt=prompt)
     rest = list(range(len(encoded)))
     if share_prompts:
-        groups, rest = plan_shared_prompts([e.input_ids[: e.prompt_anchor + 1] for e in encoded])
+        # Under sliding-window attention a continued cache is exact only while the whole conversation fits in
+        # the window; longer ones run the flat way.
+        window = attention_window(backbone.model.config)
+        eligible = [i for i, e in enumerate(encoded) if window is None or e.num_tokens <= window]
+        found, _ = plan_shared_prompts([encoded[i].input_ids[: encoded[i].prompt_anchor + 1] for i in eligible])
+        groups = [[eligible[j] for j in group] for group in found]
+        grouped = {i for group in groups for i in group}
+        rest = [i for i in rest if i not in grouped]
         for group in groups:
             _embed_shared_prompt(backbone, encoded, group, token_budget, max_batch_size, response, prompt)
     lengths = [encoded[i].num_tokens for i in rest]
@@ -69,15 +76,25 @@ def embed_encoded(
     return Embeddings(response=response, prompt=prompt)
 
 
+def attention_window(config) -> int | None:
+    """Tokens a sliding-window attention layer attends to (None: every layer sees the whole sequence)."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not window or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    return int(window)
+
+
 def _embed_shared_prompt(backbone, encoded, group, token_budget, max_batch_size, response, prompt) -> None:
     """One prompt pass, then the group's responses in length-sorted batches continuing from its cache."""
     first = encoded[group[0]]
     start = first.prompt_anchor + 1  # every member's prompt is input_ids[:start] (plan_shared_prompts)
     prompt_hidden, kv = backbone.prompt_cache(list(first.input_ids[:start]))
     tails = [encoded[i].input_ids[start:] for i in group]
+    anchors = [encoded[i].response_anchor - start for i in group]  # >= 0: the encoder puts it after the prompt
     # The budget counts the response tokens; each row also attends to the `start` cached prompt positions.
     for batch in plan_padded_batches([len(t) for t in tails], token_budget, max_batch_size):
-        hidden = backbone.hidden_after_prompt(kv, [list(tails[j]) for j in batch], [[len(tails[j]) - 1] for j in batch])
+        hidden = backbone.hidden_after_prompt(kv, [list(tails[j]) for j in batch], [[anchors[j]] for j in batch])
         index = torch.tensor([group[j] for j in batch])
         response[index] = hidden[:, 0]
         prompt[index] = prompt_hidden

@@ -19,6 +19,10 @@ Hermes / Qwen2.5 convention in plain text that any template can carry:
 - a tool message becomes a user message `<tool_response>\n{content}\n</tool_response>` (consecutive tool
   messages share one user message, one block each).
 The choice is made once per conversation, so the prompt part and the whole conversation render alike.
+
+A model kind may read its score elsewhere (`ResponseAnchor`): a standard Hugging Face sequence-classification
+model scores the template's text as rendered (trailing newline included) at its last token that is not the
+model's pad token, the token transformers' own forward pools.
 """
 
 from __future__ import annotations
@@ -32,6 +36,25 @@ from .conversation import Messages
 
 
 @dataclass(frozen=True)
+class ResponseAnchor:
+    """Where a model kind reads the response: ArmoRM heads read the last token of the text with trailing
+    whitespace stripped (the end-of-turn token); a sequence-classification model reads the text exactly as the
+    template renders it, at the last token whose id is not `skip_token_id` (its config's pad token)."""
+
+    strip_trailing_whitespace: bool = True
+    skip_token_id: int | None = None
+
+    def position(self, ids: list[int]) -> int:
+        """Index of the response anchor in `ids` (-1 when every token is skipped)."""
+        if self.skip_token_id is None:
+            return len(ids) - 1
+        for i in range(len(ids) - 1, -1, -1):
+            if ids[i] != self.skip_token_id:
+                return i
+        return -1
+
+
+@dataclass(frozen=True)
 class EncodedConversation:
     """Token ids of one templated conversation (the window that is scored) and its anchors."""
 
@@ -39,6 +62,7 @@ class EncodedConversation:
     prompt_anchor: int  # index into input_ids
     original_tokens: int  # tokens before any truncation
     truncated: bool
+    response_position: int = -1  # index into input_ids of the response anchor; -1 = the last token
 
     @property
     def num_tokens(self) -> int:
@@ -46,16 +70,17 @@ class EncodedConversation:
 
     @property
     def response_anchor(self) -> int:
-        return len(self.input_ids) - 1
+        return len(self.input_ids) - 1 if self.response_position < 0 else self.response_position
 
 
 class ChatEncoder:
     """Renders, tokenizes and (optionally) truncates conversations for one tokenizer."""
 
-    def __init__(self, tokenizer, max_tokens: int, truncation: str = "error"):
+    def __init__(self, tokenizer, max_tokens: int, truncation: str = "error", anchor: ResponseAnchor = ResponseAnchor()):
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
         self.truncation = truncation
+        self.anchor = anchor
 
     def with_tools_rendered(self, messages: Messages, field: str) -> Messages:
         """`messages` unchanged when they hold no tool use or the template renders it; otherwise the
@@ -135,11 +160,20 @@ class ChatEncoder:
         full = self.render(messages, field)
         prompt_text = self.render(messages[:-1], field)
         prompt_end = len(os.path.commonprefix([full, prompt_text]).rstrip())
-        text = full.rstrip()  # trailing newlines after the end-of-turn token carry nothing
+        # For ArmoRM heads trailing newlines after the end-of-turn token carry nothing; a sequence-classification
+        # model was trained on the text as rendered, so it keeps them.
+        text = full.rstrip() if self.anchor.strip_trailing_whitespace else full
         ids, offsets = self._tokenize(text)
         prompt_anchor = self._last_token_ending_by(offsets, prompt_end)
         if prompt_anchor < 0 or prompt_anchor >= len(ids) - 1:
             raise InvalidConversationError(f"{field}: cannot locate the end of the prompt in the templated text", field)
+        response_anchor = self.anchor.position(ids)
+        if response_anchor <= prompt_anchor:
+            raise InvalidConversationError(
+                f"{field}: the response renders to no token the model reads (all are its pad token "
+                f"{self.anchor.skip_token_id})",
+                field,
+            )
         head = min(self._head_tokens(full, messages, offsets), prompt_anchor)
         window, cut = self._fit(ids, head, prompt_anchor, field)
         return EncodedConversation(
@@ -147,6 +181,7 @@ class ChatEncoder:
             prompt_anchor=prompt_anchor - cut,
             original_tokens=len(ids),
             truncated=cut > 0,
+            response_position=-1 if response_anchor == len(ids) - 1 else response_anchor - cut,
         )
 
     def encode_prompt(self, messages: Messages, field: str = "prompt") -> EncodedConversation:

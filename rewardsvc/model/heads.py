@@ -20,6 +20,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import HeadsConfig
+from ..types import AttributeWeights, weights_source
+from .encoding import ResponseAnchor
+from .steering import steer
 
 
 class GatingNetwork(nn.Module):
@@ -56,6 +59,12 @@ class HeadOutput:
 
 
 class ArmoHeads(nn.Module):
+    """The "armorm" model kind (model/reward_heads.RewardHeads)."""
+
+    kind = "armorm"
+    response_anchor = ResponseAnchor()  # the end-of-turn token closing the response
+    has_gating = True
+
     def __init__(self, config: HeadsConfig):
         super().__init__()
         self.config = config
@@ -71,6 +80,14 @@ class ArmoHeads(nn.Module):
     @property
     def attributes(self) -> tuple[str, ...]:
         return self.config.attributes
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def feature_layer(self) -> int | None:
+        return self.config.feature_layer
 
     def rewards(self, response_embedding: torch.Tensor) -> torch.Tensor:
         """r = W h_r + b (B, K): the only place rewards are computed from embeddings."""
@@ -89,3 +106,23 @@ class ArmoHeads(nn.Module):
 
     def forward(self, response_embedding: torch.Tensor, prompt_embedding: torch.Tensor) -> HeadOutput:
         return self.combine(self.rewards(response_embedding), self.gate(prompt_embedding))
+
+    # ---- the RewardHeads protocol (what the Scorer calls) ----------------------------------------------
+
+    def steered_gating(self, prompt_embedding: torch.Tensor, weights: AttributeWeights | None) -> torch.Tensor:
+        """The gating for these prompts (N, K), steered by `weights` when given."""
+        gating = self.gate(prompt_embedding)  # (N, K)
+        return gating if weights is None else steer(gating, weights, self.attributes)
+
+    def outputs(self, response: torch.Tensor, prompt: torch.Tensor, weights: AttributeWeights | None) -> HeadOutput:
+        return self.combine(self.rewards(response), self.steered_gating(prompt, weights))
+
+    def weights_for(self, prompt: torch.Tensor | None, weights: AttributeWeights | None) -> tuple[torch.Tensor, torch.Tensor]:
+        gating = self.steered_gating(prompt, weights)  # (N, K)
+        return gating, gating @ self.reward_transform_matrix.T  # (N, K), as in combine
+
+    def weights_source(self, weights: AttributeWeights | None) -> str:
+        return weights_source(weights)
+
+    def describe(self) -> dict:
+        return {"model_kind": self.kind}

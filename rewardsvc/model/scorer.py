@@ -13,17 +13,17 @@ from typing import Any
 
 import torch
 
-from ..config import BackboneConfig, ScorerConfig
+from ..config import BackboneConfig, ScoreMix, ScorerConfig
 from ..errors import CheckpointError
-from ..types import AttributeWeights, InspectResult, ScoreResult, weights_source
+from ..types import AttributeWeights, InspectResult, ScoreResult
 from .backbone import Backbone, load_backbone, load_tokenizer, resolve_device, resolve_dtype, truncate_backbone
 from .checkpoint import is_heads_checkpoint, is_reference_checkpoint, load_heads, load_reference, load_reference_heads
 from .conversation import validate_conversation, validate_prompt, with_response
 from .embedding import Embeddings, embed_encoded
 from .encoding import ChatEncoder, EncodedConversation
-from .heads import ArmoHeads
-from .hub import resolve_model_path
-from .steering import steer
+from .hub import looks_like_hub_id, resolve_model_path
+from .reward_heads import RewardHeads
+from .seqcls import is_sequence_classification_checkpoint, load_sequence_classification
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +31,13 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "default_model"
 
 
 class Scorer:
+    """A backbone and the heads of one model kind (model/reward_heads.RewardHeads: ArmoRM heads or a
+    sequence-classification score layer)."""
+
     def __init__(
         self,
         backbone: Backbone,
-        heads: ArmoHeads,
+        heads: RewardHeads,
         *,
         model_id: str,
         config: ScorerConfig = ScorerConfig(),
@@ -42,11 +45,11 @@ class Scorer:
         label_scales: dict[str, Any] | None = None,
         provenance: dict[str, Any] | None = None,
     ):
-        if heads.config.hidden_size != backbone.hidden_size:
+        if heads.hidden_size != backbone.hidden_size:
             raise CheckpointError(
-                f"heads expect hidden size {heads.config.hidden_size}, backbone {backbone.model_id} has {backbone.hidden_size}"
+                f"heads expect hidden size {heads.hidden_size}, backbone {backbone.model_id} has {backbone.hidden_size}"
             )
-        feature_layer = heads.config.feature_layer
+        feature_layer = heads.feature_layer
         if feature_layer is not None and feature_layer != backbone.depth:
             raise CheckpointError(
                 f"heads expect features after {feature_layer} backbone blocks, backbone {backbone.model_id} runs "
@@ -59,19 +62,25 @@ class Scorer:
         self.model_id = model_id if trained else f"{model_id}+UNTRAINED"
         self.label_scales = label_scales or {}
         self.provenance = provenance or {}
-        self.encoder = ChatEncoder(backbone.tokenizer, config.max_tokens, config.truncation)
+        self.encoder = ChatEncoder(backbone.tokenizer, config.max_tokens, config.truncation, heads.response_anchor)
 
     # ---- loading -----------------------------------------------------------------------------------
 
     @classmethod
     def load(
-        cls, model: str | Path | None = None, *, backbone: BackboneConfig | None = None, config: ScorerConfig = ScorerConfig()
+        cls, model: str | Path | None = None, *, backbone: BackboneConfig | None = None, config: ScorerConfig = ScorerConfig(),
+        score_mix: ScoreMix | None = None,
     ) -> "Scorer":
-        """model: None (the packaged default heads on the embedded backbone), a directory in our heads format,
-        or a directory in the reference ArmoRM format, or the hub id of either (resolved in the local HF cache). `backbone` overrides where/how the backbone loads."""
+        """model: None (the packaged default heads on the embedded backbone), a directory in our heads format, in
+        the reference ArmoRM format, or a standard Hugging Face *ForSequenceClassification model (model/seqcls.py),
+        or the hub id of any of them (resolved in the local HF cache). `backbone` overrides where/how the backbone
+        loads (a sequence-classification model: device and dtype only). `score_mix`: the score of a
+        sequence-classification model with several labels."""
         directory = resolve_model_path(model, "--model") if model is not None else DEFAULT_MODEL_DIR  # dir or hub id
         if not directory.exists():
             raise CheckpointError(f"model directory {directory} does not exist")
+        if score_mix is not None and not is_sequence_classification_checkpoint(directory):
+            raise CheckpointError(f"--score-mix applies to sequence-classification models; {directory} is not one")
         if is_heads_checkpoint(directory):
             ckpt = load_heads(directory)
             backbone_config = backbone or BackboneConfig(**_shipped_adapter_resolved(ckpt.backbone, directory))
@@ -99,9 +108,14 @@ class Scorer:
             model_id = f"reference:{raw.get('_name_or_path') or directory.name}"
             loaded = Backbone(model=hf_model, tokenizer=tokenizer, model_id=model_id, device=device, dtype=dtype)
             return cls(loaded, heads, model_id=model_id, config=config, trained=True)
+        if is_sequence_classification_checkpoint(directory):
+            name = str(model) if looks_like_hub_id(str(model)) else directory.name
+            loaded, heads, provenance = load_sequence_classification(directory, name, backbone, score_mix)
+            return cls(loaded, heads, model_id=loaded.model_id, config=config, trained=True, provenance=provenance)
         raise CheckpointError(
-            f"{directory} is neither a rewardsvc heads checkpoint (rewardsvc.json) nor a reference ArmoRM checkpoint "
-            f"(config.json with num_objectives)"
+            f"{directory} is neither a rewardsvc heads checkpoint (rewardsvc.json), a reference ArmoRM checkpoint "
+            f"(config.json with num_objectives) nor a sequence-classification model (config.json architectures "
+            f"*ForSequenceClassification)"
         )
 
     @property
@@ -128,11 +142,6 @@ class Scorer:
             packed=c.batch_plan == "packed" or (c.batch_plan == "auto" and self.backbone.device.type == "cuda"),
         )  # fmt: skip
 
-    def _weights_used(self, prompt_embedding: torch.Tensor, weights: AttributeWeights | None) -> torch.Tensor:
-        """The gating for these prompts (N, K), steered by `weights` when given."""
-        gating = self.heads.gate(prompt_embedding)  # (N, K)
-        return gating if weights is None else steer(gating, weights, self.attributes)
-
     @torch.inference_mode()
     def _head_outputs(self, embeddings: Embeddings, weights: AttributeWeights | None):
         if self.config.batch_invariant:
@@ -145,8 +154,7 @@ class Scorer:
         return self._head_rows(embeddings, weights)
 
     def _head_rows(self, embeddings: Embeddings, weights: AttributeWeights | None):
-        rewards = self.heads.rewards(embeddings.response)  # (N, K)
-        return self.heads.combine(rewards, self._weights_used(embeddings.prompt, weights))
+        return self.heads.outputs(embeddings.response, embeddings.prompt, weights)
 
     def _named(self, row: torch.Tensor) -> dict[str, float]:
         return {name: float(v) for name, v in zip(self.attributes, row.tolist())}
@@ -159,7 +167,7 @@ class Scorer:
         if not encoded:
             return []
         out = self._head_outputs(self.embed(encoded), weights)
-        source = weights_source(weights)
+        source = self.heads.weights_source(weights)
         return [
             ScoreResult(
                 score=float(out.score[i]),
@@ -191,7 +199,8 @@ class Scorer:
 
     @torch.inference_mode()
     def inspect(self, prompt: Any, weights: AttributeWeights | None = None) -> InspectResult:
-        """The attribute weights the gating chooses for a prompt (and the effective coefficients)."""
+        """The attribute weights the gating chooses for a prompt (and the effective coefficients). A model
+        kind without gating answers with an empty `gating` and its fixed coefficients, without a forward pass."""
         return self.inspect_encoded(self.encode_prompt(prompt), weights)
 
     @torch.inference_mode()
@@ -200,25 +209,28 @@ class Scorer:
         threads and leaves only the model to its batcher thread)."""
         if weights is not None:
             weights.check_attributes(self.attributes)
-        hidden = self.backbone.hidden_at([list(encoded.input_ids)], [[encoded.prompt_anchor]])  # (1, 1, H)
-        gating = self._weights_used(hidden[:, 0], weights)  # (1, K)
-        coefficients = gating @ self.heads.reward_transform_matrix.T  # (1, K), as in ArmoHeads.combine
+        prompt = None
+        if self.heads.has_gating:
+            prompt = self.backbone.hidden_at([list(encoded.input_ids)], [[encoded.prompt_anchor]])[:, 0]  # (1, H)
+        gating, coefficients = self.heads.weights_for(prompt, weights)  # (1, K or 0), (1, K)
         return InspectResult(
             gating=self._named(gating[0]),
             coefficients=self._named(coefficients[0]),
             num_tokens=encoded.num_tokens,
             truncated=encoded.truncated,
-            weights_source=weights_source(weights),
+            weights_source=self.heads.weights_source(weights),
             model_id=self.model_id,
         )
 
     def model_info(self) -> dict[str, Any]:
         return {
             "model_id": self.model_id,
+            "model_kind": self.heads.kind,
+            "has_gating": self.heads.has_gating,
             "trained": self.trained,
             "attributes": list(self.attributes),
             "backbone": self.backbone_description(),
-            "feature_layer": self.heads.config.feature_layer,
+            "feature_layer": self.heads.feature_layer,
             "dtype": str(self.backbone.dtype).replace("torch.", ""),
             "device": str(self.backbone.device),
             "max_tokens": self.config.max_tokens,
@@ -237,7 +249,7 @@ class Scorer:
         clone = Scorer.__new__(Scorer)
         clone.__dict__.update(self.__dict__)
         clone.config = config
-        clone.encoder = ChatEncoder(self.backbone.tokenizer, config.max_tokens, config.truncation)
+        clone.encoder = ChatEncoder(self.backbone.tokenizer, config.max_tokens, config.truncation, self.heads.response_anchor)
         return clone
 
 

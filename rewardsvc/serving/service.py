@@ -251,12 +251,13 @@ class RewardService:
             encoded = scorer.encode_prompt(prompt, "prompt")
         result: InspectResult = self.wait(self.batcher.submit_inspect(encoded, weights, deadline=call.deadline), call)
         check_finite(result)
-        order = sorted(scorer.attributes, key=lambda a: -result.gating[a])
+        ranking = result.gating or result.coefficients  # a model without gating: its fixed coefficients
+        order = sorted(ranking, key=lambda a: -ranking[a])
         if top_k:
             order = order[:top_k]
         return replace(
             result,
-            gating={a: result.gating[a] for a in order},
+            gating={a: result.gating[a] for a in order if a in result.gating},
             coefficients={a: result.coefficients[a] for a in order},
         )
 
