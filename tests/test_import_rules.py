@@ -15,7 +15,8 @@ PACKAGE_DIR = ROOT / "rewardsvc"
 
 SHARED = {"rewardsvc", "rewardsvc.config", "rewardsvc.errors", "rewardsvc.types", "rewardsvc.messages"}
 INTEGRATIONS = {"rewardsvc.integrations", "rewardsvc.integrations.trl", "rewardsvc.integrations.trl_functions",
-                "rewardsvc.integrations.verl", "rewardsvc.integrations.openrlhf", "rewardsvc.integrations.chat_text"}
+                "rewardsvc.integrations.verl", "rewardsvc.integrations.openrlhf", "rewardsvc.integrations.chat_text",
+                "rewardsvc.integrations.vllm_pooling"}
 CLIENT_SIDE = SHARED | INTEGRATIONS | {"rewardsvc.client", "rewardsvc.wire"}
 PROTOBUF_USERS = {"rewardsvc.wire", "rewardsvc.client", "rewardsvc.serving.servicer", "rewardsvc.serving.server",
                   "rewardsvc.serving.http"}

@@ -89,14 +89,15 @@ def load_scorer(args: argparse.Namespace):
     return scorer
 
 
-def parse_weights(text: str | None) -> AttributeWeights | None:
-    """`--weights '{"mode": "mask", "values": {"safety": 0}}'`."""
+def parse_weights(text: str | None, flag: str = "--weights") -> AttributeWeights | None:
+    """`--weights '{"mode": "mask", "values": {"safety": 0}}'` (or another flag of that form)."""
     if not text:
         return None
+    field = flag.lstrip("-").replace("-", "_")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InvalidInputError(f"--weights is not valid JSON: {exc}", field="weights") from exc
+        raise InvalidInputError(f"{flag} is not valid JSON: {exc}", field=field) from exc
     return AttributeWeights.of(data)
 
 

@@ -14,6 +14,7 @@ import sys
 import threading
 
 from ..errors import InvalidInputError, RewardError
+from ..integrations.openrlhf import ScoresMapping
 from ..serving.config import ServerConfig
 from .env import HOST_ENV, METRICS_PORT_ENV, PORT_ENV, env_host, env_port
 
@@ -41,10 +42,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--metrics-port", type=int, default=None,
                    help=f"Prometheus /metrics port, 0 = ephemeral (default ${METRICS_PORT_ENV}, else off)")  # fmt: skip
     g.add_argument("--http-port", type=int, default=None,
-                   help="also serve HTTP/JSON here: OpenRLHF's POST /get_reward and /v1/score etc. (default: off; 0 = ephemeral)")
+                   help="also serve HTTP/JSON here: OpenRLHF's POST /get_reward, vLLM's /classify, /pooling and "
+                        "/v1/models, and /v1/score etc. (default: off; 0 = ephemeral)")  # fmt: skip
     g.add_argument("--http-policy-template", default=None,
                    help="tokenizer (directory or hub id) of the policy whose chat template /get_reward queries use "
                         "(default: the reward backbone's)")  # fmt: skip
+    g.add_argument("--http-default-weights", default=None, metavar="JSON",
+                   help='steering of /get_reward, /classify and /pooling, whose requests cannot carry weights: '
+                        '\'{"mode": "mask", "values": {"safety": 0}}\' (default: the gating\'s)')  # fmt: skip
+    g.add_argument("--openrlhf-scores", default=str(d.openrlhf_scores), metavar="sigmoid|raw|threshold=T",
+                   help="/get_reward's `scores` (OpenRLHF's dynamic filtering): sigmoid(reward), the raw reward, or "
+                        "1/0 for reward >= T (default %(default)s)")  # fmt: skip
     g.add_argument("--auth-token-file", help=f"file holding the bearer token clients must send (or set ${TOKEN_ENV})")
     g.add_argument("--tls-cert", help="PEM server certificate chain (TLS on with --tls-key)")
     g.add_argument("--tls-key", help="PEM private key of --tls-cert")
@@ -83,6 +91,8 @@ def _auth_token(args: argparse.Namespace) -> str | None:
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
+    from .main import parse_weights
+
     return ServerConfig(
         # flag > environment variable (how a container or a pod passes ports) > default
         host=args.host if args.host is not None else env_host(HOST_ENV, ServerConfig.host),
@@ -90,6 +100,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         metrics_port=args.metrics_port if args.metrics_port is not None else env_port(METRICS_PORT_ENV, None, allow_off=True),
         http_port=args.http_port,
         http_policy_template=args.http_policy_template,
+        http_default_weights=parse_weights(args.http_default_weights, "--http-default-weights"),
+        openrlhf_scores=ScoresMapping.parse(args.openrlhf_scores),
         max_message_bytes=args.max_message_bytes,
         max_conversations_per_request=args.max_conversations_per_request,
         max_group_size=args.max_group_size,

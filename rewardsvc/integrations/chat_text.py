@@ -74,9 +74,13 @@ class ChatTemplateSplitter:
 
     # ---- splitting --------------------------------------------------------------------------------
 
-    def _turns(self, text: str, field: str) -> tuple[list[dict[str, str]], str]:
-        """(messages up to the last user turn, the rest after its user_assistant separator)."""
+    def _turns(self, text: str, field: str) -> tuple[list[dict[str, str]], str, str]:
+        """(messages up to the last user turn, the rest after its user_assistant separator, how the text
+        opened: "head" (as the template starts), "opener" (a user turn opening as later ones do, without what
+        the template puts first) or "partial"). A text that does not start like the template (a prompt cut
+        from the left) opens with a partial turn, which becomes the first user turn."""
         messages: list[dict[str, str]] = []
+        opened = "head"
         if self.head_system and self.system_user and text.startswith(self.head_system) and self.system_user in text[len(self.head_system):]:
             rest = text[len(self.head_system):]
             content, rest = rest.split(self.system_user, 1)
@@ -86,18 +90,20 @@ class ChatTemplateSplitter:
         elif not self.head_user:
             rest = text
         elif opener := self._user_opener(text):
-            rest = text[len(opener):]
+            rest, opened = text[len(opener):], "opener"
         else:
-            raise InvalidInputError(
-                f"{field}: does not start like the {self.name} chat template ({self.head_user[:40]!r}...); "
-                "send `prompts` too, or serve with --http-policy-template matching the policy", field=field
-            )
+            return self._cut_turns(text, field)
         if self.user_assistant not in rest:
             raise InvalidInputError(
                 f"{field}: no assistant turn in the {self.name} chat template (expected {self.user_assistant!r})",
                 field=field,
             )
-        while True:  # user, assistant, user, ..., last user | response
+        messages, rest = self._alternate(messages, rest)
+        return messages, rest, opened
+
+    def _alternate(self, messages: list[dict[str, str]], rest: str) -> tuple[list[dict[str, str]], str]:
+        """`rest` opens with a user turn's content: user, assistant, user, ..., last user | response."""
+        while True:
             user, rest = rest.split(self.user_assistant, 1)
             messages.append({"role": "user", "content": user})
             if self.assistant_user and self.assistant_user in rest:
@@ -108,13 +114,48 @@ class ChatTemplateSplitter:
                     continue
             return messages, rest
 
+    def _cut_turns(self, text: str, field: str) -> tuple[list[dict[str, str]], str, str]:
+        """A conversation cut from the left (OpenRLHF keeps the last max_prompt_length prompt tokens): the text
+        up to the first turn boundary is what is left of the first turn, and it becomes the first user turn.
+        If that boundary opens a user turn (the cut fell in a system or an earlier assistant turn), two user
+        turns follow each other; every later turn parses as usual."""
+        if self.user_assistant not in text:
+            raise InvalidInputError(
+                f"{field}: does not start like the {self.name} chat template ({self.head_user[:40]!r}...) and holds "
+                f"no assistant turn ({self.user_assistant!r}); serve with --http-policy-template matching the policy",
+                field=field,
+            )
+        boundary = text.index(self.user_assistant)
+        openers = [s for s in {self.assistant_user, self.system_user} if s]
+        user_starts = [(text.find(s), s) for s in openers if 0 <= text.find(s) < boundary]
+        if user_starts:  # the partial turn ends where a user turn opens
+            start, opener = min(user_starts)
+            partial, rest = text[:start], text[start + len(opener):]
+            messages = [{"role": "user", "content": partial}] if partial else []
+            messages, rest = self._alternate(messages, rest)
+        else:  # the partial turn is the (first) user turn itself
+            messages, rest = self._alternate([], text)
+        return messages, rest, "partial"
+
+    @staticmethod
+    def _kept_prompt_end(query: str, prompt: str) -> int:
+        """Length of the longest end of `prompt` that `query` starts with (0: none)."""
+        for k in range(min(len(prompt), len(query)), 0, -1):
+            if query.startswith(prompt[-k:]):
+                return k
+        return 0
+
     def _user_opener(self, text: str) -> str:
         """A conversation rendered without what the template puts first (BOS, a default system prompt) still
         opens its user turn the way a later user turn opens: with a suffix of assistant_user. The longest
-        suffix the text starts with (at least 3 characters) is taken as the opener."""
+        suffix the text starts with (at least 3 characters) is taken as the opener, unless an assistant turn
+        opens the same way (then the text may be a cut inside an assistant turn, read as a partial turn)."""
         for i in range(len(self.assistant_user) - 3 + 1):
-            if text.startswith(self.assistant_user[i:]):
-                return self.assistant_user[i:]
+            opener = self.assistant_user[i:]
+            if self.user_assistant.endswith(opener):
+                return ""  # shorter suffixes are shared too
+            if text.startswith(opener):
+                return opener
         return ""
 
     def _strip_tail(self, response: str, extra_stops: tuple[str, ...]) -> str:
@@ -130,15 +171,41 @@ class ChatTemplateSplitter:
 
     def split(self, query: str, prompt: str | None = None, field: str = "query",
               extra_stops: tuple[str, ...] = ()) -> list[dict[str, str]]:  # fmt: skip
-        """A templated prompt+response -> messages ending with the assistant response. With `prompt` (the
-        templated prompt alone), the response is what follows it in `query` and only the prompt is parsed."""
-        if prompt is not None:
-            if not query.startswith(prompt):
-                raise InvalidInputError(f"{field}: does not start with its prompt (prompts[i]); OpenRLHF sends query = prompt + response", field=field)
+        """A templated prompt+response -> messages ending with the assistant response (see `parse`)."""
+        return self.parse(query, prompt, field, extra_stops).messages
+
+    def parse(self, query: str, prompt: str | None = None, field: str = "query",
+              extra_stops: tuple[str, ...] = ()) -> "ParsedQuery":  # fmt: skip
+        """A templated prompt+response -> messages ending with the assistant response.
+
+        With `prompt` (the templated prompt alone) and a query that starts with it, the response is what
+        follows it and only the prompt is parsed. A query that does not start with its prompt (OpenRLHF cut the
+        prompt's tokens from the left, or its decode differs from the prompt string) is parsed on its own, as is
+        a query without a prompt; if it does not start like the template, it is read as a left-cut conversation.
+        `cut`: the query has a prompt it does not start with and lacks the template's head, or (with or without
+        a prompt) opens with a partial turn."""
+        if prompt is not None and query.startswith(prompt):
             response = query[len(prompt):]
-            messages, rest = self._turns(prompt, field)
+            messages, rest, _ = self._turns(prompt, field)
             if rest:  # text after the generation prompt in the prompt itself belongs to the response
                 response = rest + response
+            cut = False
+        elif prompt is not None and self.user_assistant not in query and (kept := self._kept_prompt_end(query, prompt)):
+            # The cut fell inside the prompt's last separator: no turn of the prompt is left to read in the
+            # query, so the prompt's own turns are scored, with what follows its kept end as the response.
+            messages, rest, _ = self._turns(prompt, field)
+            response, cut = rest + query[kept:], True
         else:
-            messages, response = self._turns(query, field)
-        return [*messages, {"role": "assistant", "content": self._strip_tail(response, extra_stops)}]
+            messages, response, opened = self._turns(query, field)
+            # Without its prompt's head (BOS, a default system prompt), a query that has a prompt was cut too.
+            cut = opened == "partial" or (opened == "opener" and prompt is not None)
+        return ParsedQuery([*messages, {"role": "assistant", "content": self._strip_tail(response, extra_stops)}], cut)
+
+
+@dataclass(frozen=True)
+class ParsedQuery:
+    """Messages read back from a templated query, and whether its prompt had been cut from the left (the first
+    user turn is then only the end of what the policy saw first)."""
+
+    messages: list[dict[str, str]]
+    cut: bool = False

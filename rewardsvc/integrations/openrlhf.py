@@ -1,27 +1,86 @@
-"""OpenRLHF's remote reward-model protocol (`--remote_rm_url http://HOST:PORT/get_reward`), as served by
-`rewardsvc serve --http-port PORT` (rewardsvc.serving.http).
+"""OpenRLHF's remote reward-model protocol, as OpenRLHF 0.11.2 sends it (`openrlhf/utils/agent.py`,
+`SingleTurnAgentExecutor`), served by `rewardsvc serve --http-port PORT` (rewardsvc.serving.http) at
+`--reward.remote_url http://HOST:PORT/get_reward` (the flag was `--remote_rm_url` before 0.10.2).
 
-OpenRLHF posts JSON `{"query": [str], "prompts": [str], "labels": [...]}` (the path and fields of its own
-`openrlhf.cli.serve_rm`), where query[i] = prompts[i] + response, rendered in the *policy's* chat template,
-with a 180 s timeout and 5 retries on any failure. The reply is `{"rewards": [float], "scores": [float],
-"extra_logs": {name: [float]}}`: OpenRLHF uses `rewards` for advantages, `scores` for dynamic filtering and
-logs every `extra_logs` entry (here: each attribute's reward, gating weight and effective coefficient per
-sample). `labels` is
-accepted and ignored (a reward model needs no reference answer). An empty `query` gets empty lists.
+Each rollout sample is one POST (aiohttp, 180 s total timeout, 5 tries one second apart), many at once:
+
+    {"query": [q], "prompts": [p], "labels": [label]}
+
+where p is the dataset prompt rendered in the *policy's* chat template (add_generation_prompt=True) and
+q = tokenizer.decode(prompt_ids + action_ids, skip_special_tokens=False), prompt_ids = tokenizer(p,
+add_special_tokens=False) cut from the LEFT to max_prompt_length when the prompt is longer. So q starts with p,
+except when the prompt was cut (or when decoding the ids does not give p back): such a query is parsed on its
+own against the policy template, its partial first turn becoming the first user turn (integrations/chat_text).
+
+The reply is `{"rewards": [float], "scores": [float], "extra_logs": {name: [float]}}`. OpenRLHF takes
+`rewards` as the sample's reward, `scores` for dynamic filtering (`--algo.dynamic_filtering_enable`: a prompt's
+samples are dropped unless the mean of their scores lies strictly inside `--algo.dynamic_filtering_range`,
+default (0, 1)) and logs every `extra_logs` entry as a number. `scores` is the score mapped into [0, 1]
+(ScoresMapping): sigmoid(score) by default, or 1/0 against a threshold (pass/fail, as rule-based rewards give),
+or the raw score. extra_logs: each attribute's reward, gating weight and effective coefficient, and
+`prompt_cut` (1.0 when the sample's prompt reached us cut from the left, else 0.0). `labels` is accepted and
+ignored (a reward model needs no reference answer). An empty `query` gets empty lists.
 
 This module is the protocol only (request -> conversations, results -> reply); stdlib, no grpc, no torch.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import InvalidInputError
 from ..types import ScoreResult
-from .chat_text import ChatTemplateSplitter
+from .chat_text import ChatTemplateSplitter, ParsedQuery
 
 PATH = "/get_reward"
+CUT_LOG = "prompt_cut"
+
+
+def _sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)  # no overflow for very negative scores
+    return z / (1.0 + z)
+
+
+@dataclass(frozen=True)
+class ScoresMapping:
+    """How a reward becomes OpenRLHF's `scores` (its dynamic-filtering signal). Written as `sigmoid`, `raw` or
+    `threshold=T` (`rewardsvc serve --openrlhf-scores`)."""
+
+    kind: str = "sigmoid"  # "sigmoid": sigmoid(score); "threshold": 1.0 if score >= threshold else 0.0; "raw"
+    threshold: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("sigmoid", "threshold", "raw"):
+            raise InvalidInputError(f"openrlhf_scores: must be sigmoid, raw or threshold=T, got {self.kind!r}", field="openrlhf_scores")
+        if not math.isfinite(self.threshold):
+            raise InvalidInputError(f"openrlhf_scores: the threshold must be finite, got {self.threshold}", field="openrlhf_scores")
+
+    @classmethod
+    def parse(cls, text: str) -> "ScoresMapping":
+        name, _, value = text.strip().partition("=")
+        if name == "threshold":
+            try:
+                return cls("threshold", float(value))
+            except ValueError:
+                raise InvalidInputError(f"openrlhf_scores: threshold=T needs a number, got {value!r}", field="openrlhf_scores") from None
+        if value:
+            raise InvalidInputError(f"openrlhf_scores: only threshold takes a value, got {text!r}", field="openrlhf_scores")
+        return cls(name)
+
+    def __str__(self) -> str:
+        return f"threshold={self.threshold:g}" if self.kind == "threshold" else self.kind
+
+    def __call__(self, score: float) -> float:
+        if self.kind == "sigmoid":
+            return _sigmoid(score)
+        if self.kind == "threshold":
+            return 1.0 if score >= self.threshold else 0.0
+        return score
 
 
 def _strings(body: dict[str, Any], key: str, required: bool) -> list[str] | None:
@@ -37,25 +96,30 @@ def _strings(body: dict[str, Any], key: str, required: bool) -> list[str] | None
     return value
 
 
-def conversations_of(body: Any, splitter: ChatTemplateSplitter, extra_stops: tuple[str, ...] = ()) -> list[list[dict[str, str]]]:
-    """The request body -> one conversation (messages ending with the response) per query."""
+def parse_request(body: Any, splitter: ChatTemplateSplitter, extra_stops: tuple[str, ...] = ()) -> list[ParsedQuery]:
+    """The request body -> one parsed query (messages ending with the response, and whether it was cut) each."""
     if not isinstance(body, dict):
         raise InvalidInputError("request: the body must be a JSON object with a `query` list", field="request")
     queries = _strings(body, "query", required=True)
     prompts = _strings(body, "prompts", required=False)
     if prompts is not None and len(prompts) not in (0, len(queries)):
         raise InvalidInputError(f"prompts: {len(prompts)} prompts for {len(queries)} queries", field="prompts")
-    out = []
-    for i, query in enumerate(queries):
-        prompt = prompts[i] if prompts else None
-        out.append(splitter.split(query, prompt, field=f"query[{i}]", extra_stops=extra_stops))
-    return out
+    return [
+        splitter.parse(query, prompts[i] if prompts else None, field=f"query[{i}]", extra_stops=extra_stops)
+        for i, query in enumerate(queries)
+    ]
 
 
-def reply(results: Sequence[ScoreResult]) -> dict[str, Any]:
+def conversations_of(body: Any, splitter: ChatTemplateSplitter, extra_stops: tuple[str, ...] = ()) -> list[list[dict[str, str]]]:
+    """The request body -> one conversation (messages ending with the response) per query."""
+    return [parsed.messages for parsed in parse_request(body, splitter, extra_stops)]
+
+
+def reply(results: Sequence[ScoreResult], cut: Sequence[bool] | None = None,
+          scores: ScoresMapping = ScoresMapping()) -> dict[str, Any]:  # fmt: skip
     """Results -> OpenRLHF's reply. extra_logs: `reward/<attribute>`, `gating/<attribute>`,
-    `coefficient/<attribute>`, one value per sample."""
-    scores = [r.score for r in results]
+    `coefficient/<attribute>` and `prompt_cut`, one number per sample."""
+    rewards = [r.score for r in results]
     logs: dict[str, list[float]] = {}
     for r in results:
         for name, value in r.rewards.items():
@@ -64,4 +128,6 @@ def reply(results: Sequence[ScoreResult]) -> dict[str, Any]:
             logs.setdefault(f"gating/{name}", []).append(value)
         for name, value in r.coefficients.items():
             logs.setdefault(f"coefficient/{name}", []).append(value)
-    return {"rewards": scores, "scores": scores, "extra_logs": logs}
+    if results:
+        logs[CUT_LOG] = [1.0 if c else 0.0 for c in (cut if cut is not None else [False] * len(results))]
+    return {"rewards": rewards, "scores": [scores(s) for s in rewards], "extra_logs": logs}

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from ..config import Limits
 from ..errors import InvalidInputError
+from ..integrations.openrlhf import ScoresMapping
+from ..types import AttributeWeights
 from .batching import BatcherConfig
 
 
@@ -25,6 +27,14 @@ class ServerConfig:
     http_policy_template: str | None = None
     """Tokenizer (directory or hub id) whose chat template OpenRLHF's `query` strings are rendered in;
     None = the reward backbone's own."""
+    http_default_weights: AttributeWeights | None = None
+    """Steering of the HTTP protocols whose requests cannot carry weights (OpenRLHF's /get_reward, vLLM's
+    /classify and /pooling): one deployment, one steering. None = the gating's own weights."""
+    openrlhf_scores: ScoresMapping = ScoresMapping()
+    """How /get_reward's `scores` (OpenRLHF's dynamic-filtering signal, in [0, 1]) derive from the reward."""
+    http_encode_threads: int = 4
+    """Threads that parse, template and encode HTTP requests off the event loop (the tokenizer runs under one
+    lock, so a few suffice)."""
     max_message_bytes: int = Limits.max_message_bytes
     """A limit: meaning and default in config.Limits (so for the other Limits fields below)."""
     max_conversations_per_request: int = Limits.max_conversations_per_request
@@ -71,7 +81,7 @@ class ServerConfig:
         if self.http_port is not None and self.tls_cert:
             bad("http_port", "is plain HTTP and would bypass the gRPC port's TLS; put a TLS proxy in front of it instead")
         for name in ("max_message_bytes", "max_conversations_per_request", "max_group_size", "token_budget",
-                     "max_tokens_in_flight", "handler_threads"):  # fmt: skip
+                     "max_tokens_in_flight", "handler_threads", "http_encode_threads"):  # fmt: skip
             if int(getattr(self, name)) < 1:
                 bad(name, f"must be >= 1, got {getattr(self, name)}")
         if self.max_tokens_per_conversation is not None and self.max_tokens_per_conversation < 2:

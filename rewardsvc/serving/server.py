@@ -125,6 +125,8 @@ class RunningServer:
                     f"conversation ({scorer.config.max_tokens}); such a conversation could never be admitted",
                     field="server.max_tokens_in_flight",
                 )
+            if self.config.http_default_weights is not None:  # a wrong name fails the start, not every request
+                self.config.http_default_weights.check_attributes(scorer.attributes)
             self.batcher = Batcher(scorer, self.config.batcher_config(), self.metrics).start()
             self.service.attach(scorer, self.batcher)
             # Warm-up: the first forward pass allocates and picks kernels; a trainer should not pay for it.
@@ -286,7 +288,9 @@ def _start_http(running: RunningServer, config: ServerConfig, active: ActiveCall
 
     endpoint = HttpEndpoint(running.service, running.metrics, active, auth_token=config.auth_token,
                             max_message_bytes=config.max_message_bytes,
-                            policy_tokenizer=_policy_tokenizer_loader(config.http_policy_template))  # fmt: skip
+                            policy_tokenizer=_policy_tokenizer_loader(config.http_policy_template),
+                            default_weights=config.http_default_weights, openrlhf_scores=config.openrlhf_scores,
+                            handler_threads=config.handler_threads, encode_threads=config.http_encode_threads)  # fmt: skip
     try:
         running.http_port = endpoint.start(config.host, config.http_port)
     except OSError as exc:

@@ -129,6 +129,11 @@ class RewardService:
     def model_id(self) -> str:
         return self.scorer.model_id if self.scorer is not None else ""
 
+    @property
+    def model_ids(self) -> list[str]:
+        """Every model this service serves (HTTP GET /v1/models lists them); empty until loaded."""
+        return [self.scorer.model_id] if self.scorer is not None else []
+
     # ---- checks ------------------------------------------------------------------------------------
 
     def check_message_bytes(self, size: int) -> None:

@@ -5,6 +5,7 @@ limits, auth, metrics and drain. Expected values come from the scorer itself, of
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 import urllib.error
@@ -78,8 +79,9 @@ def test_get_reward_as_openrlhf_calls_it(server, tiny):
                  {"query": [q for _, q in rendered]}):  # fmt: skip  # with prompts, and from the template alone
         got = openrlhf_request_api_wrapper(url, body)
         assert got["rewards"] == pytest.approx([r.score for r in offline], abs=TOL)
-        assert got["scores"] == got["rewards"]
-        assert set(got["extra_logs"]) == {f"{kind}/{a}" for kind in ("reward", "gating", "coefficient") for a in ATTRS}
+        assert got["scores"] == pytest.approx([1 / (1 + math.exp(-r)) for r in got["rewards"]], abs=1e-12)  # sigmoid
+        assert set(got["extra_logs"]) == {f"{kind}/{a}" for kind in ("reward", "gating", "coefficient") for a in ATTRS} | {"prompt_cut"}
+        assert got["extra_logs"]["prompt_cut"] == [0.0, 0.0]
         for a in ATTRS:
             assert got["extra_logs"][f"coefficient/{a}"] == pytest.approx([r.coefficients[a] for r in offline], abs=TOL)
             assert got["extra_logs"][f"reward/{a}"] == pytest.approx([r.rewards[a] for r in offline], abs=TOL)
@@ -123,7 +125,7 @@ def test_errors_name_the_field_and_map_to_http_codes(server):
     status, body, _ = post(port, "/get_reward", None, raw=b"{not json")
     assert status == 400 and body["error"]["field"] == "request" and "not valid JSON" in body["error"]["message"]
     status, body, _ = post(port, "/get_reward", {"query": "no template here"})
-    assert status == 400 and body["error"]["field"] == "query[0]"
+    assert status == 400 and body["error"]["field"] == "query[0]" and "no assistant turn" in body["error"]["message"]
     status, body, _ = post(port, "/get_reward", {"prompts": ["x"]})
     assert status == 400 and body["error"]["field"] == "query"
     too_many = {"conversations": [{"messages": CONVERSATIONS[0]}] * 5}
@@ -203,8 +205,9 @@ def test_splitter_from_templates():
             assert splitter.split(query, prompt, extra_stops=(tokenizer.eos_token,)) == conversation
         with pytest.raises(InvalidInputError, match="does not start like the"):
             splitter.split("plain text", field="query[0]")
-        with pytest.raises(InvalidInputError, match="does not start with its prompt"):
+        with pytest.raises(InvalidInputError, match="no assistant turn") as err:  # not its prompt, and no turn
             splitter.split("abc", "xyz", field="query[3]")
+        assert err.value.field == "query[3]"
 
 
 def test_splitter_without_the_templates_default_system_prompt():
