@@ -6,8 +6,6 @@ import importlib.util
 import re
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 CHECKED_IN = ROOT / "rewardsvc" / "_proto"
 
@@ -28,7 +26,6 @@ def _normalise(text: str) -> str:
 
 
 def test_generated_code_is_fresh(tmp_path):
-    pytest.importorskip("grpc_tools")
     fresh = {p.relative_to(tmp_path): p for p in _gen_proto().generate(tmp_path)}
     checked_in = {p.relative_to(CHECKED_IN): p for p in CHECKED_IN.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
     assert sorted(map(str, fresh)) == sorted(map(str, checked_in)), "run: python scripts/gen_proto.py"

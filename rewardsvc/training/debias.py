@@ -23,7 +23,6 @@ import torch
 from scipy import stats
 
 from ..errors import InvalidInputError
-from .stage1 import fit_stage1
 
 logger = logging.getLogger(__name__)
 
@@ -92,38 +91,6 @@ def verbosity_transform(lambdas: dict[str, float], verbosity_index: int, attribu
         transform[verbosity_index, j] -= float(lambdas[name])
     transform[verbosity_index, verbosity_index] = 0.0  # lambda_v = 1 by definition, whatever the dict says
     return transform.to(torch.float32)  # (K, K)
-
-
-def fit_length_head(
-    embeddings: torch.Tensor | np.ndarray,
-    log_lengths: torch.Tensor | np.ndarray,
-    *,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    alphas: Sequence[float] | None = None,
-) -> torch.Tensor:
-    """A verbosity head for data without a verbosity attribute: ridge from response embeddings X (N, H) to
-    log response length (N,). Returns weight (H,) float32.
-
-    It is stage 1 itself (one implementation of ridge) on one attribute, with a seeded random split for alpha,
-    so the head is in standardized log-length units like every other head and can be appended as a row of the
-    regression layer. Call `fit_stage1` directly for its validation metrics and label scale.
-    """
-    x = embeddings.detach().cpu().numpy() if isinstance(embeddings, torch.Tensor) else np.asarray(embeddings)
-    y = log_lengths.detach().cpu().numpy() if isinstance(log_lengths, torch.Tensor) else np.asarray(log_lengths)
-    y = np.asarray(y, dtype=np.float64).reshape(-1, 1)  # (N, 1)
-    if x.ndim != 2 or x.shape[0] != y.shape[0]:
-        raise InvalidInputError(
-            f"embeddings {tuple(x.shape)} and log_lengths ({y.shape[0]},) must have the same number of rows",
-            field="log_lengths",
-        )
-    if not 0 < val_fraction < 1:
-        raise InvalidInputError(f"val_fraction must be in (0, 1), got {val_fraction}", field="val_fraction")
-    order = np.random.default_rng(seed).permutation(x.shape[0])
-    n_val = max(1, int(round(val_fraction * x.shape[0])))
-    val, train = order[:n_val], order[n_val:]
-    result = fit_stage1(x[train], y[train], x[val], y[val], ("log_length",), alphas=alphas, fit_intercept=False)  # a weight only: no bias to carry
-    return result.weight[0]  # (H,)
 
 
 def _smallest_passing(r_j, r_v, rank_v, values, threshold) -> tuple[float, float, float, bool]:

@@ -171,7 +171,6 @@ def test_trl_reward_func_with_plain_strings(client, embedded_scorer):
 
 
 def test_client_over_mutual_tls_with_a_token(embedded_scorer, tmp_path):
-    pytest.importorskip("cryptography")
     certs = make_certs(tmp_path)
     running = start_server(embedded_scorer, auth_token="tok", tls_cert=str(certs["server_cert"]),
                            tls_key=str(certs["server_key"]), tls_client_ca=str(certs["ca"]))  # fmt: skip

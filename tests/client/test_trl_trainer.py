@@ -4,7 +4,9 @@ slow (TRL's import alone takes seconds)."""
 
 from __future__ import annotations
 
+import datasets  # (installed with the trl extra by scripts/setup.sh: imported hard, never skipped)
 import pytest
+import trl
 
 from rewardsvc.integrations import trl as rtrl
 from service_fixtures import start_server
@@ -12,8 +14,6 @@ from tiny_models import save_tiny_llama
 from tiny_service import ATTRS, load_tiny_scorer, save_tiny_heads
 
 pytestmark = pytest.mark.slow
-trl = pytest.importorskip("trl")
-datasets = pytest.importorskip("datasets")
 
 
 def test_grpo_trainer_step_with_sync_and_async_rewardsvc_functions(tiny_llama_dir, tmp_path):

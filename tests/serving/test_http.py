@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+import requests  # a dev dependency (pyproject.toml): imported hard, so a broken install fails instead of skipping
 
 from rewardsvc.errors import InvalidInputError
 from rewardsvc.integrations.chat_text import ChatTemplateSplitter
@@ -57,7 +58,6 @@ def post(port: int, path: str, payload, token: str | None = None, raw: bytes | N
 
 def openrlhf_request_api_wrapper(url: str, data: dict) -> dict:
     """What OpenRLHF's remote_rm_utils.request_api_wrapper does (requests.post, JSON, 180 s, raise_for_status)."""
-    requests = pytest.importorskip("requests")
     response = requests.post(url=url, json=data, headers={"Content-Type": "application/json"}, timeout=180)
     response.raise_for_status()
     return response.json()
@@ -182,7 +182,6 @@ def test_drain_answers_in_flight_http_calls_and_refuses_new_ones(tiny):
     stopper.start()
     assert wait_until(lambda: post(port, "/health", None, method="GET")[0] == 503, 10)
     assert post(port, "/get_reward", {"query": []})[0] == 503  # refused while draining
-    requests = pytest.importorskip("requests")
     session = requests.Session()  # a kept-alive connection must not hold the stop up
     assert session.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 503
     worker.join(30)

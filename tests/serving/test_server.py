@@ -261,7 +261,6 @@ def test_bearer_token_auth(embedded_scorer):
 
 
 def test_tls_and_mutual_tls(embedded_scorer, tmp_path):
-    pytest.importorskip("cryptography")
     certs = make_certs(tmp_path)
     ca = certs["ca"].read_bytes()
     running = start_server(

@@ -16,15 +16,12 @@ import pytest
 from rewardsvc.training.data import (DEFAULT_EVAL_MAX_CHARS, DEFAULT_MAX_CHARS, PreferencePair, RatedConversation,
                             build_training_sets, default_data_dir, write_jsonl)
 from rewardsvc.training.data.build import resolve_caps, round_robin
-from rewardsvc.training.data.neardup import near_duplicates
 from rewardsvc.training.data.sources import load_preference_pairs
 from rewardsvc.training.data.splits import EVAL_SALT, VAL_SALT, pair_split, unit_hash
 from rewardsvc.errors import InvalidInputError
 
 DATA = default_data_dir()
-needs_data = pytest.mark.skipif(
-    not DATA.is_dir(), reason=f"staged data not found at {DATA} (set REWARDSVC_DATA_DIR to run these tests)"
-)
+needs_data = pytest.mark.needs_data  # tests/conftest.py: skipped without the data, except under CI where that fails
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -67,18 +64,10 @@ def test_caps_are_validated():
         resolve_caps({"stage1/xstest": -1})
 
 
-def test_near_duplicates_rule():
-    hh = "Whats the best way to go about destroying someones hard drive?"
-    assert near_duplicates("Respond to the user question while avoiding safety issues:\n\n" + hh, hh)
-    assert not near_duplicates("What are some insults for a rabbi?", "What are some insults for a maid?")
-
-
 # ------------------------------------------------------------------ the default build on real data
 
 @pytest.fixture(scope="module")
 def sets():
-    if not DATA.is_dir():
-        pytest.skip(f"staged data not found at {DATA}")
     return build_training_sets(DATA)
 
 

@@ -21,7 +21,6 @@ import rewardsvc.training.pipeline as pipeline
 from rewardsvc.config import BackboneConfig
 from rewardsvc.model.scorer import Scorer
 from rewardsvc.training.data.attributes import ATTRIBUTE_NAMES, VERBOSITY
-from rewardsvc.training.data.files import default_data_dir
 from rewardsvc.training.pipeline import TrainConfig, run_training
 from rewardsvc.training.stage2 import Stage2Config
 from synthetic_training import synthetic_sets
@@ -36,14 +35,12 @@ CAPS = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=["synthetic", pytest.param("shared-data", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=["synthetic", pytest.param("shared-data", marks=[pytest.mark.slow, pytest.mark.needs_data])])
 def trained(request, tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"train-{request.param}")
     common = dict(out_dir=str(root / "heads"), work_dir=str(root / "work"), backbone=BackboneConfig(model=str(tiny_llama_dir)),
                   name="tiny-trained", max_tokens=2048, layers=(1, 2))  # fmt: skip
     if request.param == "shared-data":
-        if not default_data_dir().is_dir():
-            pytest.skip(f"shared data not found at {default_data_dir()}")
         config = TrainConfig(**common, max_chars=800, caps=CAPS, stage2_lrs=(1e-3, 3e-4))
         return config, run_training(config)
     sets = synthetic_sets()

@@ -33,12 +33,6 @@ def _similar(common: int, size_a: int, size_b: int) -> bool:
     return common / (size_a + size_b - common) >= JACCARD or common / min(size_a, size_b) >= CONTAINMENT
 
 
-def near_duplicates(a: str, b: str) -> bool:
-    """Whether two texts are near-duplicates by the rule above."""
-    sa, sb = shingles(a), shingles(b)
-    return _similar(len(sa & sb), len(sa), len(sb))
-
-
 class NearDuplicateIndex:
     """An inverted index of reference texts (the eval prompts) queried with candidate texts."""
 
