@@ -3,8 +3,7 @@ conversation, one scoring call shared by every function of a batch, and the gati
 
 `rewardsvc.integrations.trl` binds these to a client it makes from a target; `RewardClient.trl_reward_funcs`
 binds them to itself. This module imports no client, so the client can offer that shortcut without an import
-cycle (tests/test_import_rules.py). Client side: stdlib, and rewardsvc.wire to check that a sample can go on the
-wire before a batch is sent.
+cycle (tests/test_import_rules.py). Client side: stdlib (and rewardsvc.wire through partial_batches).
 """
 
 from __future__ import annotations
@@ -13,16 +12,15 @@ import asyncio
 import hashlib
 import json
 import logging
-import re
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import InvalidInputError
 from ..types import AttributeWeights, ScoreResult
-from ..wire import messages_to_pb
+from .partial_batches import run_async, run_sync, score_tolerantly
 
 log = logging.getLogger("rewardsvc.integrations.trl")
 
@@ -48,72 +46,15 @@ def _batch(prompts: Sequence[Any], completions: Sequence[Any], weights) -> tuple
     return key, conversations
 
 
-_CONVERSATION_INDEX = re.compile(r"^conversations\[(\d+)\]")
-
-
-def score_tolerantly(conversations: Sequence[Any], max_per_call: int) -> Generator[list[Any], list[ScoreResult], list[ScoreResult | None]]:
-    """The calls that score `conversations` with None for the ones the server rejects, as a generator: it
-    yields each batch to score and is sent its results, or thrown the InvalidInputError that rejected it
-    (drive it with run_sync / run_async). A rejection names its conversation (field `conversations[i]...`):
-    that one gets None and the rest of its batch is sent again. An error about the request as a whole (the
-    weights, a limit on the count) is raised: no sample could be scored. Conversations that cannot even be
-    put on the wire are rejected before any call."""
-    out: list[ScoreResult | None] = [None] * len(conversations)
-    pending: list[int] = []
-    for i, conversation in enumerate(conversations):
-        try:
-            messages_to_pb(conversation, f"conversations[{i}]")
-            pending.append(i)
-        except InvalidInputError as exc:
-            _log_rejected(i, exc)
-    while pending:
-        batch, pending = pending[:max_per_call], pending[max_per_call:]
-        try:
-            results = yield [conversations[i] for i in batch]
-            out_of_batch = dict(zip(batch, results))
-            for i in batch:
-                out[i] = out_of_batch[i]
-        except InvalidInputError as exc:
-            match = _CONVERSATION_INDEX.match(getattr(exc, "field", None) or "")
-            if match is None or int(match.group(1)) >= len(batch):
-                raise
-            j = int(match.group(1))
-            _log_rejected(batch[j], exc)
-            pending = batch[:j] + batch[j + 1 :] + pending
+def _none_for_rejected(results: list[ScoreResult | InvalidInputError]) -> list[ScoreResult | None]:
+    """A rejected sample gets None (TRL turns it into NaN) and a WARNING line with the server's reason."""
+    out: list[ScoreResult | None] = []
+    for i, result in enumerate(results):
+        if isinstance(result, InvalidInputError):
+            log.warning("rewardsvc: sample %d of the batch gets no reward (None): the server rejected it: %s", i, result)
+            result = None
+        out.append(result)
     return out
-
-
-def _log_rejected(index: int, exc: Exception) -> None:
-    log.warning("rewardsvc: sample %d of the batch gets no reward (None): the server rejected it: %s", index, exc)
-
-
-def run_sync(plan: Generator, call: Callable[[list[Any]], list[ScoreResult]]) -> list[ScoreResult | None]:
-    """Drive score_tolerantly with a blocking score call (run_async: the same with an awaited one)."""
-    try:
-        batch = next(plan)
-        while True:
-            try:
-                results = call(batch)
-            except InvalidInputError as exc:
-                batch = plan.throw(exc)
-                continue
-            batch = plan.send(results)
-    except StopIteration as stop:
-        return stop.value
-
-
-async def run_async(plan: Generator, call: Callable[[list[Any]], Any]) -> list[ScoreResult | None]:
-    try:
-        batch = next(plan)
-        while True:
-            try:
-                results = await call(batch)
-            except InvalidInputError as exc:
-                batch = plan.throw(exc)
-                continue
-            batch = plan.send(results)
-    except StopIteration as stop:
-        return stop.value
 
 
 def _pick(attribute: str | None) -> Callable[[list[ScoreResult | None]], list[float | None]]:
@@ -160,7 +101,8 @@ def shared_reward_funcs(client: Any, attributes: Sequence[str | None], weights: 
         with lock:  # TRL calls the functions one after another; the lock covers threaded callers too
             if last and last[0][0] == key:
                 return last[0][1]
-            results = run_sync(score_tolerantly(conversations, max_conversations_per_call), lambda batch: client.score(batch, weights))
+            results = _none_for_rejected(run_sync(score_tolerantly(conversations, max_conversations_per_call),
+                                                  lambda batch: client.score(batch, weights)))  # fmt: skip
             last[:] = [(key, results)]
         if log_gating:  # once per batch: by the call that scored it
             log_gating_metrics(results, kwargs)
@@ -191,7 +133,8 @@ def shared_async_reward_funcs(new_client: Callable[[], Any], attributes: Sequenc
     tasks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per loop: (fingerprint, task) of the last batch
 
     async def run(client, conversations, kwargs) -> list[ScoreResult | None]:
-        results = await run_async(score_tolerantly(conversations, max_conversations_per_call), lambda batch: client.score(batch, weights))
+        results = _none_for_rejected(await run_async(score_tolerantly(conversations, max_conversations_per_call),
+                                                     lambda batch: client.score(batch, weights)))  # fmt: skip
         if log_gating:
             log_gating_metrics(results, kwargs)
         return results

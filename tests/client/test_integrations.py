@@ -1,8 +1,7 @@
 """rewardsvc.integrations against a real server on loopback (tiny random scorer), each called exactly as its
 trainer calls it: TRL `reward_func(prompts=..., completions=..., **kwargs)` (sync, and a coroutine awaited
 concurrently as TRL does), verl's reward managers `compute_score(data_source=, solution_str=, ground_truth=,
-extra_info=)` and the batch manager's `compute_score(data_sources=, solution_strs=, ground_truths=,
-extra_infos=)` with numpy object arrays. Expected values: the scorer itself, offline."""
+extra_info=)` with numpy object arrays, blocking and awaited (verl's own code: tests/client/test_verl_reward_loop.py). Expected values: the scorer itself, offline."""
 
 from __future__ import annotations
 
@@ -140,14 +139,15 @@ def test_verl_compute_score_as_the_naive_manager_calls_it(server, tiny):
         compute_score(data_source="chat", solution_str="Red.", ground_truth=None, extra_info={"index": 3})
 
 
-def test_verl_batched_form_is_one_rpc(server, tiny):
-    compute_score = functools.partial(rverl.compute_score_batch, target=f"127.0.0.1:{server.port}", attribute=ATTRS[2])
-    before = score_calls(server)
-    got = compute_score(
-        data_sources=np.array(["chat"] * 3, dtype=object),
-        solution_strs=np.array([c[-1]["content"] for c in CONVERSATIONS], dtype=object),
-        ground_truths=np.array([None] * 3, dtype=object),
-        extra_infos=np.array([{"prompt": c[:-1]} for c in CONVERSATIONS], dtype=object),
-    )
-    assert score_calls(server) == before + 1
-    assert got == pytest.approx([r.rewards[ATTRS[2]] for r in tiny.score(CONVERSATIONS)], abs=TOL)
+def test_verl_async_compute_score_as_the_reward_loop_awaits_it(server, tiny):
+    """verl 0.9.1's naive manager awaits an `async def` compute_score, the samples of a chunk together
+    (RewardLoopWorker.compute_score_batch gathers run_single)."""
+    compute_score = functools.partial(rverl.compute_score_async, target=f"127.0.0.1:{server.port}", attribute=ATTRS[2])
+    assert asyncio.iscoroutinefunction(rverl.compute_score_async)
+
+    async def chunk():
+        return await asyncio.gather(*(compute_score(data_source="chat", solution_str=c[-1]["content"], ground_truth=None,
+                                                    extra_info={"prompt": np.array(c[:-1], dtype=object)})
+                                      for c in CONVERSATIONS))  # fmt: skip
+
+    assert asyncio.run(chunk()) == pytest.approx([r.rewards[ATTRS[2]] for r in tiny.score(CONVERSATIONS)], abs=TOL)
