@@ -1,5 +1,6 @@
 """Plain data that crosses the package boundaries: what a call asks (AttributeWeights) and what it answers
-(ScoreResult, InspectResult, GroupResult, CompareResult).
+(ScoreResult, InspectResult, GroupResult, CompareResult), with the maths that makes a group's statistics and a
+pair's preference from scores (GroupResult.of, CompareResult.of): the server and the CLI both use these.
 
 No torch and no protobuf: the model produces these, the data plane passes them on, `rewardsvc.wire`
 converts them, and the client returns them to a process that never loads the model.
@@ -8,7 +9,7 @@ converts them, and the client returns them to a process that never loads the mod
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .errors import InvalidInputError
@@ -100,6 +101,13 @@ class GroupResult:
     def scores(self) -> list[float]:
         return [r.score for r in self.results]
 
+    @classmethod
+    def of(cls, results: Sequence[ScoreResult]) -> GroupResult:
+        """The group's statistics from its results: mean, sample std (ddof=1; 0 for n=1), and ranks with
+        1 = highest score, ties broken by position."""
+        mean, std, ranks = group_statistics([r.score for r in results])
+        return cls(results=list(results), mean=mean, std=std, ranks=ranks)
+
 
 @dataclass(frozen=True)
 class CompareResult:
@@ -110,3 +118,35 @@ class CompareResult:
     score_rejected: float
     chosen: ScoreResult
     rejected: ScoreResult
+
+    @classmethod
+    def of(cls, chosen: ScoreResult, rejected: ScoreResult) -> CompareResult:
+        return cls(
+            p_chosen=sigmoid(chosen.score - rejected.score),
+            score_chosen=chosen.score,
+            score_rejected=rejected.score,
+            chosen=chosen,
+            rejected=rejected,
+        )
+
+
+def sigmoid(x: float) -> float:
+    """1 / (1 + e^-x), without overflow for margins of any size."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)
+
+
+def group_statistics(scores: Sequence[float]) -> tuple[float, float, list[int]]:
+    """(mean, sample std with ddof=1 (0 for n=1), ranks with 1 = highest, ties by position)."""
+    n = len(scores)
+    if n == 0:
+        return 0.0, 0.0, []
+    mean = math.fsum(scores) / n
+    std = math.sqrt(math.fsum((s - mean) ** 2 for s in scores) / (n - 1)) if n > 1 else 0.0
+    order = sorted(range(n), key=lambda i: (-scores[i], i))
+    ranks = [0] * n
+    for rank, i in enumerate(order, start=1):
+        ranks[i] = rank
+    return mean, std, ranks

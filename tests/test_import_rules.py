@@ -209,6 +209,15 @@ def test_shared_modules_import_only_each_other():
         assert top_levels(imports(module)) - {"rewardsvc"} <= set(sys.stdlib_module_names), module
 
 
+def test_the_cli_enters_serving_only_to_serve():
+    # `rewardsvc score`, `compare`, ... compute locally through the model (or a server through the client):
+    # nothing but `serve` reaches the serving layer, not even for maths.
+    for module in modules():
+        if in_package(module, "rewardsvc.cli") and module != "rewardsvc.cli.serve":
+            reached = {m for m in closure(module) if in_package(m, "rewardsvc.serving")}
+            assert not reached, f"{module} reaches {sorted(reached)}"
+
+
 def test_rules_see_lazy_imports():
     # The rules would be toothless if imports inside functions were missed: cli.main imports the scorer lazily.
     assert "rewardsvc.model.scorer" in internal(imports("rewardsvc.cli.main"))

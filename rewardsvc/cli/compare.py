@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import InvalidInputError, RewardError
-from ..types import ScoreResult
+from ..types import CompareResult, ScoreResult
 
 uses_model = True
 
@@ -52,7 +52,6 @@ def pair_conversations(row: dict[str, Any]) -> tuple[list, list]:
 
 def compare_rows(chunk: Sequence, backend) -> list[dict[str, Any]]:
     """One output row per input row of the chunk; both conversations of every pair in one backend call."""
-    from ..serving.service import sigmoid
     from .score_pipeline import conversation_key
 
     parsed: list[Any] = []
@@ -76,8 +75,9 @@ def compare_rows(chunk: Sequence, backend) -> list[dict[str, Any]]:
         if bad is not None:
             rows.append({"id": raw.id, "line": raw.line, "error": f"line {raw.line}: {bad}"})
             continue
-        rows.append({"id": raw.id, "p_chosen": sigmoid(chosen.score - rejected.score), "score_chosen": chosen.score,
-                     "score_rejected": rejected.score, "model_id": chosen.model_id})  # fmt: skip
+        pair = CompareResult.of(chosen, rejected)
+        rows.append({"id": raw.id, "p_chosen": pair.p_chosen, "score_chosen": pair.score_chosen,
+                     "score_rejected": pair.score_rejected, "model_id": chosen.model_id})  # fmt: skip
     return rows
 
 

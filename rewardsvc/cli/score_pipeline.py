@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 from ..errors import InvalidInputError, RewardError
 from ..model.conversation import Messages
-from ..types import ScoreResult
+from ..types import GroupResult, ScoreResult
 from .rows import RawRow, conversation_of
 
 
@@ -130,8 +130,6 @@ class ScoresOfRun:
 
     def _score_group(self, group: str) -> None:
         """The whole group at once (also its rows in later chunks): the statistics need every member."""
-        from ..serving.service import group_statistics
-
         members = self.members[group]
         todo = list(dict.fromkeys(p.key for p in members if p.key not in self.by_key))
         if todo:
@@ -139,10 +137,10 @@ class ScoresOfRun:
             prompt = messages[todo[0]][:-1]
             self._record(todo, self.backend.score_group(prompt, [messages[k][-1]["content"] for k in todo]))
         scored = [p for p in members if isinstance(self.by_key[p.key], ScoreResult)]
-        mean, std, ranks = group_statistics([self.by_key[p.key].score for p in scored])
+        stats = GroupResult.of([self.by_key[p.key] for p in scored])
         self.group_stats[group] = {
-            id(p): {"key": json.loads(group), "size": len(scored), "mean": mean, "std": std, "rank": rank}
-            for p, rank in zip(scored, ranks)
+            id(p): {"key": json.loads(group), "size": len(scored), "mean": stats.mean, "std": stats.std, "rank": rank}
+            for p, rank in zip(scored, stats.ranks)
         }
 
     def row(self, p: PreparedRow) -> dict[str, Any]:

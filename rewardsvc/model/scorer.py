@@ -18,7 +18,7 @@ from ..errors import CheckpointError
 from ..types import AttributeWeights, InspectResult, ScoreResult
 from .backbone import Backbone, load_backbone, load_tokenizer, resolve_device, resolve_dtype, truncate_backbone
 from .checkpoint import is_heads_checkpoint, is_reference_checkpoint, load_heads, load_reference, load_reference_heads
-from .conversation import validate_conversation, validate_prompt, with_response
+from .conversation import as_prompt, validate_conversation, validate_prompt, with_response
 from .embedding import Embeddings, embed_encoded
 from .encoding import ChatEncoder, EncodedConversation
 from .hub import looks_like_hub_id, resolve_model_path
@@ -131,6 +131,24 @@ class Scorer:
     def encode_prompt(self, messages: Any, field: str = "prompt") -> EncodedConversation:
         return self.encoder.encode_prompt(validate_prompt(messages, field), field)
 
+    def encode_group(self, prompt: Any, responses: Sequence[Any]) -> list[EncodedConversation]:
+        """N responses to one prompt (GRPO / RLOO groups): the prompt is validated once, each response appended
+        to it and encoded; an error names `prompt` or `responses[i]`."""
+        prompt_messages = validate_prompt(prompt, "prompt")
+        return [self.encoder.encode(with_response(prompt_messages, r, f"responses[{i}]"), f"responses[{i}]")
+                for i, r in enumerate(responses)]  # fmt: skip
+
+    def encode_pairs(self, pairs: Sequence[tuple[Any, Any, Any]]) -> list[EncodedConversation]:
+        """(prompt, chosen, rejected) triples -> 2N encoded conversations, each pair's chosen then rejected; an
+        error names `pairs[i].prompt`, `pairs[i].chosen` or `pairs[i].rejected`."""
+        encoded = []
+        for i, (prompt, chosen, rejected) in enumerate(pairs):
+            prompt_messages = as_prompt(prompt, f"pairs[{i}].prompt")
+            for name, response in (("chosen", chosen), ("rejected", rejected)):
+                field = f"pairs[{i}].{name}"
+                encoded.append(self.encoder.encode(with_response(prompt_messages, response, field), field))
+        return encoded
+
     # ---- compute -----------------------------------------------------------------------------------
 
     def embed(self, encoded: Sequence[EncodedConversation]) -> Embeddings:
@@ -192,10 +210,7 @@ class Scorer:
         self, prompt: Any, responses: Sequence[Any], weights: AttributeWeights | None = None
     ) -> list[ScoreResult]:
         """N responses to one prompt (GRPO / RLOO groups); the prompt is validated once."""
-        prompt_messages = validate_prompt(prompt, "prompt")
-        conversations = [with_response(prompt_messages, r, f"responses[{i}]") for i, r in enumerate(responses)]
-        encoded = [self.encoder.encode(c, f"responses[{i}]") for i, c in enumerate(conversations)]
-        return self.score_encoded(encoded, weights)
+        return self.score_encoded(self.encode_group(prompt, responses), weights)
 
     @torch.inference_mode()
     def inspect(self, prompt: Any, weights: AttributeWeights | None = None) -> InspectResult:

@@ -37,6 +37,14 @@ class ScorerBackend(Protocol):
 
     def encode_prompt(self, messages: Any, field: str = "prompt") -> EncodedConversation: ...
 
+    def encode_group(self, prompt: Any, responses: Sequence[Any]) -> list[EncodedConversation]:
+        """One prompt, N responses -> N encoded conversations (errors name `prompt` / `responses[i]`)."""
+        ...
+
+    def encode_pairs(self, pairs: Sequence[tuple[Any, Any, Any]]) -> list[EncodedConversation]:
+        """(prompt, chosen, rejected) triples -> chosen, rejected, chosen, ... (errors name `pairs[i].*`)."""
+        ...
+
     def model_info(self) -> dict[str, Any]: ...
 
     def with_config(self, config: ScorerConfig) -> "ScorerBackend":

@@ -1,5 +1,5 @@
 """What one RPC does, without protobuf: check limits, encode (tokenize) in the caller's thread, hand the
-model work to the batcher, wait for it, and compute group / pairwise statistics.
+model work to the batcher, wait for it, and assemble the answer (group and pair maths: rewardsvc.types).
 
 The servicer translates protobuf to these calls and back; the batcher owns the model.
 """
@@ -17,7 +17,6 @@ from typing import Any
 from .. import __version__
 from ..config import Limits
 from ..errors import DeadlineExceededError, InvalidInputError, NonFiniteResultError, NotReadyError
-from ..model.conversation import Messages, as_prompt, validate_prompt, with_response
 from ..model.encoding import EncodedConversation
 from ..types import AttributeWeights, CompareResult, GroupResult, InspectResult, ScoreResult
 from .backend import ScorerBackend
@@ -48,27 +47,6 @@ class Call:
             if time.monotonic() >= self.deadline - max(DEADLINE_SLACK_S, 0.25 * budget):
                 return "deadline"
         return "cancelled"
-
-
-def group_statistics(scores: Sequence[float]) -> tuple[float, float, list[int]]:
-    """(mean, sample std with ddof=1 (0 for n=1), ranks with 1 = highest, ties by position)."""
-    n = len(scores)
-    if n == 0:
-        return 0.0, 0.0, []
-    mean = math.fsum(scores) / n
-    std = math.sqrt(math.fsum((s - mean) ** 2 for s in scores) / (n - 1)) if n > 1 else 0.0
-    order = sorted(range(n), key=lambda i: (-scores[i], i))
-    ranks = [0] * n
-    for rank, i in enumerate(order, start=1):
-        ranks[i] = rank
-    return mean, std, ranks
-
-
-def sigmoid(x: float) -> float:
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    z = math.exp(x)  # no overflow for very negative margins
-    return z / (1.0 + z)
 
 
 def _finite(value: float, where: str) -> float:
@@ -187,8 +165,8 @@ class RewardService:
     def score_group(
         self, prompt: Any, responses: Sequence[Any], weights: AttributeWeights | None, call: Call = Call()
     ) -> GroupResult:
-        """The same steps as Scorer.score_group (validate the prompt once, encode each response after it,
-        score_encoded), split so that tokenizing happens here and the model runs on the batcher thread.
+        """Scorer.score_group split in two: the group is encoded here (Scorer.encode_group) and the model runs
+        on the batcher thread.
 
         The responses reach the scorer in one score_encoded call (unless the batcher's token budget splits
         them), where conversations starting with the same prompt tokens run that prompt once and continue from
@@ -198,16 +176,13 @@ class RewardService:
             raise InvalidInputError("responses: a group needs at least one response", field="responses")
         _check_count("responses", len(responses), "responses", self.limits.max_group_size, "max_group_size")
         self._check_weights(weights)
-        prompt_messages: Messages = validate_prompt(prompt, "prompt")
-        encoded = []
-        for i, response in enumerate(responses):
-            field = f"responses[{i}]"
-            conversation = with_response(prompt_messages, response, field)
-            with self._encode_lock:
-                encoded.append(scorer.encoder.encode(conversation, field))
+        with self._encode_lock:
+            encoded = scorer.encode_group(prompt, responses)
         results = check_finite_results(self.wait(self.batcher.submit_score(encoded, weights, deadline=call.deadline), call))
-        mean, std, ranks = group_statistics([r.score for r in results])
-        return GroupResult(results=results, mean=_finite(mean, "mean"), std=_finite(std, "std"), ranks=ranks)
+        group = GroupResult.of(results)
+        _finite(group.mean, "mean")
+        _finite(group.std, "std")
+        return group
 
     def compare(
         self, pairs: Sequence[tuple[Any, Any, Any]], weights: AttributeWeights | None, call: Call = Call()
@@ -223,28 +198,10 @@ class RewardService:
                 field="pairs",
             )
         self._check_weights(weights)
-        encoded = []
-        for i, (prompt, chosen, rejected) in enumerate(pairs):
-            prompt_messages = as_prompt(prompt, f"pairs[{i}].prompt")
-            for name, response in (("chosen", chosen), ("rejected", rejected)):
-                field = f"pairs[{i}].{name}"
-                conversation = with_response(prompt_messages, response, field)
-                with self._encode_lock:
-                    encoded.append(scorer.encoder.encode(conversation, field))
+        with self._encode_lock:
+            encoded = scorer.encode_pairs(pairs)
         results = check_finite_results(self.wait(self.batcher.submit_score(encoded, weights, deadline=call.deadline), call))
-        out = []
-        for i in range(len(pairs)):
-            chosen, rejected = results[2 * i], results[2 * i + 1]
-            out.append(
-                CompareResult(
-                    p_chosen=sigmoid(chosen.score - rejected.score),
-                    score_chosen=chosen.score,
-                    score_rejected=rejected.score,
-                    chosen=chosen,
-                    rejected=rejected,
-                )
-            )
-        return out
+        return [CompareResult.of(results[2 * i], results[2 * i + 1]) for i in range(len(pairs))]
 
     def inspect(self, prompt: Any, weights: AttributeWeights | None, top_k: int = 0, call: Call = Call()) -> InspectResult:
         """Gating weights for a prompt, sorted by weight (descending), cut to the top_k (0 = all)."""

@@ -92,6 +92,22 @@ def test_group_equals_individual_scores(tiny_scorer):
     assert [g.score for g in group] == pytest.approx([s.score for s in single], abs=1e-5)
 
 
+def test_group_and_pair_encoding_equal_whole_conversations(tiny_scorer):
+    # The one encoding path of groups and pairs (the service and the CLI both use it) against encode().
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say something."}]
+    whole = [tiny_scorer.encode(prompt + [{"role": "assistant", "content": r}]) for r in ("Yes.", "No, never.")]
+    assert tiny_scorer.encode_group(prompt, ["Yes.", {"role": "assistant", "content": "No, never."}]) == whole
+    assert tiny_scorer.encode_pairs([(prompt, "Yes.", "No, never."), (prompt, "No, never.", "Yes.")]) == whole + whole[::-1]
+    assert tiny_scorer.encode_pairs([("Say something.", "Yes.", "No.")])[0] == tiny_scorer.encode(
+        [{"role": "user", "content": "Say something."}, {"role": "assistant", "content": "Yes."}])
+    with pytest.raises(InvalidInputError, match=r"responses\[1\]"):
+        tiny_scorer.encode_group(prompt, ["Yes.", {"role": "user", "content": "not a response"}])
+    with pytest.raises(InvalidInputError, match=r"pairs\[1\]\.rejected"):
+        tiny_scorer.encode_pairs([(prompt, "a", "b"), (prompt, "c", 7)])
+    with pytest.raises(InvalidInputError, match=r"^prompt"):
+        tiny_scorer.encode_group([{"role": "assistant", "content": "no user turn"}], ["Yes."])
+
+
 def test_errors_name_the_conversation(tiny_scorer):
     with pytest.raises(InvalidConversationError, match=r"conversations\[1\]"):
         tiny_scorer.score([conversation(0), [{"role": "user", "content": "no response"}]])

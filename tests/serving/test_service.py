@@ -12,7 +12,8 @@ from rewardsvc import __version__
 from rewardsvc.config import Limits
 from rewardsvc.errors import DeadlineExceededError, InvalidConversationError, InvalidInputError, NotReadyError
 from rewardsvc.serving.batching import Batcher
-from rewardsvc.serving.service import Call, RewardService, group_statistics, sigmoid
+from rewardsvc.serving.service import Call, RewardService
+from rewardsvc.types import group_statistics, sigmoid
 from rewardsvc.types import AttributeWeights
 from tiny_models import TINY_ATTRIBUTES
 
