@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +58,47 @@ def machine() -> dict:
     }
 
 
+def machine_name() -> str:
+    """The CPU model (from /proc/cpuinfo where there is one), the vCPU count and the GPU if any."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    name = f"{cpu}, {os.cpu_count()} vCPU"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            name += f", {torch.cuda.get_device_name(0)}"
+    except ImportError:
+        pass
+    return name
+
+
+def git_commit() -> str:
+    """HEAD of the repository the bench runs from (+dirty when tracked files differ from it)."""
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def stamp() -> dict:
+    """What every results line carries (docs cite results files: machine, date, commit)."""
+    return {"machine": machine_name(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": git_commit()}
+
+
 def emit(row: dict, out=None) -> None:
+    """Print one JSON line, and append it to `out` with machine, date and commit added where missing."""
+    if out is not None:
+        row = {**row, **{k: v for k, v in stamp().items() if k not in row}}
     line = json.dumps(row, sort_keys=False)
     print(line, flush=True)
     if out is not None:

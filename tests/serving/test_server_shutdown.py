@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -104,20 +103,29 @@ def test_grace_expiry_while_the_model_computes_exits_zero(tmp_path):
     inside torch)."""
     log_path = tmp_path / "serve.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "rewardsvc.cli.serve", "--port", "0", "--grace", "0.5"]
+    # --device cpu: on a GPU the whole load below takes a fraction of a second and would drain within the grace.
+    command = [sys.executable, "-m", "rewardsvc.cli.serve", "--port", "0", "--metrics-port", "0", "--grace", "0.5",
+               "--device", "cpu"]  # fmt: skip
     with open(log_path, "w") as log_file:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     try:
         assert wait_until(lambda: "event=serve.ready" in _read(log_path) or process.poll() is not None, 300, 0.2), _read(log_path)
-        port = int(re.search(r"event=serve.listening address=127\.0\.0\.1:(\d+)", _read(log_path)).group(1))
-        # ~38k tokens in all (64 conversations of ~600): many seconds of compute on any CPU, so the 0.5 s grace
-        # always expires with work left whatever the machine's speed (12 short ones drained in time once the
-        # default backbone stopped after 12 of its 30 blocks).
-        long = [{"role": "user", "content": "Tell me about rivers. " * 60}, {"role": "assistant", "content": "Rivers flow. " * 100}]
+        text = _read(log_path)
+        port = int(re.search(r"event=serve.listening address=127\.0\.0\.1:(\d+)", text).group(1))
+        metrics_port = int(re.search(r"metrics_port=(\d+)", text).group(1))
+        # ~38k tokens in all: 64 conversations of ~600 tokens, every one distinct (its own prompt and response),
+        # so that none is computed once for several (identical conversations and shared prompts are), and this
+        # is many seconds of compute on any CPU: the 0.5 s grace always expires with work left, whatever the
+        # machine's speed (12 short ones drained in time once the default backbone stopped after 12 of its 30 blocks).
+        def long(i: int, j: int) -> list[dict]:
+            return [{"role": "user", "content": f"Tell me about river number {i}-{j}. " * 25},
+                    {"role": "assistant", "content": f"River {i}-{j} flows. " * 50}]  # fmt: skip
+
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             s = pb_grpc.RewardServiceStub(channel)
-            futures = [s.Score.future(score_request([long] * 8), timeout=300) for _ in range(8)]
-            time.sleep(0.5)  # the batcher is inside its first scorer call
+            futures = [s.Score.future(score_request([long(i, j) for j in range(8)]), timeout=300) for i in range(8)]
+            # Every call has reached its handler (accepted) before the signal, whatever the machine's speed.
+            assert wait_until(lambda: metric_value(metrics_port, "rewardsvc_requests_in_progress") == len(futures), 60, 0.02)
             process.send_signal(signal.SIGTERM)
             codes = set()
             for future in futures:
@@ -126,7 +134,7 @@ def test_grace_expiry_while_the_model_computes_exits_zero(tmp_path):
                     codes.add("OK")
                 except grpc.RpcError as exc:
                     codes.add(exc.code().name)
-        assert codes <= {"OK", "UNAVAILABLE"}, codes
+        assert "UNAVAILABLE" in codes and codes <= {"OK", "UNAVAILABLE"}, codes  # the grace expired with work left
         assert process.wait(200) == 0, _read(log_path)
         assert "drained=False" in _read(log_path) and "batcher_stopped=True" in _read(log_path)
     finally:
