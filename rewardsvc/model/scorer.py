@@ -122,6 +122,10 @@ class Scorer:
     def attributes(self) -> tuple[str, ...]:
         return self.heads.attributes
 
+    def weights_source(self, weights: AttributeWeights | None) -> str:
+        """What results computed with `weights` report as their weights_source ("fixed" without gating)."""
+        return self.heads.weights_source(weights)
+
     # ---- encoding ----------------------------------------------------------------------------------
 
     def encode(self, messages: Any, field: str = "messages") -> EncodedConversation:
@@ -185,7 +189,7 @@ class Scorer:
         if not encoded:
             return []
         out = self._head_outputs(self.embed(encoded), weights)
-        source = self.heads.weights_source(weights)
+        source = self.weights_source(weights)
         return [
             ScoreResult(
                 score=float(out.score[i]),
@@ -233,7 +237,7 @@ class Scorer:
             coefficients=self._named(coefficients[0]),
             num_tokens=encoded.num_tokens,
             truncated=encoded.truncated,
-            weights_source=self.heads.weights_source(weights),
+            weights_source=self.weights_source(weights),
             model_id=self.model_id,
         )
 

@@ -29,6 +29,10 @@ class ScorerBackend(Protocol):
     @property
     def attributes(self) -> tuple[str, ...]: ...
 
+    def weights_source(self, weights: AttributeWeights | None) -> str:
+        """What results computed with `weights` report: "gating", "override", "mask" or "fixed" (no gating)."""
+        ...
+
     # ---- handler threads (data plane) --------------------------------------------------------------
 
     def encode(self, messages: Any, field: str = "messages") -> EncodedConversation:

@@ -18,7 +18,7 @@ from .. import __version__
 from ..config import Limits
 from ..errors import DeadlineExceededError, InvalidInputError, NonFiniteResultError, NotReadyError
 from ..model.encoding import EncodedConversation
-from ..types import AttributeWeights, CompareResult, GroupResult, InspectResult, ScoreResult
+from ..types import AttributeWeights, CompareResult, GroupResult, InspectResult, ScoreResult, weights_source
 from .backend import ScorerBackend
 from .batching import Batcher, WorkItem
 
@@ -111,6 +111,10 @@ class RewardService:
     def model_ids(self) -> list[str]:
         """Every model this service serves (HTTP GET /v1/models lists them); empty until loaded."""
         return [self.scorer.model_id] if self.scorer is not None else []
+
+    def weights_source(self, weights: AttributeWeights | None) -> str:
+        """The responses' weights_source: the model kind decides ("fixed" for a model without gating)."""
+        return self.scorer.weights_source(weights) if self.scorer is not None else weights_source(weights)
 
     # ---- checks ------------------------------------------------------------------------------------
 

@@ -21,7 +21,6 @@ import grpc
 from .._proto.rewardsvc.v1 import reward_pb2 as pb
 from .._proto.rewardsvc.v1 import reward_pb2_grpc as pb_grpc
 from ..errors import InvalidInputError, OverloadedError, grpc_status_name
-from ..types import weights_source
 from ..wire import (
     FIELD_KEY,
     RETRY_AFTER_KEY,
@@ -144,7 +143,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         self.service = service
 
     def _source(self, weights) -> dict[str, str]:
-        return {"model_id": self.service.model_id, "weights_source": weights_source(weights)}
+        return {"model_id": self.service.model_id, "weights_source": self.service.weights_source(weights)}
 
     @_unary
     def Score(self, request, context):
