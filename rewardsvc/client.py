@@ -189,8 +189,10 @@ def channel_options(extra: Sequence[tuple[str, Any]] = (), server_name: str | No
 
 class _Base:
     def __init__(self, target: str, *, token: str | None, tls: bool | ClientTLS, timeout: float,
-                 retry: RetryPolicy, options: Sequence[tuple[str, Any]]):  # fmt: skip
+                 retry: RetryPolicy, options: Sequence[tuple[str, Any]], model: str = ""):  # fmt: skip
         self.target = target
+        # Which served model every request asks for (`serve --model NAME=PATH`); "" = the server's default.
+        self.model = model
         self.timeout = timeout
         self.retry = retry
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -200,6 +202,12 @@ class _Base:
     def _deadline(self, timeout: float | None) -> float:
         return time.monotonic() + (self.timeout if timeout is None else timeout)
 
+    def _for_model(self, request):
+        """The request with this client's `model` set (every request message has the field)."""
+        if self.model and not request.model:
+            request.model = self.model
+        return request
+
 
 # ---- sync client ---------------------------------------------------------------------------------------
 
@@ -208,8 +216,8 @@ class RewardClient(_Base):
     """Blocking client. Thread-safe (one channel, many calls)."""
 
     def __init__(self, target: str, *, token: str | None = None, tls: bool | ClientTLS = False, timeout: float = 60.0,
-                 retry: RetryPolicy = RetryPolicy(), options: Sequence[tuple[str, Any]] = ()):  # fmt: skip
-        super().__init__(target, token=token, tls=tls, timeout=timeout, retry=retry, options=options)
+                 retry: RetryPolicy = RetryPolicy(), options: Sequence[tuple[str, Any]] = (), model: str = ""):  # fmt: skip
+        super().__init__(target, token=token, tls=tls, timeout=timeout, retry=retry, options=options, model=model)
         if self._tls:
             self.channel = grpc.secure_channel(target, self._tls.credentials(), options=self._options)
         else:
@@ -227,6 +235,7 @@ class RewardClient(_Base):
         self.channel.close()
 
     def _call(self, rpc, request, timeout: float | None):
+        request = self._for_model(request)
         deadline = self._deadline(timeout)
         attempt = 0
         while True:
@@ -280,7 +289,7 @@ class RewardClient(_Base):
         def messages():
             for item in requests:
                 request_id, conversations, *rest = item
-                yield score_request(conversations, rest[0] if rest else None, str(request_id))
+                yield self._for_model(score_request(conversations, rest[0] if rest else None, str(request_id)))
 
         try:
             for reply in self.stub.ScoreStream(messages(), timeout=timeout or self.timeout, metadata=self._metadata):
@@ -339,8 +348,8 @@ class AsyncRewardClient(_Base):
     """grpc.aio client with the same methods as RewardClient, as coroutines. Create it inside a running loop."""
 
     def __init__(self, target: str, *, token: str | None = None, tls: bool | ClientTLS = False, timeout: float = 60.0,
-                 retry: RetryPolicy = RetryPolicy(), options: Sequence[tuple[str, Any]] = ()):  # fmt: skip
-        super().__init__(target, token=token, tls=tls, timeout=timeout, retry=retry, options=options)
+                 retry: RetryPolicy = RetryPolicy(), options: Sequence[tuple[str, Any]] = (), model: str = ""):  # fmt: skip
+        super().__init__(target, token=token, tls=tls, timeout=timeout, retry=retry, options=options, model=model)
         if self._tls:
             self.channel = grpc.aio.secure_channel(target, self._tls.credentials(), options=self._options)
         else:
@@ -358,6 +367,7 @@ class AsyncRewardClient(_Base):
         await self.channel.close()
 
     async def _call(self, rpc, request, timeout: float | None):
+        request = self._for_model(request)
         deadline = self._deadline(timeout)
         attempt = 0
         while True:

@@ -130,6 +130,12 @@ def model_info_from_pb(info) -> dict[str, Any]:
         "label_scales": struct_to_python(info.label_scales),
         "server_version": info.server_version,
         "limits": asdict(limits_from_pb(info.limits)),
+        "name": info.name,
+        "models": [
+            {"name": m.name, "model_id": m.model_id, "backbone": m.backbone, "attributes": list(m.attributes),
+             "trained": m.trained, "is_default": m.is_default}
+            for m in info.models
+        ],  # fmt: skip
     }
 
 
@@ -227,6 +233,8 @@ def model_info_to_pb(info: dict[str, Any]):
         label_scales=_struct(info.get("label_scales")),
         server_version=info.get("server_version", ""),
         limits=limits_to_pb(info.get("limits", Limits())),
+        name=info.get("name", ""),
+        models=[pb.ServedModel(**m) for m in info.get("models", [])],
     )
 
 

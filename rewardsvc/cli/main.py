@@ -20,10 +20,18 @@ from ..types import AttributeWeights
 log = logging.getLogger("rewardsvc")
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, multiple_models: bool = False) -> None:
+    """The model flags; with multiple_models (serve) `--model` is repeatable and takes NAME=PATH."""
     group = parser.add_argument_group("model")
-    group.add_argument("--model", help="heads checkpoint, reference ArmoRM directory or Hugging Face sequence-classification "
-                                       "model; a directory or a cached hub id (default: the packaged default; docs/MODELS.md)")
+    model_help = ("heads checkpoint, reference ArmoRM directory or Hugging Face sequence-classification model; a "
+                  "directory or a cached hub id (default: the packaged default; docs/MODELS.md)")
+    if multiple_models:
+        group.add_argument("--model", action="append", metavar="[NAME=]PATH",
+                           help=model_help + ". Repeat to serve several models, requests choose one by NAME (the "
+                                "proto's `model` field; default: the first); head sets on the same backbone share its "
+                                "forward pass. Without NAME= a model is named by its model_id")  # fmt: skip
+    else:
+        group.add_argument("--model", help=model_help)
     group.add_argument("--score-mix", metavar="LABEL|JSON",
                        help="a sequence-classification model with several labels: the label whose logit is the score, "
                             "or a JSON mix {label: weight} (what its model card defines)")  # fmt: skip
@@ -74,7 +82,8 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def load_scorer(args: argparse.Namespace):
+def load_scorer(args: argparse.Namespace, shared_backbones: dict | None = None):
+    """shared_backbones: see Scorer.load (several head sets loading onto one backbone)."""
     from ..model.scorer import Scorer
 
     quiet_transformers()
@@ -83,7 +92,8 @@ def load_scorer(args: argparse.Namespace):
         batch_plan=args.batch_plan, batch_invariant=args.batch_invariant, share_prompts=args.share_prompts,
     )  # fmt: skip
     score_mix = ScoreMix.parse(args.score_mix) if getattr(args, "score_mix", None) else None
-    scorer = Scorer.load(args.model, backbone=backbone_override(args), config=config, score_mix=score_mix)
+    scorer = Scorer.load(args.model, backbone=backbone_override(args), config=config, score_mix=score_mix,
+                         shared_backbones=shared_backbones)
     if not scorer.trained:
         print(f"warning: {scorer.model_id}: the heads are NOT trained; scores are meaningless", file=sys.stderr)
     return scorer
@@ -130,6 +140,7 @@ EXTENSIONS: list[tuple[str, str, str]] = [
     ("inspect", "inspect_cmd", "show the attribute weights the gating chooses for a prompt"),
     ("compare", "compare", "P(chosen preferred) for each (prompt, chosen, rejected) row"),
     ("serve", "serve", "serve the reward model over gRPC"),
+    ("export", "export", "write a heads checkpoint and its backbone as one ArmoRM-layout Hugging Face directory"),
     ("train", "train", "train heads with the default ArmoRM recipe on ../shared/data"),
     ("train-backbone", "train_backbone", "stage 0: LoRA-fine-tune the backbone as a Bradley-Terry reward model"),
     ("eval", "eval", "pairwise accuracy on a pairs JSONL, per category, against the length baseline"),

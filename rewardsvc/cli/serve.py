@@ -33,7 +33,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     from .main import add_model_arguments
 
     if not any("--model" in action.option_strings for action in parser._actions):
-        add_model_arguments(parser)
+        add_model_arguments(parser, multiple_models=True)
     d = ServerConfig()
     g = parser.add_argument_group("server")
     g.add_argument("--host", default=None,
@@ -118,6 +118,37 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     )  # max tokens per conversation: the scorer's own --max-tokens
 
 
+def model_specs(values: list[str] | None) -> list[tuple[str | None, str | None]]:
+    """`--model` values -> (name or None, path or None). `NAME=PATH` names a model; a value whose part before the
+    first `=` holds a `/` (a path, a hub id) or that is an existing path is a plain PATH (named by its model_id).
+    No --model: the packaged default."""
+    if not values:
+        return [(None, None)]
+    specs = []
+    for value in values:
+        name, sep, path = value.partition("=")
+        if sep and "/" not in name and not os.path.exists(value):
+            if not name or not path:
+                raise InvalidInputError(f"--model: {value!r} must be NAME=PATH with both parts given", field="model")
+            specs.append((name, path))
+        else:
+            specs.append((None, value))
+    return specs
+
+
+def load_models(args: argparse.Namespace):
+    """Every --model, as a serving.models.ModelSet; head sets naming the same backbone load it once."""
+    from ..serving.models import ModelSet
+    from .main import load_scorer
+
+    shared: dict = {}
+    models = []
+    for name, path in model_specs(args.model):
+        scorer = load_scorer(argparse.Namespace(**{**vars(args), "model": path}), shared_backbones=shared)
+        models.append((name or scorer.model_id, scorer))
+    return ModelSet(models)
+
+
 def _setup_logging() -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -128,10 +159,9 @@ def run_serve(args: argparse.Namespace) -> int:
     """Load, serve, block until SIGTERM/SIGINT, stop gracefully. 0 after a clean stop, 1 if loading failed."""
     from ..serving.logs import kv
     from ..serving.server import build_server
-    from .main import load_scorer
-
     _setup_logging()
     config = server_config(args)
+    model_specs(args.model)  # a malformed --model fails before anything loads
     if args.torch_threads:
         import torch
 
@@ -146,7 +176,7 @@ def run_serve(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         # Bind first, load in the background: health answers NOT_SERVING while the model loads.
-        running = build_server(lambda: load_scorer(args), config, wait_ready=False)
+        running = build_server(lambda: load_models(args), config, wait_ready=False)
         while not stop.wait(0.2):
             if running.load_error is not None:
                 running.stop(0)

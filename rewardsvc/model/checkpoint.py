@@ -209,6 +209,8 @@ def reference_heads_config(config: dict[str, Any]) -> HeadsConfig:
         gating_hidden_dim=int(config.get("gating_hidden_dim", 1024)),
         gating_n_hidden=int(config.get("gating_n_hidden", 3)),
         gating_temperature=float(config.get("gating_temperature", 10.0)),
+        # The published checkpoint has no bias; a rewardsvc export of heads with one says so (model/export.py).
+        regression_bias=bool(config.get("regression_bias", False)),
     )
 
 

@@ -28,6 +28,11 @@ class Embeddings:
     response: torch.Tensor  # (N, H) float32, hidden state at the response anchor
     prompt: torch.Tensor  # (N, H) float32, hidden state at the prompt anchor
 
+    def rows(self, index: list[int]) -> "Embeddings":
+        """The embeddings of these rows, in this order (several head sets reading one backbone forward)."""
+        at = torch.tensor(index, dtype=torch.long)
+        return Embeddings(response=self.response[at], prompt=self.prompt[at])
+
 
 def embed_encoded(
     backbone: Backbone,

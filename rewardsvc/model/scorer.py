@@ -69,13 +69,17 @@ class Scorer:
     @classmethod
     def load(
         cls, model: str | Path | None = None, *, backbone: BackboneConfig | None = None, config: ScorerConfig = ScorerConfig(),
-        score_mix: ScoreMix | None = None,
+        score_mix: ScoreMix | None = None, shared_backbones: dict | None = None,
     ) -> "Scorer":
         """model: None (the packaged default heads on the embedded backbone), a directory in our heads format, in
         the reference ArmoRM format, or a standard Hugging Face *ForSequenceClassification model (model/seqcls.py),
         or the hub id of any of them (resolved in the local HF cache). `backbone` overrides where/how the backbone
         loads (a sequence-classification model: device and dtype only). `score_mix`: the score of a
-        sequence-classification model with several labels."""
+        sequence-classification model with several labels.
+
+        shared_backbones: a dict the caller keeps across loads; heads-format checkpoints whose backbone (config
+        and feature layer) is already in it reuse that loaded Backbone instead of loading another copy, so
+        several head sets serve from one backbone (and one forward per batch, serving/models.py)."""
         directory = resolve_model_path(model, "--model") if model is not None else DEFAULT_MODEL_DIR  # dir or hub id
         if not directory.exists():
             raise CheckpointError(f"model directory {directory} does not exist")
@@ -84,8 +88,13 @@ class Scorer:
         if is_heads_checkpoint(directory):
             ckpt = load_heads(directory)
             backbone_config = backbone or BackboneConfig(**_shipped_adapter_resolved(ckpt.backbone, directory))
-            loaded = load_backbone(backbone_config)
-            _apply_feature_layer(loaded, ckpt.heads.config.feature_layer, directory)
+            key = (backbone_config, ckpt.heads.config.feature_layer)
+            loaded = shared_backbones.get(key) if shared_backbones is not None else None
+            if loaded is None:
+                loaded = load_backbone(backbone_config)
+                _apply_feature_layer(loaded, ckpt.heads.config.feature_layer, directory)
+                if shared_backbones is not None:
+                    shared_backbones[key] = loaded
             return cls(
                 loaded, ckpt.heads, model_id=ckpt.name, config=config, trained=ckpt.trained,
                 label_scales=ckpt.label_scales, provenance=ckpt.provenance,
@@ -188,7 +197,14 @@ class Scorer:
             weights.check_attributes(self.attributes)
         if not encoded:
             return []
-        out = self._head_outputs(self.embed(encoded), weights)
+        return self.score_embedded(encoded, self.embed(encoded), weights)
+
+    def score_embedded(
+        self, encoded: Sequence[EncodedConversation], embeddings: Embeddings, weights: AttributeWeights | None = None
+    ) -> list[ScoreResult]:
+        """The heads on embeddings already computed (row i is encoded[i]) by `embed` of this scorer or of another
+        head set on the same backbone: several head sets share one backbone forward (serving/models.py)."""
+        out = self._head_outputs(embeddings, weights)
         source = self.weights_source(weights)
         return [
             ScoreResult(
@@ -296,3 +312,9 @@ def _apply_feature_layer(backbone: Backbone, feature_layer: int | None, director
     if feature_layer < depth:
         truncate_backbone(backbone, feature_layer)
         log.info("early exit: backbone truncated to %d of %d blocks for heads %s", feature_layer, depth, directory)
+
+
+def shipped_backbone_config(directory: str | Path) -> dict:
+    """The BackboneConfig fields a heads checkpoint names, its shipped adapter resolved (as Scorer.load does)."""
+    directory = Path(directory)
+    return _shipped_adapter_resolved(load_heads(directory).backbone, directory)

@@ -7,8 +7,9 @@ on a handler thread would let N clients run N forward passes at once on the same
 - Admission control bounds the tokens queued or computing (`max_tokens_in_flight`); over it, `submit`
   raises OverloadedError with a retry hint derived from the measured throughput.
 - The batcher thread groups work from all clients until `token_budget` tokens or `max_wait_s` after the
-  first item, then calls `scorer.score_encoded` once per group of items sharing the same steering weights
-  (the scorer length-sorts and splits into forward passes itself).
+  first item, then computes it per forward group (serving/models.py): the items of head sets on one backbone
+  share one backbone forward, and each (model, steering weights) gets one heads call (the scorer length-sorts
+  and splits into forward passes itself). Several served models share this one thread, budget and limit.
 - Each item carries a deadline and a cancelled flag: dead items are dropped before compute, expired ones
   with DeadlineExceededError.
 - Identical conversations within one scorer call are computed once.
@@ -33,6 +34,7 @@ from ..errors import DeadlineExceededError, InvalidInputError, NotReadyError, Ov
 from ..model.encoding import EncodedConversation
 from ..types import AttributeWeights
 from .backend import ScorerBackend
+from .models import Job, ModelSet
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,7 @@ class WorkItem:
     enqueued_at: float = field(default_factory=time.monotonic)
     _cancelled: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = "cancelled"  # "cancelled" (the caller went away) or "deadline" (its deadline passed)
+    model: str = ""  # the served model's name (ModelSet); "" only before submit resolves it
 
     def cancel(self, reason: str = "cancelled") -> None:
         """Mark the caller as gone (client cancelled, handler timed out): the batcher will skip the work.
@@ -121,13 +124,6 @@ class WorkItem:
         return self.deadline is not None and now >= self.deadline
 
 
-def weights_key(weights: AttributeWeights | None) -> Any:
-    """Items are grouped only with items steered the same way (score_encoded takes one weights)."""
-    if weights is None:
-        return None
-    return (weights.mode, tuple(sorted(weights.values.items())))
-
-
 _STOP = object()
 
 
@@ -135,9 +131,10 @@ class Batcher:
     """Owns the scorer: exactly one thread calls it."""
 
     def __init__(
-        self, scorer: ScorerBackend, config: BatcherConfig = BatcherConfig(), observer: BatchObserver | None = None
+        self, scorer: ScorerBackend | ModelSet, config: BatcherConfig = BatcherConfig(), observer: BatchObserver | None = None
     ):
-        self.scorer = scorer
+        self.models = scorer if isinstance(scorer, ModelSet) else ModelSet.single(scorer)
+        self.scorer = self.models.get(None)  # the default model
         self.config = config
         self.observer: BatchObserver = observer or _NullObserver()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -179,13 +176,17 @@ class Batcher:
         weights: AttributeWeights | None = None,
         *,
         deadline: float | None = None,
+        model: str | None = None,
     ) -> WorkItem:
-        return self._submit(WorkItem("score", tuple(encoded), weights, deadline, sum(e.num_tokens for e in encoded)))
+        """`model`: a served model's name (None or "" = the default)."""
+        tokens = sum(e.num_tokens for e in encoded)
+        return self._submit(WorkItem("score", tuple(encoded), weights, deadline, tokens, model=self.models.resolve(model)))
 
     def submit_inspect(
-        self, encoded: EncodedConversation, weights: AttributeWeights | None = None, *, deadline: float | None = None
+        self, encoded: EncodedConversation, weights: AttributeWeights | None = None, *, deadline: float | None = None,
+        model: str | None = None,
     ) -> WorkItem:
-        return self._submit(WorkItem("inspect", (encoded,), weights, deadline, encoded.num_tokens))
+        return self._submit(WorkItem("inspect", (encoded,), weights, deadline, encoded.num_tokens, model=self.models.resolve(model)))
 
     def _submit(self, item: WorkItem) -> WorkItem:
         limit = self.config.max_tokens_in_flight
@@ -322,7 +323,7 @@ class Batcher:
             if item.kind == "inspect":
                 self._inspect(item)
             else:
-                groups.setdefault(weights_key(item.weights), []).append(item)
+                groups.setdefault(self.models.forward_key(item.model), []).append(item)
         for items in groups.values():
             self._score(items)
 
@@ -350,16 +351,14 @@ class Batcher:
         items = self._alive(items)
         if not items:
             return
-        encoded = [e for item in items for e in item.encoded]
+        conversations = sum(len(item.encoded) for item in items)
         tokens = sum(item.tokens for item in items)
-        # Identical conversations in one call are computed once (GRPO groups repeat short completions; many
-        # clients send the same probe). Scores do not depend on batch neighbours, so sharing is exact.
-        unique = list(dict.fromkeys(encoded))
         started = time.monotonic()
         try:
-            computed = self.scorer.score_encoded(unique, items[0].weights)
-            by_input = dict(zip(unique, computed))
-            results = [by_input[e] for e in encoded]
+            # Identical conversations are computed once (GRPO groups repeat short completions; many clients send
+            # the same probe; head sets on one backbone score the same rollouts). Scores do not depend on batch
+            # neighbours, so sharing is exact.
+            results = self.models.score_jobs([Job(item.model, item.encoded, item.weights) for item in items])
         except Exception as exc:  # any failure: isolate the request that causes it
             self._after_failure(exc)
             if len(items) == 1:
@@ -372,19 +371,16 @@ class Batcher:
             self._score(items[:middle])
             self._score(items[middle:])
             return
-        self._measured(len(encoded), tokens, time.monotonic() - started)
-        start = 0
-        for item in items:
-            n = len(item.encoded)
-            self._set_result(item, results[start : start + n])
-            start += n
+        self._measured(conversations, tokens, time.monotonic() - started)
+        for item, result in zip(items, results):
+            self._set_result(item, result)
 
     def _inspect(self, item: WorkItem) -> None:
         if not self._alive([item]):
             return
         started = time.monotonic()
         try:
-            result = self.scorer.inspect_encoded(item.encoded[0], item.weights)
+            result = self.models.get(item.model).inspect_encoded(item.encoded[0], item.weights)
         except Exception as exc:
             self._after_failure(exc)
             self._set_exception(item, exc)

@@ -432,7 +432,7 @@ class HttpEndpoint:
             parsed = vllm_pooling.parse_request(self._parse_json(raw), route)
             model = self._check_model(parsed.model)
             conversations = [self._conversation_of(one, f"input[{i}]") for i, one in enumerate(parsed.inputs)]
-            return self.service.submit_score(conversations, self.default_weights, call), (parsed, model)
+            return self.service.submit_score(conversations, self.default_weights, call, model=model), (parsed, model)
 
         results, (parsed, model) = await self._submitted(prepare, self._timeout(request))
         build = vllm_pooling.classify_reply if route == vllm_pooling.CLASSIFY_PATH else vllm_pooling.pooling_reply

@@ -33,6 +33,7 @@ from .config import ServerConfig
 from .interceptors import ActiveCalls, BearerAuthInterceptor, ObservingInterceptor
 from .logs import kv
 from .metrics import ServiceMetrics
+from .models import ModelSet
 from .service import RewardService
 from .servicer import RewardServicer
 
@@ -65,7 +66,8 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-ScorerOrLoader = ScorerBackend | Callable[[], ScorerBackend]  # a loaded scorer, or a loader of one
+# A loaded scorer or several served models by name (ModelSet), or a loader of either.
+ScorerOrLoader = ScorerBackend | ModelSet | Callable[[], ScorerBackend | ModelSet]
 
 
 class RunningServer:
@@ -115,29 +117,34 @@ class RunningServer:
     def _load(self, scorer: ScorerOrLoader) -> None:
         try:
             started = time.monotonic()
-            if not isinstance(scorer, ScorerBackend):
+            if not isinstance(scorer, (ScorerBackend, ModelSet)):
                 scorer = scorer()
+            models = scorer if isinstance(scorer, ModelSet) else ModelSet.single(scorer)
             if self.config.max_tokens_per_conversation is not None:
-                scorer = scorer.with_config(replace(scorer.config, max_tokens=self.config.max_tokens_per_conversation))
-            if self.config.max_tokens_in_flight < scorer.config.max_tokens:
-                raise InvalidInputError(
-                    f"server.max_tokens_in_flight={self.config.max_tokens_in_flight} is below the most tokens of one "
-                    f"conversation ({scorer.config.max_tokens}); such a conversation could never be admitted",
-                    field="server.max_tokens_in_flight",
-                )
+                limit = self.config.max_tokens_per_conversation
+                models = ModelSet([(name, b.with_config(replace(b.config, max_tokens=limit))) for name, b in models.items()],
+                                  check_names=False)
+            for _, backend in models.items():
+                if self.config.max_tokens_in_flight < backend.config.max_tokens:
+                    raise InvalidInputError(
+                        f"server.max_tokens_in_flight={self.config.max_tokens_in_flight} is below the most tokens of one "
+                        f"conversation ({backend.config.max_tokens}); such a conversation could never be admitted",
+                        field="server.max_tokens_in_flight",
+                    )
             if self.config.http_default_weights is not None:  # a wrong name fails the start, not every request
-                self.config.http_default_weights.check_attributes(scorer.attributes)
-            self.batcher = Batcher(scorer, self.config.batcher_config(), self.metrics).start()
-            self.service.attach(scorer, self.batcher)
+                self.config.http_default_weights.check_attributes(models.get(None).attributes)
+            self.batcher = Batcher(models, self.config.batcher_config(), self.metrics).start()
+            self.service.attach(models, self.batcher)
             # Warm-up: the first forward pass allocates and picks kernels; a trainer should not pay for it.
-            self.service.score([WARMUP_CONVERSATION], None)
+            for name in models.names:
+                self.service.score([WARMUP_CONVERSATION], None, model=name)
             if self._stopped.is_set():  # stopped while loading: stop() found no batcher to join
                 self.batcher.close(timeout=BATCHER_JOIN_S)
                 return
             self._set_health(health_pb2.HealthCheckResponse.SERVING)
             self._ready.set()
-            log.info(kv("serve.ready", address=self.address, model_id=scorer.model_id,
-                        load_s=f"{time.monotonic() - started:.1f}", trained=scorer.trained))  # fmt: skip
+            log.info(kv("serve.ready", address=self.address, model_id=models.get(None).model_id, models=",".join(models.names),
+                        load_s=f"{time.monotonic() - started:.1f}", trained=all(b.trained for _, b in models.items())))  # fmt: skip
         except BaseException as exc:
             self.load_error = exc
             # An expected failure (bad checkpoint, missing directory, bad limits) is one line; anything else

@@ -21,6 +21,7 @@ from ..model.encoding import EncodedConversation
 from ..types import AttributeWeights, CompareResult, GroupResult, InspectResult, ScoreResult, weights_source
 from .backend import ScorerBackend
 from .batching import Batcher, WorkItem
+from .models import ModelSet
 
 DEADLINE_SLACK_S = 0.1
 
@@ -83,25 +84,30 @@ class RewardService:
 
     def __init__(self, limits: Limits = Limits()):
         self.limits = limits
-        self.scorer: ScorerBackend | None = None
+        self.scorer: ScorerBackend | None = None  # the default model
+        self.models: ModelSet | None = None  # every served model, by name
         self.batcher: Batcher | None = None
         # Handler threads tokenize concurrently; one lock keeps the (Rust) tokenizer's mutable state out of
         # reach of races. Tokenizing is ~1 ms; the model runs outside this lock, on the batcher thread.
         self._encode_lock = threading.Lock()
 
-    def attach(self, scorer: ScorerBackend, batcher: Batcher) -> None:
-        """Start serving with a loaded scorer (until then every call is UNAVAILABLE)."""
-        self.limits = replace(self.limits, max_tokens_per_conversation=scorer.config.max_tokens)
-        self.scorer, self.batcher = scorer, batcher
+    def attach(self, scorer: ScorerBackend | ModelSet, batcher: Batcher) -> None:
+        """Start serving a loaded scorer, or several models by name (until then every call is UNAVAILABLE).
+        The limit max_tokens_per_conversation is the smallest of the models' max_tokens."""
+        models = scorer if isinstance(scorer, ModelSet) else ModelSet.single(scorer)
+        max_tokens = min(backend.config.max_tokens for _, backend in models.items())
+        self.limits = replace(self.limits, max_tokens_per_conversation=max_tokens)
+        self.models, self.scorer, self.batcher = models, models.get(None), batcher
 
     @property
     def ready(self) -> bool:
         return self.batcher is not None
 
-    def _require_ready(self) -> ScorerBackend:
-        if self.scorer is None or self.batcher is None:
+    def _require_ready(self, model: str | None = None) -> ScorerBackend:
+        """The backend of the served model named `model` (None or "" = the default)."""
+        if self.models is None or self.batcher is None:
             raise NotReadyError("the model is still loading; retry shortly")
-        return self.scorer
+        return self.models.get(model)
 
     @property
     def model_id(self) -> str:
@@ -109,12 +115,26 @@ class RewardService:
 
     @property
     def model_ids(self) -> list[str]:
-        """Every model this service serves (HTTP GET /v1/models lists them); empty until loaded."""
-        return [self.scorer.model_id] if self.scorer is not None else []
+        """The names of every model this service serves, the default first (what requests put in `model`; HTTP
+        GET /v1/models lists them); empty until loaded."""
+        return self.models.names if self.models is not None else []
 
-    def weights_source(self, weights: AttributeWeights | None) -> str:
-        """The responses' weights_source: the model kind decides ("fixed" for a model without gating)."""
-        return self.scorer.weights_source(weights) if self.scorer is not None else weights_source(weights)
+    def model_name(self, model: str | None = None) -> str:
+        """The canonical name of a request's `model` (the default's for an empty one); "" while loading."""
+        return self.models.resolve(model) if self.models is not None else ""
+
+    def model_id_of(self, model: str | None = None) -> str:
+        return self.models.get(model).model_id if self.models is not None else ""
+
+    def served_models(self) -> list[dict[str, Any]]:
+        """Every served model (name, model_id, backbone, attributes, trained, is_default); [] while loading.
+        GetModelInfo.models and the HTTP GET /v1/models list these."""
+        return self.models.describe() if self.models is not None else []
+
+    def weights_source(self, weights: AttributeWeights | None, model: str | None = None) -> str:
+        """The responses' weights_source: the named (or default) model's kind decides ("fixed" for a model without
+        gating)."""
+        return self.models.get(model).weights_source(weights) if self.models is not None else weights_source(weights)
 
     # ---- checks ------------------------------------------------------------------------------------
 
@@ -124,14 +144,15 @@ class RewardService:
                 f"request: {size} bytes, over max_message_bytes={self.limits.max_message_bytes}", field="request"
             )
 
-    def _check_weights(self, weights: AttributeWeights | None) -> None:
+    @staticmethod
+    def _check_weights(weights: AttributeWeights | None, scorer: ScorerBackend) -> None:
         # Checked here so that a bad name fails fast and never reaches (and fails) a shared batch.
         if weights is not None:
-            weights.check_attributes(self.scorer.attributes)
+            weights.check_attributes(scorer.attributes)
 
-    def _encode(self, messages: Any, field: str) -> EncodedConversation:
+    def _encode(self, scorer: ScorerBackend, messages: Any, field: str) -> EncodedConversation:
         with self._encode_lock:
-            return self.scorer.encode(messages, field)
+            return scorer.encode(messages, field)
 
     # ---- waiting -----------------------------------------------------------------------------------
 
@@ -149,25 +170,30 @@ class RewardService:
 
     # ---- calls -------------------------------------------------------------------------------------
 
-    def submit_score(self, conversations: Sequence[Any], weights: AttributeWeights | None, call: Call) -> WorkItem:
+    def submit_score(
+        self, conversations: Sequence[Any], weights: AttributeWeights | None, call: Call, model: str | None = None
+    ) -> WorkItem:
         """Check, encode and enqueue; does not wait (ScoreStream keeps several in flight)."""
-        self._require_ready()
+        scorer = self._require_ready(model)
         _check_count(
             "conversations", len(conversations), "conversations",
             self.limits.max_conversations_per_request, "max_conversations_per_request",
         )  # fmt: skip
-        self._check_weights(weights)
-        encoded = [self._encode(c, f"conversations[{i}]") for i, c in enumerate(conversations)]
-        return self.batcher.submit_score(encoded, weights, deadline=call.deadline)
+        self._check_weights(weights, scorer)
+        encoded = [self._encode(scorer, c, f"conversations[{i}]") for i, c in enumerate(conversations)]
+        return self.batcher.submit_score(encoded, weights, deadline=call.deadline, model=model)
 
-    def score(self, conversations: Sequence[Any], weights: AttributeWeights | None, call: Call = Call()) -> list[ScoreResult]:
+    def score(
+        self, conversations: Sequence[Any], weights: AttributeWeights | None, call: Call = Call(), model: str | None = None
+    ) -> list[ScoreResult]:
         if not conversations:
-            self._require_ready()
+            self._require_ready(model)
             return []
-        return check_finite_results(self.wait(self.submit_score(conversations, weights, call), call))
+        return check_finite_results(self.wait(self.submit_score(conversations, weights, call, model), call))
 
     def score_group(
-        self, prompt: Any, responses: Sequence[Any], weights: AttributeWeights | None, call: Call = Call()
+        self, prompt: Any, responses: Sequence[Any], weights: AttributeWeights | None, call: Call = Call(),
+        model: str | None = None,
     ) -> GroupResult:
         """Scorer.score_group split in two: the group is encoded here (Scorer.encode_group) and the model runs
         on the batcher thread.
@@ -175,24 +201,26 @@ class RewardService:
         The responses reach the scorer in one score_encoded call (unless the batcher's token budget splits
         them), where conversations starting with the same prompt tokens run that prompt once and continue from
         its key/value cache (ScorerConfig.share_prompts, model/batch_plan.plan_shared_prompts)."""
-        scorer = self._require_ready()
+        scorer = self._require_ready(model)
         if not responses:
             raise InvalidInputError("responses: a group needs at least one response", field="responses")
         _check_count("responses", len(responses), "responses", self.limits.max_group_size, "max_group_size")
-        self._check_weights(weights)
+        self._check_weights(weights, scorer)
         with self._encode_lock:
             encoded = scorer.encode_group(prompt, responses)
-        results = check_finite_results(self.wait(self.batcher.submit_score(encoded, weights, deadline=call.deadline), call))
+        item = self.batcher.submit_score(encoded, weights, deadline=call.deadline, model=model)
+        results = check_finite_results(self.wait(item, call))
         group = GroupResult.of(results)
         _finite(group.mean, "mean")
         _finite(group.std, "std")
         return group
 
     def compare(
-        self, pairs: Sequence[tuple[Any, Any, Any]], weights: AttributeWeights | None, call: Call = Call()
+        self, pairs: Sequence[tuple[Any, Any, Any]], weights: AttributeWeights | None, call: Call = Call(),
+        model: str | None = None,
     ) -> list[CompareResult]:
         """pairs: (prompt, chosen, rejected); prompt = messages or a string, chosen/rejected = strings."""
-        scorer = self._require_ready()
+        scorer = self._require_ready(model)
         if not pairs:  # the same rule as ScoreGroup's responses: a request must name its work
             raise InvalidInputError("pairs: a Compare needs at least one pair", field="pairs")
         limit = self.limits.max_conversations_per_request
@@ -201,21 +229,25 @@ class RewardService:
                 f"pairs: {len(pairs)} pairs ({2 * len(pairs)} conversations), over max_conversations_per_request={limit}",
                 field="pairs",
             )
-        self._check_weights(weights)
+        self._check_weights(weights, scorer)
         with self._encode_lock:
             encoded = scorer.encode_pairs(pairs)
-        results = check_finite_results(self.wait(self.batcher.submit_score(encoded, weights, deadline=call.deadline), call))
+        item = self.batcher.submit_score(encoded, weights, deadline=call.deadline, model=model)
+        results = check_finite_results(self.wait(item, call))
         return [CompareResult.of(results[2 * i], results[2 * i + 1]) for i in range(len(pairs))]
 
-    def inspect(self, prompt: Any, weights: AttributeWeights | None, top_k: int = 0, call: Call = Call()) -> InspectResult:
+    def inspect(
+        self, prompt: Any, weights: AttributeWeights | None, top_k: int = 0, call: Call = Call(), model: str | None = None
+    ) -> InspectResult:
         """Gating weights for a prompt, sorted by weight (descending), cut to the top_k (0 = all)."""
-        scorer = self._require_ready()
+        scorer = self._require_ready(model)
         if top_k < 0:
             raise InvalidInputError(f"top_k must be >= 0 (0 = all), got {top_k}", field="top_k")
-        self._check_weights(weights)
+        self._check_weights(weights, scorer)
         with self._encode_lock:
             encoded = scorer.encode_prompt(prompt, "prompt")
-        result: InspectResult = self.wait(self.batcher.submit_inspect(encoded, weights, deadline=call.deadline), call)
+        item = self.batcher.submit_inspect(encoded, weights, deadline=call.deadline, model=model)
+        result: InspectResult = self.wait(item, call)
         check_finite(result)
         ranking = result.gating or result.coefficients  # a model without gating: its fixed coefficients
         order = sorted(ranking, key=lambda a: -ranking[a])
@@ -227,10 +259,13 @@ class RewardService:
             coefficients={a: result.coefficients[a] for a in order},
         )
 
-    def model_info(self) -> dict[str, Any]:
-        """The scorer's model_info, plus metrics, server_version and limits (a config.Limits)."""
-        scorer = self._require_ready()
+    def model_info(self, model: str | None = None) -> dict[str, Any]:
+        """The named (or default) model's model_info, plus its name, metrics, server_version, limits (a
+        config.Limits) and `models`: every served model (served_models)."""
+        scorer = self._require_ready(model)
         info = dict(scorer.model_info())
+        info["name"] = self.model_name(model)
+        info["models"] = self.served_models()
         provenance = info.get("provenance") or {}
         info["metrics"] = info.get("metrics") or (provenance.get("metrics") if isinstance(provenance, dict) else None) or {}
         info["server_version"] = __version__

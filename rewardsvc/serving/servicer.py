@@ -142,57 +142,64 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
     def __init__(self, service: RewardService):
         self.service = service
 
-    def _source(self, weights) -> dict[str, str]:
-        return {"model_id": self.service.model_id, "weights_source": self.service.weights_source(weights)}
+    def _source(self, weights, model: str) -> dict[str, str]:
+        """The response fields saying what answered: the served model's name and model_id, and the weights."""
+        return {"model": self.service.model_name(model), "model_id": self.service.model_id_of(model),
+                "weights_source": self.service.weights_source(weights, model)}  # fmt: skip
 
     @_unary
     def Score(self, request, context):
         weights = weights_from_pb(request)
         conversations = [messages_from_pb(c.messages) for c in request.conversations]
-        results = self.service.score(conversations, weights, call_of(context))
+        results = self.service.score(conversations, weights, call_of(context), model=request.model)
         return pb.ScoreResponse(
-            results=[result_to_pb(r) for r in results], request_id=request.request_id, **self._source(weights)
+            results=[result_to_pb(r) for r in results], request_id=request.request_id, **self._source(weights, request.model)
         )
 
     @_unary
     def ScoreGroup(self, request, context):
         weights = weights_from_pb(request)
-        group = self.service.score_group(messages_from_pb(request.prompt), list(request.responses), weights, call_of(context))
+        group = self.service.score_group(
+            messages_from_pb(request.prompt), list(request.responses), weights, call_of(context), model=request.model
+        )
         return pb.ScoreGroupResponse(
             results=[result_to_pb(r) for r in group.results],
             mean=group.mean,
             std=group.std,
             ranks=group.ranks,
             request_id=request.request_id,
-            **self._source(weights),
+            **self._source(weights, request.model),
         )
 
     @_unary
     def Compare(self, request, context):
         weights = weights_from_pb(request)
         pairs = [(messages_from_pb(p.prompt), p.chosen, p.rejected) for p in request.pairs]
-        results = self.service.compare(pairs, weights, call_of(context))
+        results = self.service.compare(pairs, weights, call_of(context), model=request.model)
         return pb.CompareResponse(
             results=[compare_to_pb(r) for r in results],
             request_id=request.request_id,
-            **self._source(weights),
+            **self._source(weights, request.model),
         )
 
     @_unary
     def InspectWeights(self, request, context):
         weights = weights_from_pb(request)
-        result = self.service.inspect(messages_from_pb(request.prompt), weights, request.top_k, call_of(context))
+        result = self.service.inspect(
+            messages_from_pb(request.prompt), weights, request.top_k, call_of(context), model=request.model
+        )
         return pb.InspectWeightsResponse(
             attributes=inspect_attributes_to_pb(result),
             num_tokens=result.num_tokens,
             truncated=result.truncated,
             model_id=result.model_id,
             weights_source=result.weights_source,
+            model=self.service.model_name(request.model),
         )
 
     @_unary
     def GetModelInfo(self, request, context):
-        return model_info_to_pb(self.service.model_info())
+        return model_info_to_pb(self.service.model_info(request.model))
 
     def ScoreStream(self, request_iterator, context):
         """Reads requests on a helper thread so several are in flight at once (the batcher can group them);
@@ -213,7 +220,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
 
         context.add_callback(cancel_all)
 
-        def respond(request_id: str, weights, item) -> None:
+        def respond(request_id: str, weights, model: str, item) -> None:
             with lock:
                 items.discard(item)
             try:
@@ -222,7 +229,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
                 out.put(("done", pb.ScoreStreamResponse(request_id=request_id, error=error_to_pb(exc, "ScoreStream"))))
                 return
             response = pb.ScoreResponse(
-                results=[result_to_pb(r) for r in results], request_id=request_id, **self._source(weights)
+                results=[result_to_pb(r) for r in results], request_id=request_id, **self._source(weights, model)
             )
             out.put(("done", pb.ScoreStreamResponse(request_id=request_id, response=response)))
 
@@ -233,18 +240,18 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
                 weights = weights_from_pb(request)
                 conversations = [messages_from_pb(c.messages) for c in request.conversations]
                 if not conversations:
-                    self.service.score([], weights, call)  # readiness check only
-                    response = pb.ScoreResponse(request_id=rid, **self._source(weights))
+                    self.service.score([], weights, call, model=request.model)  # readiness and model check only
+                    response = pb.ScoreResponse(request_id=rid, **self._source(weights, request.model))
                     out.put(("now", pb.ScoreStreamResponse(request_id=rid, response=response)))
                     return
-                item = self.service.submit_score(conversations, weights, call)
+                item = self.service.submit_score(conversations, weights, call, model=request.model)
             except Exception as exc:
                 out.put(("now", pb.ScoreStreamResponse(request_id=rid, error=error_to_pb(exc, "ScoreStream"))))
                 return
             with lock:
                 items.add(item)
             out.put(("submitted", None))  # queued before its "done", so the count never goes negative
-            item.future.add_done_callback(lambda _f, rid=rid, w=weights, it=item: respond(rid, w, it))
+            item.future.add_done_callback(lambda _f, rid=rid, w=weights, m=request.model, it=item: respond(rid, w, m, it))
 
         def read_all() -> None:
             try:

@@ -48,3 +48,11 @@ def test_groups_bench_tiny():
     summary = rows[-1]
     assert summary["max_score_deviation"] <= 1e-5 and summary["speedup_shared_vs_flat"] > 0
     assert {r.get("mode") for r in rows} >= {"flat", "shared"}
+
+
+def test_multihead_bench_tiny():
+    rows = run("multihead.py", "--conversations", "4", "--rounds", "1")
+    summary = rows[-1]
+    assert summary["max_score_deviation_a"] == 0.0 and summary["second_head_set_cost"] > 0
+    assert {r.get("mode") for r in rows} >= {"one_head_set", "two_head_sets_shared_forward", "two_head_sets_separate_forwards"}
+    assert summary["commit"] and summary["date"] and summary["cores"]

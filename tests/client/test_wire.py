@@ -74,7 +74,11 @@ def test_model_info_round_trip():
         "model_id": "m", "attributes": ["a", "b"], "backbone": "bb", "dtype": "float32", "device": "cpu",
         "max_tokens": 4096, "truncation": "error", "trained": True, "provenance": {"data": {"n": 3}},
         "metrics": {"acc": 0.5}, "label_scales": {"a": {"mean": 1.0, "std": 2.0}}, "server_version": "9",
-        "limits": Limits(max_group_size=7),
+        "limits": Limits(max_group_size=7), "name": "m",
+        "models": [
+            {"name": "m", "model_id": "m", "backbone": "bb", "attributes": ["a", "b"], "trained": True, "is_default": True},
+            {"name": "ab", "model_id": "m2", "backbone": "bb", "attributes": ["a"], "trained": False, "is_default": False},
+        ],
     }  # fmt: skip
     back = model_info_from_pb(model_info_to_pb(info))
     assert back == {**info, "limits": asdict(Limits(max_group_size=7))}

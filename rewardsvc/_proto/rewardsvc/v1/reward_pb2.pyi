@@ -104,26 +104,30 @@ class ScoreResult(_message.Message):
     def __init__(self, score: _Optional[float] = ..., rewards: _Optional[_Mapping[str, float]] = ..., gating: _Optional[_Mapping[str, float]] = ..., coefficients: _Optional[_Mapping[str, float]] = ..., num_tokens: _Optional[int] = ..., truncated: bool = ..., model_id: _Optional[str] = ..., weights_source: _Optional[str] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("conversations", "weights", "request_id")
+    __slots__ = ("conversations", "weights", "request_id", "model")
     CONVERSATIONS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     conversations: _containers.RepeatedCompositeFieldContainer[Conversation]
     weights: AttributeWeights
     request_id: str
-    def __init__(self, conversations: _Optional[_Iterable[_Union[Conversation, _Mapping]]] = ..., weights: _Optional[_Union[AttributeWeights, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    model: str
+    def __init__(self, conversations: _Optional[_Iterable[_Union[Conversation, _Mapping]]] = ..., weights: _Optional[_Union[AttributeWeights, _Mapping]] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("results", "request_id", "model_id", "weights_source")
+    __slots__ = ("results", "request_id", "model_id", "weights_source", "model")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[ScoreResult]
     request_id: str
     model_id: str
     weights_source: str
-    def __init__(self, results: _Optional[_Iterable[_Union[ScoreResult, _Mapping]]] = ..., request_id: _Optional[str] = ..., model_id: _Optional[str] = ..., weights_source: _Optional[str] = ...) -> None: ...
+    model: str
+    def __init__(self, results: _Optional[_Iterable[_Union[ScoreResult, _Mapping]]] = ..., request_id: _Optional[str] = ..., model_id: _Optional[str] = ..., weights_source: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message", "field", "retry_after_ms")
@@ -148,19 +152,21 @@ class ScoreStreamResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., response: _Optional[_Union[ScoreResponse, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class ScoreGroupRequest(_message.Message):
-    __slots__ = ("prompt", "responses", "weights", "request_id")
+    __slots__ = ("prompt", "responses", "weights", "request_id", "model")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     RESPONSES_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     prompt: _containers.RepeatedCompositeFieldContainer[Message]
     responses: _containers.RepeatedScalarFieldContainer[str]
     weights: AttributeWeights
     request_id: str
-    def __init__(self, prompt: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., responses: _Optional[_Iterable[str]] = ..., weights: _Optional[_Union[AttributeWeights, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    model: str
+    def __init__(self, prompt: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., responses: _Optional[_Iterable[str]] = ..., weights: _Optional[_Union[AttributeWeights, _Mapping]] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class ScoreGroupResponse(_message.Message):
-    __slots__ = ("results", "mean", "std", "ranks", "request_id", "model_id", "weights_source")
+    __slots__ = ("results", "mean", "std", "ranks", "request_id", "model_id", "weights_source", "model")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     MEAN_FIELD_NUMBER: _ClassVar[int]
     STD_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +174,7 @@ class ScoreGroupResponse(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[ScoreResult]
     mean: float
     std: float
@@ -175,7 +182,8 @@ class ScoreGroupResponse(_message.Message):
     request_id: str
     model_id: str
     weights_source: str
-    def __init__(self, results: _Optional[_Iterable[_Union[ScoreResult, _Mapping]]] = ..., mean: _Optional[float] = ..., std: _Optional[float] = ..., ranks: _Optional[_Iterable[int]] = ..., request_id: _Optional[str] = ..., model_id: _Optional[str] = ..., weights_source: _Optional[str] = ...) -> None: ...
+    model: str
+    def __init__(self, results: _Optional[_Iterable[_Union[ScoreResult, _Mapping]]] = ..., mean: _Optional[float] = ..., std: _Optional[float] = ..., ranks: _Optional[_Iterable[int]] = ..., request_id: _Optional[str] = ..., model_id: _Optional[str] = ..., weights_source: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class ComparePair(_message.Message):
     __slots__ = ("prompt", "chosen", "rejected")
@@ -188,14 +196,16 @@ class ComparePair(_message.Message):
     def __init__(self, prompt: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., chosen: _Optional[str] = ..., rejected: _Optional[str] = ...) -> None: ...
 
 class CompareRequest(_message.Message):
-    __slots__ = ("pairs", "weights", "request_id")
+    __slots__ = ("pairs", "weights", "request_id", "model")
     PAIRS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     pairs: _containers.RepeatedCompositeFieldContainer[ComparePair]
     weights: AttributeWeights
     request_id: str
-    def __init__(self, pairs: _Optional[_Iterable[_Union[ComparePair, _Mapping]]] = ..., weights: _Optional[_Union[AttributeWeights, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    model: str
+    def __init__(self, pairs: _Optional[_Iterable[_Union[ComparePair, _Mapping]]] = ..., weights: _Optional[_Union[AttributeWeights, _Mapping]] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class CompareResult(_message.Message):
     __slots__ = ("p_chosen", "score_chosen", "score_rejected", "chosen", "rejected")
@@ -212,26 +222,30 @@ class CompareResult(_message.Message):
     def __init__(self, p_chosen: _Optional[float] = ..., score_chosen: _Optional[float] = ..., score_rejected: _Optional[float] = ..., chosen: _Optional[_Union[ScoreResult, _Mapping]] = ..., rejected: _Optional[_Union[ScoreResult, _Mapping]] = ...) -> None: ...
 
 class CompareResponse(_message.Message):
-    __slots__ = ("results", "request_id", "model_id", "weights_source")
+    __slots__ = ("results", "request_id", "model_id", "weights_source", "model")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[CompareResult]
     request_id: str
     model_id: str
     weights_source: str
-    def __init__(self, results: _Optional[_Iterable[_Union[CompareResult, _Mapping]]] = ..., request_id: _Optional[str] = ..., model_id: _Optional[str] = ..., weights_source: _Optional[str] = ...) -> None: ...
+    model: str
+    def __init__(self, results: _Optional[_Iterable[_Union[CompareResult, _Mapping]]] = ..., request_id: _Optional[str] = ..., model_id: _Optional[str] = ..., weights_source: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class InspectWeightsRequest(_message.Message):
-    __slots__ = ("prompt", "weights", "top_k")
+    __slots__ = ("prompt", "weights", "top_k", "model")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     prompt: _containers.RepeatedCompositeFieldContainer[Message]
     weights: AttributeWeights
     top_k: int
-    def __init__(self, prompt: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., weights: _Optional[_Union[AttributeWeights, _Mapping]] = ..., top_k: _Optional[int] = ...) -> None: ...
+    model: str
+    def __init__(self, prompt: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., weights: _Optional[_Union[AttributeWeights, _Mapping]] = ..., top_k: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
 
 class AttributeWeight(_message.Message):
     __slots__ = ("attribute", "weight", "coefficient")
@@ -244,22 +258,42 @@ class AttributeWeight(_message.Message):
     def __init__(self, attribute: _Optional[str] = ..., weight: _Optional[float] = ..., coefficient: _Optional[float] = ...) -> None: ...
 
 class InspectWeightsResponse(_message.Message):
-    __slots__ = ("attributes", "num_tokens", "truncated", "model_id", "weights_source")
+    __slots__ = ("attributes", "num_tokens", "truncated", "model_id", "weights_source", "model")
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     attributes: _containers.RepeatedCompositeFieldContainer[AttributeWeight]
     num_tokens: int
     truncated: bool
     model_id: str
     weights_source: str
-    def __init__(self, attributes: _Optional[_Iterable[_Union[AttributeWeight, _Mapping]]] = ..., num_tokens: _Optional[int] = ..., truncated: bool = ..., model_id: _Optional[str] = ..., weights_source: _Optional[str] = ...) -> None: ...
+    model: str
+    def __init__(self, attributes: _Optional[_Iterable[_Union[AttributeWeight, _Mapping]]] = ..., num_tokens: _Optional[int] = ..., truncated: bool = ..., model_id: _Optional[str] = ..., weights_source: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class ServedModel(_message.Message):
+    __slots__ = ("name", "model_id", "backbone", "attributes", "trained", "is_default")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    BACKBONE_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_FIELD_NUMBER: _ClassVar[int]
+    IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    model_id: str
+    backbone: str
+    attributes: _containers.RepeatedScalarFieldContainer[str]
+    trained: bool
+    is_default: bool
+    def __init__(self, name: _Optional[str] = ..., model_id: _Optional[str] = ..., backbone: _Optional[str] = ..., attributes: _Optional[_Iterable[str]] = ..., trained: bool = ..., is_default: bool = ...) -> None: ...
 
 class ServerLimits(_message.Message):
     __slots__ = ("max_message_bytes", "max_conversations_per_request", "max_tokens_per_conversation", "max_group_size", "max_tokens_in_flight")
@@ -276,7 +310,7 @@ class ServerLimits(_message.Message):
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_conversations_per_request: _Optional[int] = ..., max_tokens_per_conversation: _Optional[int] = ..., max_group_size: _Optional[int] = ..., max_tokens_in_flight: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "attributes", "backbone", "dtype", "device", "max_tokens", "truncation", "trained", "provenance", "metrics", "label_scales", "server_version", "limits")
+    __slots__ = ("model_id", "attributes", "backbone", "dtype", "device", "max_tokens", "truncation", "trained", "provenance", "metrics", "label_scales", "server_version", "limits", "name", "models")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
@@ -290,6 +324,8 @@ class ModelInfo(_message.Message):
     LABEL_SCALES_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     attributes: _containers.RepeatedScalarFieldContainer[str]
     backbone: str
@@ -303,4 +339,6 @@ class ModelInfo(_message.Message):
     label_scales: _struct_pb2.Struct
     server_version: str
     limits: ServerLimits
-    def __init__(self, model_id: _Optional[str] = ..., attributes: _Optional[_Iterable[str]] = ..., backbone: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_tokens: _Optional[int] = ..., truncation: _Optional[str] = ..., trained: bool = ..., provenance: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., metrics: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., label_scales: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., server_version: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ...) -> None: ...
+    name: str
+    models: _containers.RepeatedCompositeFieldContainer[ServedModel]
+    def __init__(self, model_id: _Optional[str] = ..., attributes: _Optional[_Iterable[str]] = ..., backbone: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_tokens: _Optional[int] = ..., truncation: _Optional[str] = ..., trained: bool = ..., provenance: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., metrics: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., label_scales: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., server_version: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., name: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ServedModel, _Mapping]]] = ...) -> None: ...

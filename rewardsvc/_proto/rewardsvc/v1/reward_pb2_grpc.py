@@ -108,7 +108,7 @@ class RewardServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def GetModelInfo(self, request, context):
-        """What is being served: attributes, backbone, limits, provenance.
+        """What is being served: attributes, backbone, limits, provenance; and the list of served models.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
