@@ -9,7 +9,10 @@ True, max_length 2048; model_builder AutoModelForSequenceClassification.from_pre
 `score_chosen_batch = rewards_chosen.float().cpu().numpy().tolist()`; chosen wins when `chosen > rejected`),
 rewardbench/models/armorm.py ArmoRMPipeline.__call__ (`tokenizer(samples, truncation=..., max_length=...,
 padding=..., return_tensors="pt")`, `model(**inputs)`, returns `outputs.logits`) and rewardbench/utils.py
-prepare_dialogue_from_tokenizer (`tokenizer.apply_chat_template(messages, tokenize=False)`).
+prepare_dialogue_from_tokenizer (`tokenizer.apply_chat_template(messages, tokenize=False)`). A local export is not
+in its REWARD_MODEL_CONFIG, so RewardBench takes the `default` entry, rewardbench/models/pipeline.py
+RewardBenchPipeline: the same tokenizer call and `outputs.logits`, plus masking a doubled BOS (the tiny
+tokenizer here adds no BOS, so that step does nothing).
 No RewardBench data is used: the conversations below are made up here.
 """
 
