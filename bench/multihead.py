@@ -12,16 +12,14 @@ different model with the same cost). Prints JSON lines (machine, date, commit).
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ROOT, emit, machine, timed  # noqa: E402
+from _common import ROOT, emit, machine, stamp, timed  # noqa: E402
 
 TOPICS = ["watering a garden", "sorting a list in Python", "the capital of France", "a haiku about the sea",
           "saving for a house", "learning to swim", "fixing a flat tyre", "writing a cover letter"]  # fmt: skip
@@ -62,13 +60,6 @@ def head_sets(tiny: bool):
     return Scorer.load(source, shared_backbones=shared), Scorer.load(root / "b", shared_backbones=shared)
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--conversations", type=int, default=32)
@@ -100,8 +91,7 @@ def main() -> None:
     # The shared forward must not change a's scores (same rows, same heads).
     deviation = max(abs(x.score - y.score) for x, y in zip(first["one_head_set"][0], first["two_head_sets_shared_forward"][0]))
     base = statistics.median(seconds["one_head_set"])
-    info = {**machine(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": commit(), "model": a.model_id, "backbone": a.backbone_description(), "tiny": args.tiny}  # fmt: skip
+    info = {**machine(), **stamp(), "model": a.model_id, "backbone": a.backbone_description(), "tiny": args.tiny}
     for name in modes:
         median = statistics.median(seconds[name])
         emit({"bench": "multihead", "mode": name, "conversations": len(encoded), "tokens": tokens,
