@@ -40,10 +40,11 @@ CONVERSATIONS = [
     [{"role": "user", "content": "Hi there, how are you doing today?"}, {"role": "assistant", "content": "Well, thanks!"},
      {"role": "user", "content": "Tell me a long story about a cat who lived by the sea and loved fish."},
      {"role": "assistant", "content": "Once, a cat lived by the sea."}],
-    [{"role": "user", "content": "A very long question: " + "why is the sky blue and the grass green? " * 6},
+    [{"role": "user", "content": "A very long question: " + " ".join(["why is the sky blue and the grass green?"] * 6)},
      {"role": "assistant", "content": "Light scatters."}],
 ]  # fmt: skip
-TOL = 1e-3  # the "Done when" tolerance; on this tiny model the uncut samples agree to ~1e-6
+TOL = 1e-3  # the "Done when" tolerance; the uncut samples agree to ~1e-6
+# (Contents carry no edge whitespace: the Llama-3 template trims it, so the policy never saw it either.)
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +172,29 @@ def test_deployment_default_weights_and_scores_flag(tiny, llama3_policy):
 def test_default_weights_naming_an_unknown_attribute_fail_the_start(tiny):
     with pytest.raises(InvalidInputError, match="no_such_attribute"):
         start_server(tiny, http_port=0, http_default_weights=AttributeWeights("mask", {"no_such_attribute": 0.0}))
+
+
+@pytest.mark.slow
+def test_on_the_default_model_a_llama3_policy_gets_a_reward_for_every_sample(embedded_scorer, llama3_policy):
+    """The same OpenRLHF caller against the packaged default (SmolLM2's ChatML template, with its default system
+    prompt): the Llama-3 policy's samples, cut and uncut, all get finite rewards; uncut ones equal gRPC Score."""
+    tokenizer, directory = llama3_policy
+    running = start_server(embedded_scorer, http_port=0, http_policy_template=str(directory))
+    try:
+        url = f"http://127.0.0.1:{running.http_port}/get_reward"
+        samples = [(c, cut) for c in CONVERSATIONS for cut in (10_000, 12)]
+
+        async def all_at_once():
+            return await asyncio.gather(*(rollout_and_reward(url, tokenizer, c, m) for c, m in samples))
+
+        outputs = asyncio.run(all_at_once())
+        with RewardClient(f"127.0.0.1:{running.port}") as client:
+            expected = client.score([c for c, _ in samples])
+        for (conversation, max_len), out, want in zip(samples, outputs, expected):
+            assert "error" not in out, (max_len, out)
+            assert math.isfinite(out["reward"][0]) and out["extra_logs"]["prompt_cut"] == [float(out["cut"])]
+            if not out["cut"]:
+                assert out["reward"][0] == pytest.approx(want.score, abs=TOL)
+        assert sum(out["cut"] for out in outputs) >= 3
+    finally:
+        running.stop(0)
