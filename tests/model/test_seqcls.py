@@ -237,3 +237,25 @@ def test_sliding_window_shares_a_prompt_only_within_the_window(tmp_path):
             assert counter.rows == len(RESPONSES)
         torch.testing.assert_close(torch.tensor([r.score for r in results]), expected, atol=1e-5, rtol=0,
                                    msg=lambda m: f"{name}: {m}")  # fmt: skip
+
+
+def test_a_model_without_a_pad_token_id_reads_the_last_token(tmp_path):
+    """No config.pad_token_id: transformers reads the last token (batch size 1 only); rewardsvc does too, in any
+    batch."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tiny_models import build_tokenizer, tiny_seqcls_config
+
+    tokenizer = build_tokenizer("llama3")  # the text ends in <|eot_id|>, which is then read, not skipped
+    torch.manual_seed(3)
+    model = AutoModelForSequenceClassification.from_config(tiny_seqcls_config("llama", len(tokenizer), None))
+    with torch.no_grad():
+        model.score.weight.normal_(0.0, 1.0)
+    model.save_pretrained(tmp_path / "no-pad")
+    tokenizer.save_pretrained(tmp_path / "no-pad")
+    scorer = Scorer.load(tmp_path / "no-pad")
+    encoded = scorer.encode(conversations()[0])
+    assert encoded.response_anchor == encoded.num_tokens - 1
+    expected = oracle_logits(tmp_path / "no-pad", conversations())[:, 0]
+    got = torch.tensor([r.score for r in plans(scorer)["padded"].score(conversations())])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
