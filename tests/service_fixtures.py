@@ -24,6 +24,17 @@ from rewardsvc.serving.config import ServerConfig
 from rewardsvc.serving.server import RunningServer, build_server
 
 
+def long_conversation(i: int) -> list[dict[str, str]]:
+    """~1,200 tokens, distinct per `i` (no shared prompt, nothing computed once for two): 8 of them are ~10k
+    tokens, seconds of backbone compute on any CPU, so a 50 ms deadline always expires while they run instead
+    of only on a slow machine (8 short conversations took ~40 ms on a fast CPU)."""
+    return [
+        {"role": "system", "content": ""},
+        {"role": "user", "content": f"Question {i}: tell me about lake number {i}. " * 50},
+        {"role": "assistant", "content": f"Lake {i} is deep and cold. " * 80},
+    ]
+
+
 def short_conversation(i: int) -> list[dict[str, str]]:
     """~19 tokens: an explicit empty system message replaces SmolLM2's ~20-token default system prompt,
     so the tests stay cheap on a 2-core CPU."""

@@ -24,6 +24,7 @@ from rewardsvc.types import InspectResult, ScoreResult
 from rewardsvc.serving.config import ServerConfig
 from rewardsvc.serving.server import build_server
 from service_fixtures import (  # noqa: F401  (fixtures)
+    long_conversation,
     make_certs,
     metric_value,
     score_request,
@@ -85,7 +86,7 @@ def test_typed_errors(client):
         client.score([short_conversation(0), [{"role": "user", "content": "no answer"}]])
     assert info.value.code == "INVALID_ARGUMENT" and info.value.field == "conversations[1]"
     with pytest.raises(DeadlineExceededError):
-        client.score([short_conversation(i) for i in range(8)], timeout=0.05)
+        client.score([long_conversation(i) for i in range(8)], timeout=0.05)  # seconds of compute on any CPU
 
 
 def test_retries_resource_exhausted_after_the_hint(embedded_scorer):
