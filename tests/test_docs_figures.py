@@ -137,6 +137,24 @@ def test_performance_tables_name_their_results_and_every_figure_is_in_it():
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.parametrize("doc", sorted(p.relative_to(ROOT).as_posix() for p in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
+                                        if p != PERFORMANCE))  # fmt: skip
+def test_marked_tables_elsewhere_match_their_results(doc):
+    """Other docs need no marker on every table, but a table that has one is checked the same way."""
+    problems = []
+    for line, target, body in tables((ROOT / doc).read_text(encoding="utf-8").splitlines()):
+        if target is None or target.startswith("none"):
+            continue
+        path = ROOT / target
+        if not path.is_file():
+            problems.append(f"{doc}:{line}: results file {target} does not exist")
+            continue
+        values = results_values(path)
+        problems += [f"{doc}:{line}: {cell!r} ({value:g}) is not in {target}"
+                     for cell, value, half in figures(body) if not shown_in(value, half, values)]  # fmt: skip
+    assert not problems, "\n".join(problems)
+
+
 def test_model_card_figures_are_in_its_results():
     card = (CARD_DIR / "MODEL_CARD.md").read_text(encoding="utf-8").splitlines()
     values = results_values(CARD_DIR / "rewardsvc.json")
