@@ -12,7 +12,7 @@ import argparse
 import json
 from typing import Any
 
-from ..errors import RewardError
+from ..errors import InvalidInputError, RewardError
 from .rows import conversation_of, read_jsonl
 
 uses_model = True
@@ -43,6 +43,12 @@ def run(args: argparse.Namespace) -> int:
     from .main import load_scorer
 
     scorer = load_scorer(args)
+    if not scorer.attributes:
+        raise InvalidInputError(
+            f"{scorer.model_id} is a single-score model with no named attributes to correlate with ratings; "
+            "`rewardsvc eval` measures its pairwise accuracy",
+            field="model",
+        )
     rows, encoded, errors = [], [], []
     for raw in read_jsonl(args.ratings):
         if raw.error is not None:

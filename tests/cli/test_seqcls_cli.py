@@ -110,3 +110,14 @@ def test_several_labels_need_score_mix_then_score_inspect_and_eval_work(multi, t
     wins = [1.0 if c > r else 0.0 for c, r in zip(scores[0::2], scores[1::2])]
     assert summary["overall"] == {"accuracy": pytest.approx(sum(wins) / 2), "n": 2}
     assert "gating_by_category" not in summary  # no gating to average
+
+
+def test_eval_attributes_correlates_label_logits_and_refuses_a_single_score(single, multi, tmp_path, capsys):
+    rows = [{**r, "helpfulness": rating, "safety": None} for r, rating in zip(ROWS * 2, (1.0, 3.0, 2.0, 4.0))]
+    src = tmp_path / "ratings.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["eval-attributes", str(src), "--model", str(multi), "--score-mix", "helpfulness"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert list(out["attributes"]) == ["helpfulness"] and out["attributes"]["helpfulness"]["n"] == 4
+    assert main(["eval-attributes", str(src), "--model", str(single)]) == 2
+    assert "single-score model" in capsys.readouterr().err
