@@ -18,13 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-verl = pytest.importorskip("verl", reason="verl 0.9.1 is installed by scripts/setup.sh")
-ray = pytest.importorskip("ray")
+import ray  # verl 0.9.1 and ray: scripts/setup.sh installs them
+import torch
+import verl
 
-import torch  # noqa: E402
-
-from service_fixtures import settled_requests, start_server  # noqa: E402
-from tiny_service import ATTRS, load_tiny_scorer, save_tiny_heads  # noqa: E402
+from service_fixtures import settled_requests, start_server
+from tiny_service import ATTRS, load_tiny_scorer, save_tiny_heads
 
 pytestmark = pytest.mark.slow  # Ray actors import verl, torch and transformers: about 10 s per case here
 
