@@ -3,7 +3,7 @@
 verl's code runs as released: its Hydra config (verl/trainer/config/ppo_trainer.yaml, composed with the
 documented command-line overrides, `+` included), `RewardLoopManager` (verl/experimental/reward_loop/
 reward_loop.py) with its `RewardLoopWorker` Ray actor on a local Ray (`ray.init(num_cpus=2)`, once for the
-module), its registered managers (naive, rate_limited, remote) and its importlib loading
+module), its registered managers (naive, dapo, gdpo, rate_limited, remote) and its importlib loading
 (verl/utils/import_utils.py) of our module by `pkg://` and by file path. The batch is a DataProto shaped as
 verl's trainer hands it to `compute_rm_score`: left-padded prompts, right-padded responses, `raw_prompt`.
 Expected values: the tiny scorer, offline, on the same prompt + decoded response.
@@ -142,6 +142,10 @@ FUNCTION_PATHS = {
     "rate_limited, pkg://, compute_score_async": ["reward.reward_manager.name=rate_limited",
                                                   "reward.custom_reward_function.path=pkg://rewardsvc.integrations.verl",
                                                   "reward.custom_reward_function.name=compute_score_async"],
+    "dapo, pkg://, compute_score_async": ["reward.reward_manager.name=dapo", "reward.custom_reward_function.path=pkg://rewardsvc.integrations.verl",
+                                          "reward.custom_reward_function.name=compute_score_async"],
+    "gdpo, file path, compute_score": ["reward.reward_manager.name=gdpo", f"reward.custom_reward_function.path={VERL_PY}",
+                                       "reward.custom_reward_function.name=compute_score"],
     "remote, file path, compute_score": ["reward.reward_manager.name=remote", f"reward.custom_reward_function.path={VERL_PY}",
                                          "reward.custom_reward_function.name=compute_score"],
 }  # fmt: skip
