@@ -122,6 +122,22 @@ def tiny_seqcls_config(arch: str, vocab_size: int, pad_token_id: int | None, num
     return config_class(**fields)
 
 
+def seqcls_oracle(directory, conversations) -> torch.Tensor:
+    """transformers' own forward, independent of rewardsvc: the tokenizer's `apply_chat_template(tokenize=True)`
+    (what TRL's RewardTrainer and model cards use) and AutoModelForSequenceClassification on one conversation
+    at a time, so no padding is involved. Returns the logits (N, num_labels)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForSequenceClassification.from_pretrained(directory, dtype=torch.float32).eval()
+    rows = []
+    with torch.no_grad():
+        for conversation in conversations:
+            ids = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]
+            rows.append(model(input_ids=torch.tensor([ids])).logits[0])
+    return torch.stack(rows)
+
+
 def save_tiny_seqcls(directory: Path, arch: str = "llama", template: str = "chatml", num_labels: int = 1, seed: int = 0,
                      **config_overrides) -> Path:  # fmt: skip
     """A random tiny `AutoModelForSequenceClassification` of `arch` + its tokenizer (with a chat template), saved

@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from rewardsvc.cli.main import main
 from rewardsvc.model.scorer import Scorer
 from service_fixtures import start_server
-from tiny_models import save_tiny_seqcls
+from tiny_models import save_tiny_seqcls, seqcls_oracle
 
 TOL = 1e-5
 ROWS = [
@@ -32,17 +31,6 @@ def messages_of(row) -> list[dict]:
     return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
 
 
-def oracle(directory, conversations) -> torch.Tensor:
-    """(N, num_labels) logits from transformers itself, one conversation per forward."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = AutoModelForSequenceClassification.from_pretrained(directory, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return torch.stack([model(input_ids=torch.tensor([tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)
-                                                           ["input_ids"]])).logits[0] for c in conversations])  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     return save_tiny_seqcls(tmp_path_factory.mktemp("cli-seqcls"), "gemma", "llama3")
@@ -56,7 +44,7 @@ def multi(tmp_path_factory):
 def test_score_locally_and_through_a_server_equals_transformers(single, tmp_path):
     src = tmp_path / "rows.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    expected = oracle(single, [messages_of(r) for r in ROWS])[:, 0].tolist()
+    expected = seqcls_oracle(single, [messages_of(r) for r in ROWS])[:, 0].tolist()
     assert main(["score", str(src), "-o", str(tmp_path / "local.jsonl"), "--model", str(single)]) == 0
     local = [json.loads(line) for line in (tmp_path / "local.jsonl").read_text().splitlines()]
     assert [r["score"] for r in local] == pytest.approx(expected, abs=TOL)
@@ -87,7 +75,7 @@ def test_several_labels_need_score_mix_then_score_inspect_and_eval_work(multi, t
     mix = '{"helpfulness": 0.5, "safety": 2.0}'
     assert main(["score", str(src), "-o", str(tmp_path / "out.jsonl"), "--model", str(multi), "--score-mix", mix]) == 0
     got = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    logits = oracle(multi, [messages_of(r) for r in ROWS])
+    logits = seqcls_oracle(multi, [messages_of(r) for r in ROWS])
     assert [r["score"] for r in got] == pytest.approx((0.5 * logits[:, 0] + 2.0 * logits[:, 1]).tolist(), abs=TOL)
     assert got[0]["rewards"] == pytest.approx(dict(zip(("helpfulness", "safety", "verbosity"), logits[0].tolist())), abs=TOL)
 
@@ -104,7 +92,7 @@ def test_several_labels_need_score_mix_then_score_inspect_and_eval_work(multi, t
     records = [json.loads(line) for line in (tmp_path / "rec.jsonl").read_text().splitlines()]
     convs = [[{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p[side]}]
              for p in PAIRS for side in ("chosen", "rejected")]  # fmt: skip
-    pair_logits = oracle(multi, convs)
+    pair_logits = seqcls_oracle(multi, convs)
     scores = (0.5 * pair_logits[:, 0] + 2.0 * pair_logits[:, 1]).tolist()
     assert [r["chosen_score"] for r in records] == pytest.approx(scores[0::2], abs=TOL)
     wins = [1.0 if c > r else 0.0 for c, r in zip(scores[0::2], scores[1::2])]

@@ -22,7 +22,7 @@ from rewardsvc.errors import CheckpointError, InvalidInputError
 from rewardsvc.model.scorer import Scorer
 from rewardsvc.types import AttributeWeights
 from group_fixtures import PROMPT, RESPONSES, PromptCounter
-from tiny_models import SEQCLS_ARCHITECTURES, save_tiny_seqcls
+from tiny_models import SEQCLS_ARCHITECTURES, save_tiny_seqcls, seqcls_oracle
 
 OTHER_PROMPT = [{"role": "user", "content": "Write a haiku about the sea."}]
 
@@ -40,18 +40,14 @@ def conversations() -> list[list[dict]]:
     return group + singles
 
 
-def oracle_logits(directory, convs) -> torch.Tensor:
-    """transformers' own forward, one conversation at a time: (N, num_labels)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = AutoModelForSequenceClassification.from_pretrained(directory, dtype=torch.float32).eval()
-    rows = []
-    with torch.no_grad():
-        for c in convs:
-            ids = tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]
-            rows.append(model(input_ids=torch.tensor([ids])).logits[0])
-    return torch.stack(rows)
+def score_group_counting_prompts(scorer):
+    """(results of scoring the RESPONSES group, how many batch rows started with the group's prompt tokens)."""
+    first = scorer.encode(PROMPT + [{"role": "assistant", "content": RESPONSES[0]}])
+    counter = PromptCounter(scorer, first.input_ids[: first.prompt_anchor + 1])
+    try:
+        return scorer.score_group(PROMPT, RESPONSES), counter.rows
+    finally:
+        counter.close()
 
 
 @pytest.fixture(scope="module", params=[(a, t) for a in SEQCLS_ARCHITECTURES for t in ("chatml", "llama3")],
@@ -59,7 +55,7 @@ def oracle_logits(directory, convs) -> torch.Tensor:
 def single_label(request, tmp_path_factory):
     arch, template = request.param
     directory = save_tiny_seqcls(tmp_path_factory.mktemp(f"seqcls-{arch}-{template}"), arch, template)
-    return directory, oracle_logits(directory, conversations())[:, 0]
+    return directory, seqcls_oracle(directory, conversations())[:, 0]
 
 
 def plans(scorer):
@@ -88,14 +84,8 @@ def test_every_plan_equals_transformers(single_label):
 
 def test_group_reuses_the_prompt_cache_and_equals_transformers(single_label):
     directory, expected = single_label
-    shared = plans(Scorer.load(directory))["shared-prompt"]
-    first = shared.encode(PROMPT + [{"role": "assistant", "content": RESPONSES[0]}])
-    counter = PromptCounter(shared, first.input_ids[: first.prompt_anchor + 1])
-    try:
-        results = shared.score_group(PROMPT, RESPONSES)
-    finally:
-        counter.close()
-    assert counter.rows == 1  # the prompt ran once for the whole group
+    results, prompt_rows = score_group_counting_prompts(plans(Scorer.load(directory))["shared-prompt"])
+    assert prompt_rows == 1  # the prompt ran once for the whole group
     torch.testing.assert_close(torch.tensor([r.score for r in results]), expected[: len(RESPONSES)], atol=1e-5, rtol=0)
 
 
@@ -114,7 +104,7 @@ def test_the_anchor_is_the_last_non_pad_token(tmp_path):
 @pytest.fixture(scope="module")
 def multi_label(tmp_path_factory):
     directory = save_tiny_seqcls(tmp_path_factory.mktemp("seqcls-multi"), "qwen2", "chatml", num_labels=3)
-    return directory, oracle_logits(directory, conversations())
+    return directory, seqcls_oracle(directory, conversations())
 
 
 def test_several_labels_are_named_attributes_mixed_as_configured(multi_label):
@@ -225,16 +215,11 @@ def test_sliding_window_shares_a_prompt_only_within_the_window(tmp_path):
     """Mistral with an 8-token window: every conversation is longer, so the group runs the flat way (its prompt
     runs once per response) and still equals transformers' forward, whose mask applies the window."""
     directory = save_tiny_seqcls(tmp_path / "mistral-window", "mistral", "chatml", sliding_window=8)
-    expected = oracle_logits(directory, conversations())[: len(RESPONSES), 0]
+    expected = seqcls_oracle(directory, conversations())[: len(RESPONSES), 0]
     for name, variant in plans(Scorer.load(directory)).items():
-        first = variant.encode(PROMPT + [{"role": "assistant", "content": RESPONSES[0]}])
-        counter = PromptCounter(variant, first.input_ids[: first.prompt_anchor + 1])
-        try:
-            results = variant.score_group(PROMPT, RESPONSES)
-        finally:
-            counter.close()
+        results, prompt_rows = score_group_counting_prompts(variant)
         if name == "shared-prompt":  # (a packed batch is one row: the hook cannot count its prompts)
-            assert counter.rows == len(RESPONSES)
+            assert prompt_rows == len(RESPONSES)
         torch.testing.assert_close(torch.tensor([r.score for r in results]), expected, atol=1e-5, rtol=0,
                                    msg=lambda m: f"{name}: {m}")  # fmt: skip
 
@@ -256,6 +241,6 @@ def test_a_model_without_a_pad_token_id_reads_the_last_token(tmp_path):
     scorer = Scorer.load(tmp_path / "no-pad")
     encoded = scorer.encode(conversations()[0])
     assert encoded.response_anchor == encoded.num_tokens - 1
-    expected = oracle_logits(tmp_path / "no-pad", conversations())[:, 0]
+    expected = seqcls_oracle(tmp_path / "no-pad", conversations())[:, 0]
     got = torch.tensor([r.score for r in plans(scorer)["padded"].score(conversations())])
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)

@@ -21,7 +21,7 @@ from rewardsvc.integrations.trl import reward_funcs
 from rewardsvc.model.scorer import Scorer
 from group_fixtures import PROMPT, RESPONSES
 from service_fixtures import start_server
-from tiny_models import build_tokenizer, save_tiny_seqcls, tiny_seqcls_config
+from tiny_models import build_tokenizer, save_tiny_seqcls, seqcls_oracle, tiny_seqcls_config
 
 TOL = 1e-5
 CONVERSATIONS = [PROMPT + [{"role": "assistant", "content": r}] for r in RESPONSES] + [
@@ -30,13 +30,7 @@ CONVERSATIONS = [PROMPT + [{"role": "assistant", "content": r}] for r in RESPONS
 
 
 def oracle(directory, conversations) -> list[float]:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = AutoModelForSequenceClassification.from_pretrained(directory, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return [float(model(input_ids=torch.tensor([tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)
-                                                     ["input_ids"]])).logits[0, 0]) for c in conversations]  # fmt: skip
+    return seqcls_oracle(directory, conversations)[:, 0].tolist()
 
 
 @pytest.fixture(scope="module")
