@@ -36,6 +36,7 @@ from .errors import (
     RewardError,
     UnauthenticatedError,
 )
+from .normalization import Normalization
 from .types import AttributeWeights, CompareResult, GroupResult, InspectResult, ScoreResult
 from .wire import (
     FIELD_KEY,
@@ -58,6 +59,7 @@ __all__ = [
     "CompareResult",
     "GroupResult",
     "InspectResult",
+    "Normalization",
     "RemoteError",
     "RetryPolicy",
     "RewardClient",
@@ -249,20 +251,23 @@ class RewardClient(_Base):
                 attempt += 1
 
     def score(self, conversations: Sequence[Any], weights: AttributeWeights | dict | None = None, *,
-              timeout: float | None = None, request_id: str = "") -> list[ScoreResult]:  # fmt: skip
-        """Conversations (message lists ending with the assistant response) -> one result each, in order."""
-        response = self._call(self.stub.Score, score_request(conversations, weights, request_id), timeout)
+              timeout: float | None = None, request_id: str = "",
+              normalization: Normalization | bool | None = None) -> list[ScoreResult]:  # fmt: skip
+        """Conversations (message lists ending with the assistant response) -> one result each, in order.
+        normalization: True / a Normalization (z-scores in each result's `normalized`, raw values kept), False
+        (raw only), None (the server's default)."""
+        response = self._call(self.stub.Score, score_request(conversations, weights, request_id, normalization), timeout)
         return [result_from_pb(r) for r in response.results]
 
     def score_group(self, prompt: Any, responses: Sequence[Any], weights: AttributeWeights | dict | None = None, *,
-                    timeout: float | None = None) -> GroupResult:  # fmt: skip
+                    timeout: float | None = None, normalization: Normalization | bool | None = None) -> GroupResult:  # fmt: skip
         """One prompt (messages or a string) and N responses -> scores, mean, std, ranks."""
-        return group_from_pb(self._call(self.stub.ScoreGroup, group_request(prompt, responses, weights), timeout))
+        return group_from_pb(self._call(self.stub.ScoreGroup, group_request(prompt, responses, weights, normalization=normalization), timeout))
 
     def compare(self, pairs: Iterable[Any], weights: AttributeWeights | dict | None = None, *,
-                timeout: float | None = None) -> list[CompareResult]:  # fmt: skip
+                timeout: float | None = None, normalization: Normalization | bool | None = None) -> list[CompareResult]:  # fmt: skip
         """(prompt, chosen, rejected) tuples or dicts -> P(chosen preferred) and both scores."""
-        response = self._call(self.stub.Compare, compare_request(pairs, weights), timeout)
+        response = self._call(self.stub.Compare, compare_request(pairs, weights, normalization=normalization), timeout)
         return [compare_from_pb(r) for r in response.results]
 
     def inspect(self, prompt: Any, weights: AttributeWeights | dict | None = None, top_k: int = 0, *,
@@ -381,17 +386,18 @@ class AsyncRewardClient(_Base):
                 attempt += 1
 
     async def score(self, conversations: Sequence[Any], weights: AttributeWeights | dict | None = None, *,
-                    timeout: float | None = None, request_id: str = "") -> list[ScoreResult]:  # fmt: skip
-        response = await self._call(self.stub.Score, score_request(conversations, weights, request_id), timeout)
+                    timeout: float | None = None, request_id: str = "",
+                    normalization: Normalization | bool | None = None) -> list[ScoreResult]:  # fmt: skip
+        response = await self._call(self.stub.Score, score_request(conversations, weights, request_id, normalization), timeout)
         return [result_from_pb(r) for r in response.results]
 
     async def score_group(self, prompt: Any, responses: Sequence[Any], weights: AttributeWeights | dict | None = None,
-                          *, timeout: float | None = None) -> GroupResult:  # fmt: skip
-        return group_from_pb(await self._call(self.stub.ScoreGroup, group_request(prompt, responses, weights), timeout))
+                          *, timeout: float | None = None, normalization: Normalization | bool | None = None) -> GroupResult:  # fmt: skip
+        return group_from_pb(await self._call(self.stub.ScoreGroup, group_request(prompt, responses, weights, normalization=normalization), timeout))
 
     async def compare(self, pairs: Iterable[Any], weights: AttributeWeights | dict | None = None, *,
-                      timeout: float | None = None) -> list[CompareResult]:  # fmt: skip
-        response = await self._call(self.stub.Compare, compare_request(pairs, weights), timeout)
+                      timeout: float | None = None, normalization: Normalization | bool | None = None) -> list[CompareResult]:  # fmt: skip
+        response = await self._call(self.stub.Compare, compare_request(pairs, weights, normalization=normalization), timeout)
         return [compare_from_pb(r) for r in response.results]
 
     async def inspect(self, prompt: Any, weights: AttributeWeights | dict | None = None, top_k: int = 0, *,

@@ -67,6 +67,17 @@ def weights_source(weights: AttributeWeights | None) -> str:
 
 
 @dataclass(frozen=True)
+class NormalizedScores:
+    """A result's score and rewards as z-scores against the model's calibration (rewardsvc.normalization),
+    (raw - mean) / std, clipped to [-clip, clip] when clip is set."""
+
+    score: float
+    rewards: dict[str, float]
+    calibration_id: str  # which statistics (`rewardsvc calibrate`) made these
+    clip: float | None = None
+
+
+@dataclass(frozen=True)
 class ScoreResult:
     score: float
     rewards: dict[str, float]  # raw attribute rewards r (before debiasing), by name
@@ -76,6 +87,12 @@ class ScoreResult:
     truncated: bool
     weights_source: str  # "gating", "override" or "mask"
     model_id: str
+    normalized: NormalizedScores | None = None  # set when normalization was asked for; the raw fields stay
+
+    @property
+    def reward(self) -> float:
+        """The score a trainer should use: the normalized one when normalization was asked for, else the raw."""
+        return self.score if self.normalized is None else self.normalized.score
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from ._proto.rewardsvc.v1 import reward_pb2 as pb
 from .config import Limits
 from .errors import InvalidInputError
 from .messages import as_list, message_content, tool_call
-from .types import AttributeWeights, CompareResult, GroupResult, InspectResult, ScoreResult
+from .normalization import Normalization, as_normalization
+from .types import AttributeWeights, CompareResult, GroupResult, InspectResult, NormalizedScores, ScoreResult
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RewardService"].full_name  # "rewardsvc.v1.RewardService"
 # Trailing metadata of an error: how long to wait before a retry, and the request field at fault.
@@ -26,6 +27,8 @@ FIELD_KEY = "rewardsvc-field"
 
 _MODE_TO_PB = {"override": pb.AttributeWeights.OVERRIDE, "mask": pb.AttributeWeights.MASK}
 _MODE_FROM_PB = {v: k for k, v in _MODE_TO_PB.items()}
+_NORMALIZATION_TO_PB = {"none": pb.Normalization.NONE, "zscore": pb.Normalization.ZSCORE}
+_NORMALIZATION_FROM_PB = {v: k for k, v in _NORMALIZATION_TO_PB.items()}
 
 # ---- protobuf -> dataclasses / plain Python -----------------------------------------------------------
 
@@ -62,6 +65,29 @@ def weights_from_pb(request) -> AttributeWeights | None:
     return AttributeWeights(mode=_MODE_FROM_PB[w.mode], values=dict(w.values))
 
 
+def normalization_from_pb(n) -> Normalization | None:
+    """A Normalization message -> Normalization, or None (mode unspecified: the server's default)."""
+    if n.mode == pb.Normalization.MODE_UNSPECIFIED:
+        if n.clip:
+            raise InvalidInputError("normalization.clip needs normalization.mode ZSCORE", field="normalization.clip")
+        return None
+    if n.mode not in _NORMALIZATION_FROM_PB:
+        raise InvalidInputError(f"normalization.mode: unknown mode {n.mode}", field="normalization.mode")
+    return Normalization(mode=_NORMALIZATION_FROM_PB[n.mode], clip=n.clip or None)
+
+
+def request_normalization_from_pb(request) -> Normalization | None:
+    """What a request asks for; None = the server's default."""
+    return normalization_from_pb(request.normalization) if request.HasField("normalization") else None
+
+
+def _normalized_from_pb(r) -> NormalizedScores | None:
+    if not r.HasField("normalized"):
+        return None
+    n = r.normalized
+    return NormalizedScores(score=n.score, rewards=dict(n.rewards), calibration_id=n.calibration_id, clip=n.clip or None)
+
+
 def result_from_pb(r) -> ScoreResult:
     return ScoreResult(
         score=r.score,
@@ -72,6 +98,7 @@ def result_from_pb(r) -> ScoreResult:
         truncated=r.truncated,
         weights_source=r.weights_source,
         model_id=r.model_id,
+        normalized=_normalized_from_pb(r),
     )
 
 
@@ -136,6 +163,8 @@ def model_info_from_pb(info) -> dict[str, Any]:
              "trained": m.trained, "is_default": m.is_default}
             for m in info.models
         ],  # fmt: skip
+        "calibration": struct_to_python(info.calibration),
+        "default_normalization": normalization_from_pb(info.default_normalization) or Normalization(mode="none"),
     }
 
 
@@ -177,6 +206,19 @@ def weights_to_pb(weights: AttributeWeights | None):
     return pb.AttributeWeights(mode=_MODE_TO_PB[weights.mode], values=dict(weights.values))
 
 
+def normalization_to_pb(n: Normalization | None):
+    """None (the server's default) -> None: the request then carries no normalization field."""
+    if n is None:
+        return None
+    return pb.Normalization(mode=_NORMALIZATION_TO_PB[n.mode], clip=n.clip or 0.0)
+
+
+def _normalized_to_pb(n: NormalizedScores | None):
+    if n is None:
+        return None
+    return pb.NormalizedScores(score=n.score, rewards=n.rewards, calibration_id=n.calibration_id, clip=n.clip or 0.0)
+
+
 def result_to_pb(r: ScoreResult):
     return pb.ScoreResult(
         score=r.score,
@@ -187,6 +229,7 @@ def result_to_pb(r: ScoreResult):
         truncated=r.truncated,
         model_id=r.model_id,
         weights_source=r.weights_source,
+        normalized=_normalized_to_pb(r.normalized),
     )
 
 
@@ -235,6 +278,8 @@ def model_info_to_pb(info: dict[str, Any]):
         limits=limits_to_pb(info.get("limits", Limits())),
         name=info.get("name", ""),
         models=[pb.ServedModel(**m) for m in info.get("models", [])],
+        calibration=_struct(info.get("calibration")),
+        default_normalization=normalization_to_pb(info.get("default_normalization")),
     )
 
 
@@ -263,18 +308,31 @@ def _with_weights(request, weights: AttributeWeights | dict | None) -> Any:
     return request
 
 
-def score_request(conversations: Sequence[Any], weights: AttributeWeights | dict | None = None, request_id: str = ""):
+def _with_normalization(request, normalization: Normalization | bool | None) -> Any:
+    """normalization: a Normalization, True (z-score), False (raw only) or None (the field stays unset: the
+    server's default)."""
+    n = normalization_to_pb(as_normalization(normalization))
+    if n is not None:
+        request.normalization.CopyFrom(n)
+    return request
+
+
+def score_request(conversations: Sequence[Any], weights: AttributeWeights | dict | None = None, request_id: str = "",
+                  normalization: Normalization | bool | None = None):  # fmt: skip
     convs = [pb.Conversation(messages=messages_to_pb(c, f"conversations[{i}]")) for i, c in enumerate(conversations)]
-    return _with_weights(pb.ScoreRequest(conversations=convs, request_id=request_id), weights)
+    request = _with_weights(pb.ScoreRequest(conversations=convs, request_id=request_id), weights)
+    return _with_normalization(request, normalization)
 
 
 def group_request(prompt: Any, responses: Sequence[Any], weights: AttributeWeights | dict | None = None,
-                  request_id: str = ""):  # fmt: skip
+                  request_id: str = "", normalization: Normalization | bool | None = None):  # fmt: skip
     texts = [_response_text(r, f"responses[{i}]") for i, r in enumerate(responses)]
-    return _with_weights(pb.ScoreGroupRequest(prompt=messages_to_pb(prompt), responses=texts, request_id=request_id), weights)
+    request = _with_weights(pb.ScoreGroupRequest(prompt=messages_to_pb(prompt), responses=texts, request_id=request_id), weights)
+    return _with_normalization(request, normalization)
 
 
-def compare_request(pairs: Iterable[Any], weights: AttributeWeights | dict | None = None, request_id: str = ""):
+def compare_request(pairs: Iterable[Any], weights: AttributeWeights | dict | None = None, request_id: str = "",
+                    normalization: Normalization | bool | None = None):  # fmt: skip
     """pairs: (prompt, chosen, rejected) tuples or {"prompt", "chosen", "rejected"} dicts."""
     out = []
     for i, pair in enumerate(pairs):
@@ -284,7 +342,8 @@ def compare_request(pairs: Iterable[Any], weights: AttributeWeights | dict | Non
             chosen=_response_text(chosen, f"pairs[{i}].chosen"),
             rejected=_response_text(rejected, f"pairs[{i}].rejected"),
         ))  # fmt: skip
-    return _with_weights(pb.CompareRequest(pairs=out, request_id=request_id), weights)
+    request = _with_weights(pb.CompareRequest(pairs=out, request_id=request_id), weights)
+    return _with_normalization(request, normalization)
 
 
 def inspect_request(prompt: Any, weights: AttributeWeights | dict | None = None, top_k: int = 0):

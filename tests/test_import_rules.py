@@ -13,7 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = ROOT / "rewardsvc"
 
-SHARED = {"rewardsvc", "rewardsvc.config", "rewardsvc.errors", "rewardsvc.types", "rewardsvc.messages"}
+SHARED = {"rewardsvc", "rewardsvc.config", "rewardsvc.errors", "rewardsvc.types", "rewardsvc.messages",
+          "rewardsvc.normalization"}
 INTEGRATIONS = {"rewardsvc.integrations", "rewardsvc.integrations.trl", "rewardsvc.integrations.trl_functions",
                 "rewardsvc.integrations.verl", "rewardsvc.integrations.verl_score", "rewardsvc.integrations.verl_reward_loop",
                 "rewardsvc.integrations.partial_batches", "rewardsvc.integrations.openrlhf", "rewardsvc.integrations.chat_text",

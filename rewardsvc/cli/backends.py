@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from ..config import Limits
 from ..errors import InvalidInputError, RewardError
 from ..model.conversation import Messages
+from ..normalization import Normalization, steering_conflict
 from ..types import AttributeWeights, ScoreResult
 
 TOKEN_ENV = "REWARDSVC_AUTH_TOKEN"  # the same variable `rewardsvc serve` reads
@@ -58,10 +59,22 @@ def _split_each(score_many, conversations: Sequence[Any]) -> list[Outcome]:
 
 
 class LocalBackend:
-    """The model in this process (torch)."""
+    """The model in this process (torch). With a normalization, results carry z-scores against the scorer's
+    calibration (the same statistics and code path as a server's)."""
 
-    def __init__(self, scorer, weights: AttributeWeights | None):
+    def __init__(self, scorer, weights: AttributeWeights | None, normalization: Normalization | None = None):
         self.scorer, self.weights = scorer, weights
+        self.normalization = normalization if normalization is not None and normalization.enabled else None
+        if self.normalization is not None:
+            steering_conflict(self.normalization, weights)
+            if scorer.calibration is None:
+                raise InvalidInputError(f"--normalize: model {scorer.model_id} has no calibration ({scorer.calibration_note})",
+                                        field="normalize")  # fmt: skip
+
+    def _normalized(self, outcomes: list[Outcome]) -> list[Outcome]:
+        if self.normalization is None:
+            return outcomes
+        return [self.scorer.calibration.normalize(o, self.normalization) if isinstance(o, ScoreResult) else o for o in outcomes]
 
     def score(self, conversations: Sequence[Messages]) -> list[Outcome]:
         encoded: list[Any] = []
@@ -73,11 +86,11 @@ class LocalBackend:
             except InvalidInputError as exc:  # too long, bad conversation: this row only
                 out.append(exc)
         results = iter(self.scorer.score_encoded(encoded, self.weights))
-        return [next(results) if o is None else o for o in out]
+        return self._normalized([next(results) if o is None else o for o in out])
 
     def score_group(self, prompt: Messages, responses: Sequence[str]) -> list[Outcome]:
         # The library raises the typed error of the first bad response; _split_each finds every bad one.
-        return _split_each(lambda rs: self.scorer.score_group(prompt, rs, self.weights), responses)
+        return self._normalized(_split_each(lambda rs: self.scorer.score_group(prompt, rs, self.weights), responses))
 
     def close(self) -> None:
         pass
@@ -86,18 +99,22 @@ class LocalBackend:
 class RemoteBackend:
     """A running service, through rewardsvc.client.RewardClient (retries, deadlines, TLS, token)."""
 
-    def __init__(self, client, weights: AttributeWeights | None, batch: int = Limits.max_conversations_per_request):
+    def __init__(self, client, weights: AttributeWeights | None, batch: int = Limits.max_conversations_per_request,
+                 normalization: Normalization | None = None):  # fmt: skip
         self.client, self.weights, self.batch = client, weights, batch
+        self.normalization = normalization  # None: the server's default
 
     def score(self, conversations: Sequence[Messages]) -> list[Outcome]:
         out: list[Outcome] = []
         for start in range(0, len(conversations), self.batch):
             part = conversations[start : start + self.batch]
-            out += _split_each(lambda cs: self.client.score(cs, self.weights), part)
+            out += _split_each(lambda cs: self.client.score(cs, self.weights, normalization=self.normalization), part)
         return out
 
     def score_group(self, prompt: Messages, responses: Sequence[str]) -> list[Outcome]:
-        return _split_each(lambda rs: self.client.score_group(prompt, rs, self.weights).results, responses)
+        return _split_each(
+            lambda rs: self.client.score_group(prompt, rs, self.weights, normalization=self.normalization).results, responses
+        )
 
     def close(self) -> None:
         self.client.close()
@@ -144,8 +161,11 @@ def connect(args: argparse.Namespace):
     return client
 
 
-def open_backend(args: argparse.Namespace, weights: AttributeWeights | None) -> tuple[Backend, str]:
-    """(backend, a short description for the summary line)."""
+def open_backend(
+    args: argparse.Namespace, weights: AttributeWeights | None, normalization: Normalization | None = None
+) -> tuple[Backend, str]:
+    """(backend, a short description for the summary line). normalization: None = raw locally, the server's
+    default with --server."""
     if args.server:
         if args.model or args.backbone or args.adapter:
             raise InvalidInputError("--model, --backbone and --adapter choose a local model; with --server the "
@@ -153,10 +173,10 @@ def open_backend(args: argparse.Namespace, weights: AttributeWeights | None) -> 
         client = connect(args)
         if weights is not None:
             weights.check_attributes(tuple(client.model_info()["attributes"]))
-        return RemoteBackend(client, weights), f"server {args.server}"
+        return RemoteBackend(client, weights, normalization=normalization), f"server {args.server}"
     from .main import load_scorer
 
     scorer = load_scorer(args)
     if weights is not None:
         weights.check_attributes(scorer.attributes)
-    return LocalBackend(scorer, weights), scorer.model_id
+    return LocalBackend(scorer, weights, normalization), scorer.model_id

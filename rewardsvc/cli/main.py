@@ -1,4 +1,4 @@
-"""Command line: `rewardsvc score | inspect | compare | serve | train | eval | eval-attributes`.
+"""Command line: `rewardsvc score | inspect | compare | serve | train | eval | eval-attributes | calibrate`.
 
 Each subcommand is a thin edge: parse flags into the frozen configs, call the library, print or write.
 """
@@ -111,6 +111,23 @@ def parse_weights(text: str | None, flag: str = "--weights") -> AttributeWeights
     return AttributeWeights.of(data)
 
 
+def add_normalization_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("normalization")
+    group.add_argument("--normalize", action="store_true",
+                       help="add z-scores against the model's calibration (`rewardsvc calibrate`) beside the raw values")
+    group.add_argument("--normalize-clip", type=float, default=None, metavar="C",
+                       help="with --normalize: clip the z-scores to [-C, C] (default: no clip)")  # fmt: skip
+
+
+def parse_normalization(args: argparse.Namespace):
+    """--normalize [--normalize-clip C] -> a Normalization; neither -> None (with --server: the server's default)."""
+    from ..normalization import Normalization
+
+    if args.normalize_clip is not None and not args.normalize:
+        raise InvalidInputError("--normalize-clip needs --normalize", field="normalize_clip")
+    return Normalization(clip=args.normalize_clip) if args.normalize else None
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """(the parser, each subcommand's parser by name)."""
     parser = argparse.ArgumentParser(prog="rewardsvc", description="Multi-objective interpretable reward model (ArmoRM)")
@@ -145,6 +162,7 @@ EXTENSIONS: list[tuple[str, str, str]] = [
     ("train-backbone", "train_backbone", "stage 0: LoRA-fine-tune the backbone as a Bradley-Terry reward model"),
     ("eval", "eval", "pairwise accuracy on a pairs JSONL, per category, against the length baseline"),
     ("eval-attributes", "eval_attributes", "per-attribute correlations on rated conversations"),
+    ("calibrate", "calibrate", "measure score/reward mean and std on a reference set and store them with the model"),
 ]
 
 

@@ -20,6 +20,7 @@ input (.jsonl or .parquet), one row per conversation:
   {"id": ..., "prompt": str | messages, "response": str}
 output (.jsonl or .parquet; stdout when -o is absent), one row per input row, in input order:
   {"id", "score", "rewards", "gating", "coefficients", "num_tokens", "truncated", "weights_source", "model_id"}
+  + "normalized": {"score", "rewards", "calibration_id", "clip"} with --normalize (score/rewards stay raw)
   + "group": {"key", "size", "mean", "std", "rank"} with --group-by
   a row that cannot be scored: {"id", "line", "error"} (the others are still scored; exit code 1)
 resuming: re-run the same command to continue after the last complete row (--overwrite starts afresh)
@@ -37,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group-by", metavar="FIELD",
                         help="rows with the same value of FIELD (and the same prompt) are scored as one group")  # fmt: skip
     parser.add_argument("--weights", help='steer: {"mode": "override"|"mask", "values": {attribute: weight}}')
+    from .main import add_normalization_arguments
+
+    add_normalization_arguments(parser)
     parser.add_argument("--chunk-size", type=int, default=256, metavar="N", help="rows scored and written together (default %(default)s)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar on stderr (default: on when stderr is a terminal)")  # fmt: skip
@@ -48,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .backends import open_backend
-    from .main import parse_weights
+    from .main import parse_normalization, parse_weights
     from .score_io import check_output, read_rows
     from .score_pipeline import score_rows
 
@@ -59,13 +63,14 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidInputError("--format table prints to stdout; drop -o (or use --format jsonl)", field="format")
     inputs = read_rows(args.input, "input")
     weights = parse_weights(args.weights)
+    normalization = parse_normalization(args)
     from .sharded import run_sharded, torchrun_job
 
     job = torchrun_job()
     if job.size > 1:  # under torchrun: this rank scores its shard (cli/sharded.py)
         return run_sharded(args, inputs, weights, job)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    backend, description = open_backend(args, weights)
+    backend, description = open_backend(args, weights, normalization)
     try:
         summary = score_rows(inputs, args.output, backend, chunk_size=args.chunk_size, group_by=args.group_by,
                              overwrite=args.overwrite, progress=progress, table=args.format == "table")  # fmt: skip

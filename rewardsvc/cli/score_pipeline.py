@@ -88,8 +88,11 @@ def prepare_rows(rows: Sequence[RawRow], group_by: str | None) -> list[PreparedR
 
 
 def result_row(row_id: Any, result: ScoreResult) -> dict[str, Any]:
-    """One output row: the row's id and every ScoreResult field."""
-    return {"id": row_id, **asdict(result)}
+    """One output row: the row's id and every ScoreResult field (`normalized` only when normalization applied)."""
+    row = {"id": row_id, **asdict(result)}
+    if row["normalized"] is None:
+        del row["normalized"]
+    return row
 
 
 def _error_row(p: PreparedRow, error: str) -> dict[str, Any]:

@@ -57,6 +57,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-cert", help="PEM server certificate chain (TLS on with --tls-key)")
     g.add_argument("--tls-key", help="PEM private key of --tls-cert")
     g.add_argument("--tls-client-ca", help="PEM CA bundle: require client certificates it signed (mutual TLS)")
+    norm = parser.add_argument_group("normalization")
+    norm.add_argument("--normalize", action="store_true",
+                      help="by default, z-score the score and rewards against the model's calibration (rewardsvc "
+                           "calibrate); a request's own `normalization` wins; raw values stay in every response")  # fmt: skip
+    norm.add_argument("--normalize-clip", type=float, default=None, metavar="C",
+                      help="with --normalize: clip the default's z-scores to [-C, C] (default: no clip)")  # fmt: skip
     limits = parser.add_argument_group("limits and batching")
     limits.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes, help="largest request (default %(default)s)")
     limits.add_argument("--max-conversations-per-request", type=int, default=d.max_conversations_per_request,
@@ -115,6 +121,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         tls_client_ca=args.tls_client_ca,
         grace_s=args.grace,
         max_connection_age_s=args.max_connection_age,
+        normalize=args.normalize,
+        normalize_clip=args.normalize_clip,
     )  # max tokens per conversation: the scorer's own --max-tokens
 
 

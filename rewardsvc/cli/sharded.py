@@ -125,6 +125,7 @@ def run_sharded(args, inputs: list[RawRow], weights, job: TorchrunJob) -> int:
 
     from .backends import open_backend
     from .score_pipeline import score_rows
+    from .main import parse_normalization
 
     if args.output is None:
         raise InvalidInputError("-o/--output is required under torchrun: each rank writes a part file next to it",
@@ -143,7 +144,7 @@ def run_sharded(args, inputs: list[RawRow], weights, job: TorchrunJob) -> int:
             if not finished:
                 if args.overwrite and job.rank == 0:
                     output.unlink(missing_ok=True)
-                backend, description = open_backend(args, weights)
+                backend, description = open_backend(args, weights, parse_normalization(args))
                 try:
                     summary = score_rows(mine, part_path(output, job.rank, job.size), backend, chunk_size=args.chunk_size,
                                          group_by=args.group_by, overwrite=args.overwrite, progress=False)  # fmt: skip

@@ -15,8 +15,10 @@ import torch
 
 from ..config import BackboneConfig, ScoreMix, ScorerConfig
 from ..errors import CheckpointError
+from ..normalization import Calibration
 from ..types import AttributeWeights, InspectResult, ScoreResult
 from .backbone import Backbone, load_backbone, load_tokenizer, resolve_device, resolve_dtype, truncate_backbone
+from .calibration import calibration_summary, load_calibration
 from .checkpoint import is_heads_checkpoint, is_reference_checkpoint, load_heads, load_reference, load_reference_heads
 from .conversation import as_prompt, validate_conversation, validate_prompt, with_response
 from .embedding import Embeddings, embed_encoded
@@ -63,6 +65,9 @@ class Scorer:
         self.label_scales = label_scales or {}
         self.provenance = provenance or {}
         self.encoder = ChatEncoder(backbone.tokenizer, config.max_tokens, config.truncation, heads.response_anchor)
+        # Normalization statistics stored with the model (model/calibration.py); None until attach_calibration.
+        self.calibration: Calibration | None = None
+        self.calibration_note = "no calibration loaded"
 
     # ---- loading -----------------------------------------------------------------------------------
 
@@ -98,7 +103,7 @@ class Scorer:
             return cls(
                 loaded, ckpt.heads, model_id=ckpt.name, config=config, trained=ckpt.trained,
                 label_scales=ckpt.label_scales, provenance=ckpt.provenance,
-            )  # fmt: skip
+            ).attach_calibration(directory)  # fmt: skip
         if is_reference_checkpoint(directory):
             backbone_config = backbone or BackboneConfig(model=str(directory))
             if backbone_config.quantization or backbone_config.adapter or backbone_config.model != str(directory):
@@ -109,23 +114,33 @@ class Scorer:
                 model_id = f"reference:{raw.get('_name_or_path') or directory.name}"
                 own = backbone_config.model == str(directory)
                 suffix = loaded.model_id[len(str(directory)) :] if own else f"+backbone:{loaded.model_id}"  # +8bit, +adapter:..
-                return cls(loaded, heads, model_id=model_id + suffix, config=config, trained=True)
+                return cls(loaded, heads, model_id=model_id + suffix, config=config, trained=True).attach_calibration(directory)
             device = resolve_device(backbone_config.device)
             dtype = resolve_dtype(backbone_config.dtype, device)
             hf_model, heads, raw = load_reference(directory, device, dtype)
             tokenizer = load_tokenizer(str(directory))
             model_id = f"reference:{raw.get('_name_or_path') or directory.name}"
             loaded = Backbone(model=hf_model, tokenizer=tokenizer, model_id=model_id, device=device, dtype=dtype)
-            return cls(loaded, heads, model_id=model_id, config=config, trained=True)
+            return cls(loaded, heads, model_id=model_id, config=config, trained=True).attach_calibration(directory)
         if is_sequence_classification_checkpoint(directory):
             name = str(model) if looks_like_hub_id(str(model)) else directory.name
             loaded, heads, provenance = load_sequence_classification(directory, name, backbone, score_mix)
-            return cls(loaded, heads, model_id=loaded.model_id, config=config, trained=True, provenance=provenance)
+            return cls(
+                loaded, heads, model_id=loaded.model_id, config=config, trained=True, provenance=provenance
+            ).attach_calibration(directory)
         raise CheckpointError(
             f"{directory} is neither a rewardsvc heads checkpoint (rewardsvc.json), a reference ArmoRM checkpoint "
             f"(config.json with num_objectives) nor a sequence-classification model (config.json architectures "
             f"*ForSequenceClassification)"
         )
+
+    def attach_calibration(self, directory: str | Path) -> "Scorer":
+        """Use the calibration stored in `directory` if it was measured on this very model (see
+        model/calibration.py); otherwise keep none and remember why (a normalization request says it)."""
+        self.calibration, self.calibration_note = load_calibration(directory, self)
+        if self.calibration is None:
+            log.info("normalization unavailable: %s", self.calibration_note)
+        return self
 
     @property
     def attributes(self) -> tuple[str, ...]:
@@ -272,6 +287,7 @@ class Scorer:
             "truncation": self.config.truncation,
             "label_scales": self.label_scales,
             "provenance": self.provenance,
+            "calibration": calibration_summary(self.calibration, self.calibration_note),
         }
 
     def backbone_description(self) -> str:

@@ -10,6 +10,7 @@ from typing import Any, Protocol, runtime_checkable
 from ..config import ScorerConfig
 from ..model.conversation import Messages
 from ..model.encoding import EncodedConversation
+from ..normalization import Calibration
 from ..types import AttributeWeights, InspectResult, ScoreResult
 
 
@@ -25,6 +26,8 @@ class ScorerBackend(Protocol):
     encoder: ConversationEncoder
     model_id: str
     trained: bool
+    calibration: Calibration | None  # normalization statistics stored with the model (`rewardsvc calibrate`)
+    calibration_note: str  # where they come from, or why there are none
 
     @property
     def attributes(self) -> tuple[str, ...]: ...

@@ -9,6 +9,7 @@ from ..config import Limits
 from ..errors import InvalidInputError
 from ..integrations.openrlhf import ScoresMapping
 from ..types import AttributeWeights
+from ..normalization import RAW, Normalization
 from .batching import BatcherConfig
 
 
@@ -65,6 +66,11 @@ class ServerConfig:
     """If set, each client connection is sent GOAWAY after about this long (gRPC adds +-10 % jitter); calls in
     progress finish on it, the client reconnects for the next call and, with a dns:/// target, re-resolves, so
     replicas added by an autoscaler get traffic from clients already connected. None = connections live on."""
+    normalize: bool = False
+    """Default for requests that name no `normalization`: z-score the score and rewards against the model's
+    calibration (`rewardsvc calibrate`); raw values stay in every response. Needs a calibrated model."""
+    normalize_clip: float | None = None
+    """With normalize: clip the default's z-scores to [-clip, clip]; None = no clip."""
 
     def __post_init__(self) -> None:
         def bad(name: str, message: str) -> None:
@@ -98,6 +104,11 @@ class ServerConfig:
             bad("tls_cert", "and server.tls_key must be given together")
         if self.tls_client_ca and not self.tls_cert:
             bad("tls_client_ca", "needs server.tls_cert and server.tls_key (mutual TLS is TLS first)")
+        if self.normalize_clip is not None:
+            if not self.normalize:
+                bad("normalize_clip", "needs server.normalize (a clip applies to the default's z-scores)")
+            if not self.normalize_clip > 0 or self.normalize_clip == float("inf"):
+                bad("normalize_clip", f"must be None or a finite number > 0, got {self.normalize_clip}")
 
     @property
     def tls(self) -> bool:
@@ -109,6 +120,9 @@ class ServerConfig:
             max_wait_s=self.max_wait_ms / 1000.0,
             max_tokens_in_flight=self.max_tokens_in_flight,
         )
+
+    def default_normalization(self) -> Normalization:
+        return Normalization(mode="zscore", clip=self.normalize_clip) if self.normalize else RAW
 
     def limits(self) -> Limits:
         return Limits(

@@ -211,7 +211,7 @@ def build_server(scorer: ScorerOrLoader, config: ServerConfig = ServerConfig(), 
     with wait_ready=True (default) this returns once SERVING and raises if loading failed."""
     metrics = ServiceMetrics()
     active = ActiveCalls()
-    service = RewardService(config.limits())
+    service = RewardService(config.limits(), config.default_normalization())
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     for name in (health.OVERALL_HEALTH, SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

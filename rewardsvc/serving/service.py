@@ -18,6 +18,8 @@ from .. import __version__
 from ..config import Limits
 from ..errors import DeadlineExceededError, InvalidInputError, NonFiniteResultError, NotReadyError
 from ..model.encoding import EncodedConversation
+from ..normalization import FIELD as NORMALIZATION_FIELD
+from ..normalization import RAW, Normalization, steering_conflict
 from ..types import AttributeWeights, CompareResult, GroupResult, InspectResult, ScoreResult, weights_source
 from .backend import ScorerBackend
 from .batching import Batcher, WorkItem
@@ -74,6 +76,12 @@ def check_finite_results(results: Sequence[ScoreResult]) -> list[ScoreResult]:
     return list(results)
 
 
+def _calibration_of(scorer: ScorerBackend) -> tuple[Any, str]:
+    """(the backend's calibration or None, where it comes from / why there is none). A backend that keeps no
+    calibration at all (a test double) counts as uncalibrated."""
+    return getattr(scorer, "calibration", None), getattr(scorer, "calibration_note", "this backend keeps no calibration")
+
+
 def _check_count(field: str, count: int, what: str, limit: int, limit_name: str) -> None:
     if count > limit:
         raise InvalidInputError(f"{field}: {count} {what}, over {limit_name}={limit}", field=field)
@@ -82,8 +90,9 @@ def _check_count(field: str, count: int, what: str, limit: int, limit_name: str)
 class RewardService:
     """One per server. Methods run on gRPC handler threads; they block until the batcher answers."""
 
-    def __init__(self, limits: Limits = Limits()):
+    def __init__(self, limits: Limits = Limits(), default_normalization: Normalization = RAW):
         self.limits = limits
+        self.default_normalization = default_normalization  # what a call that names none gets
         self.scorer: ScorerBackend | None = None  # the default model
         self.models: ModelSet | None = None  # every served model, by name
         self.batcher: Batcher | None = None
@@ -95,6 +104,15 @@ class RewardService:
         """Start serving a loaded scorer, or several models by name (until then every call is UNAVAILABLE).
         The limit max_tokens_per_conversation is the smallest of the models' max_tokens."""
         models = scorer if isinstance(scorer, ModelSet) else ModelSet.single(scorer)
+        if self.default_normalization.enabled:
+            for name, backend in models.items():
+                calibration, note = _calibration_of(backend)
+                if calibration is None:
+                    raise InvalidInputError(
+                        f"server.normalize: the server default normalizes, but model {name} ({backend.model_id}) has "
+                        f"no calibration ({note})",
+                        field="server.normalize",
+                    )
         max_tokens = min(backend.config.max_tokens for _, backend in models.items())
         self.limits = replace(self.limits, max_tokens_per_conversation=max_tokens)
         self.models, self.scorer, self.batcher = models, models.get(None), batcher
@@ -150,6 +168,34 @@ class RewardService:
         if weights is not None:
             weights.check_attributes(scorer.attributes)
 
+    def normalization_for(
+        self, requested: Normalization | None, weights: AttributeWeights | None, model: str | None = None
+    ) -> Normalization | None:
+        """The normalization a call gets: what it asked for, else the server's default; None = raw values only.
+        Checked before any work is queued, so a call that cannot be normalized fails at once."""
+        scorer = self._require_ready(model)
+        normalization = requested if requested is not None else self.default_normalization
+        if not normalization.enabled:
+            return None
+        steering_conflict(normalization, weights)
+        calibration, note = _calibration_of(scorer)
+        if calibration is None:
+            raise InvalidInputError(
+                f"{NORMALIZATION_FIELD}: model {self.model_name(model)} ({scorer.model_id}) has no calibration, so it "
+                f"cannot normalize ({note}); ask for normalization.mode=NONE or serve a calibrated model",
+                field=NORMALIZATION_FIELD,
+            )
+        return normalization
+
+    def normalized(
+        self, results: list[ScoreResult], normalization: Normalization | None, model: str | None = None
+    ) -> list[ScoreResult]:
+        """`results` with their z-scores added (raw values kept); unchanged when normalization is None."""
+        if normalization is None:
+            return results
+        calibration, _ = _calibration_of(self._require_ready(model))
+        return [calibration.normalize(r, normalization) for r in results]
+
     def _encode(self, scorer: ScorerBackend, messages: Any, field: str) -> EncodedConversation:
         with self._encode_lock:
             return scorer.encode(messages, field)
@@ -184,16 +230,19 @@ class RewardService:
         return self.batcher.submit_score(encoded, weights, deadline=call.deadline, model=model)
 
     def score(
-        self, conversations: Sequence[Any], weights: AttributeWeights | None, call: Call = Call(), model: str | None = None
+        self, conversations: Sequence[Any], weights: AttributeWeights | None, call: Call = Call(), model: str | None = None,
+        normalization: Normalization | None = None,
     ) -> list[ScoreResult]:
+        """normalization: None = the server's default."""
+        applied = self.normalization_for(normalization, weights, model)
         if not conversations:
-            self._require_ready(model)
             return []
-        return check_finite_results(self.wait(self.submit_score(conversations, weights, call, model), call))
+        results = check_finite_results(self.wait(self.submit_score(conversations, weights, call, model), call))
+        return self.normalized(results, applied, model)
 
     def score_group(
         self, prompt: Any, responses: Sequence[Any], weights: AttributeWeights | None, call: Call = Call(),
-        model: str | None = None,
+        model: str | None = None, normalization: Normalization | None = None,
     ) -> GroupResult:
         """Scorer.score_group split in two: the group is encoded here (Scorer.encode_group) and the model runs
         on the batcher thread.
@@ -202,6 +251,7 @@ class RewardService:
         them), where conversations starting with the same prompt tokens run that prompt once and continue from
         its key/value cache (ScorerConfig.share_prompts, model/batch_plan.plan_shared_prompts)."""
         scorer = self._require_ready(model)
+        applied = self.normalization_for(normalization, weights, model)
         if not responses:
             raise InvalidInputError("responses: a group needs at least one response", field="responses")
         _check_count("responses", len(responses), "responses", self.limits.max_group_size, "max_group_size")
@@ -210,17 +260,19 @@ class RewardService:
             encoded = scorer.encode_group(prompt, responses)
         item = self.batcher.submit_score(encoded, weights, deadline=call.deadline, model=model)
         results = check_finite_results(self.wait(item, call))
-        group = GroupResult.of(results)
+        group = GroupResult.of(self.normalized(results, applied, model))  # statistics of the raw scores
         _finite(group.mean, "mean")
         _finite(group.std, "std")
         return group
 
     def compare(
         self, pairs: Sequence[tuple[Any, Any, Any]], weights: AttributeWeights | None, call: Call = Call(),
-        model: str | None = None,
+        model: str | None = None, normalization: Normalization | None = None,
     ) -> list[CompareResult]:
-        """pairs: (prompt, chosen, rejected); prompt = messages or a string, chosen/rejected = strings."""
+        """pairs: (prompt, chosen, rejected); prompt = messages or a string, chosen/rejected = strings.
+        p_chosen and score_* are the raw scores'; normalization adds z-scores to `chosen` and `rejected`."""
         scorer = self._require_ready(model)
+        applied = self.normalization_for(normalization, weights, model)
         if not pairs:  # the same rule as ScoreGroup's responses: a request must name its work
             raise InvalidInputError("pairs: a Compare needs at least one pair", field="pairs")
         limit = self.limits.max_conversations_per_request
@@ -233,7 +285,7 @@ class RewardService:
         with self._encode_lock:
             encoded = scorer.encode_pairs(pairs)
         item = self.batcher.submit_score(encoded, weights, deadline=call.deadline, model=model)
-        results = check_finite_results(self.wait(item, call))
+        results = self.normalized(check_finite_results(self.wait(item, call)), applied, model)  # p_chosen stays raw
         return [CompareResult.of(results[2 * i], results[2 * i + 1]) for i in range(len(pairs))]
 
     def inspect(
@@ -270,4 +322,5 @@ class RewardService:
         info["metrics"] = info.get("metrics") or (provenance.get("metrics") if isinstance(provenance, dict) else None) or {}
         info["server_version"] = __version__
         info["limits"] = self.limits
+        info["default_normalization"] = self.default_normalization
         return info

@@ -28,6 +28,7 @@ from ..wire import (
     inspect_attributes_to_pb,
     messages_from_pb,
     model_info_to_pb,
+    request_normalization_from_pb,
     result_to_pb,
     weights_from_pb,
 )
@@ -151,7 +152,8 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
     def Score(self, request, context):
         weights = weights_from_pb(request)
         conversations = [messages_from_pb(c.messages) for c in request.conversations]
-        results = self.service.score(conversations, weights, call_of(context), model=request.model)
+        results = self.service.score(conversations, weights, call_of(context), model=request.model,
+                                     normalization=request_normalization_from_pb(request))  # fmt: skip
         return pb.ScoreResponse(
             results=[result_to_pb(r) for r in results], request_id=request.request_id, **self._source(weights, request.model)
         )
@@ -160,7 +162,8 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
     def ScoreGroup(self, request, context):
         weights = weights_from_pb(request)
         group = self.service.score_group(
-            messages_from_pb(request.prompt), list(request.responses), weights, call_of(context), model=request.model
+            messages_from_pb(request.prompt), list(request.responses), weights, call_of(context), model=request.model,
+            normalization=request_normalization_from_pb(request),
         )
         return pb.ScoreGroupResponse(
             results=[result_to_pb(r) for r in group.results],
@@ -175,7 +178,8 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
     def Compare(self, request, context):
         weights = weights_from_pb(request)
         pairs = [(messages_from_pb(p.prompt), p.chosen, p.rejected) for p in request.pairs]
-        results = self.service.compare(pairs, weights, call_of(context), model=request.model)
+        results = self.service.compare(pairs, weights, call_of(context), model=request.model,
+                                       normalization=request_normalization_from_pb(request))  # fmt: skip
         return pb.CompareResponse(
             results=[compare_to_pb(r) for r in results],
             request_id=request.request_id,
@@ -220,11 +224,11 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
 
         context.add_callback(cancel_all)
 
-        def respond(request_id: str, weights, model: str, item) -> None:
+        def respond(request_id: str, weights, model: str, normalization, item) -> None:
             with lock:
                 items.discard(item)
             try:
-                results = check_finite_results(item.future.result())
+                results = self.service.normalized(check_finite_results(item.future.result()), normalization, model)
             except BaseException as exc:  # CancelledError included: the stream is gone anyway
                 out.put(("done", pb.ScoreStreamResponse(request_id=request_id, error=error_to_pb(exc, "ScoreStream"))))
                 return
@@ -238,6 +242,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             try:
                 check_request(self.service, request)
                 weights = weights_from_pb(request)
+                normalization = self.service.normalization_for(request_normalization_from_pb(request), weights, request.model)
                 conversations = [messages_from_pb(c.messages) for c in request.conversations]
                 if not conversations:
                     self.service.score([], weights, call, model=request.model)  # readiness and model check only
@@ -251,7 +256,9 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             with lock:
                 items.add(item)
             out.put(("submitted", None))  # queued before its "done", so the count never goes negative
-            item.future.add_done_callback(lambda _f, rid=rid, w=weights, m=request.model, it=item: respond(rid, w, m, it))
+            item.future.add_done_callback(
+                lambda _f, rid=rid, w=weights, m=request.model, n=normalization, it=item: respond(rid, w, m, n, it)
+            )
 
         def read_all() -> None:
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict
 
 import pytest
@@ -9,7 +10,8 @@ import pytest
 from rewardsvc._proto.rewardsvc.v1 import reward_pb2 as pb
 from rewardsvc.config import Limits
 from rewardsvc.errors import InvalidInputError
-from rewardsvc.types import AttributeWeights, CompareResult, InspectResult, ScoreResult
+from rewardsvc.normalization import Normalization
+from rewardsvc.types import AttributeWeights, CompareResult, InspectResult, NormalizedScores, ScoreResult
 from rewardsvc.wire import (
     SERVICE_NAME,
     compare_from_pb,
@@ -22,6 +24,8 @@ from rewardsvc.wire import (
     messages_to_pb,
     model_info_from_pb,
     model_info_to_pb,
+    normalization_to_pb,
+    request_normalization_from_pb,
     result_from_pb,
     result_to_pb,
     weights_from_pb,
@@ -79,6 +83,21 @@ def test_model_info_round_trip():
             {"name": "m", "model_id": "m", "backbone": "bb", "attributes": ["a", "b"], "trained": True, "is_default": True},
             {"name": "ab", "model_id": "m2", "backbone": "bb", "attributes": ["a"], "trained": False, "is_default": False},
         ],
+        "calibration": {"available": True, "calibration_id": "cal-1"}, "default_normalization": Normalization(clip=2.5),
     }  # fmt: skip
     back = model_info_from_pb(model_info_to_pb(info))
     assert back == {**info, "limits": asdict(Limits(max_group_size=7))}
+
+
+def test_normalization_and_normalized_results_round_trip():
+    for n in (None, Normalization(), Normalization(clip=1.5), Normalization(mode="none")):
+        request = pb.ScoreRequest()
+        if normalization_to_pb(n) is not None:
+            request.normalization.CopyFrom(normalization_to_pb(n))
+        assert request_normalization_from_pb(request) == n
+    normalized = NormalizedScores(score=-0.5, rewards={"a": 1.25, "b": -3.0}, calibration_id="cal-x", clip=3.0)
+    result = ScoreResult(score=0.1, rewards={"a": 0.2, "b": 0.3}, gating={"a": 1.0, "b": 0.0}, coefficients={"a": 1.0, "b": 0.0},
+                         num_tokens=4, truncated=False, weights_source="gating", model_id="m", normalized=normalized)  # fmt: skip
+    assert result_from_pb(result_to_pb(result)) == result
+    plain = dataclasses.replace(result, normalized=None)
+    assert not result_to_pb(plain).HasField("normalized") and result_from_pb(result_to_pb(plain)) == plain

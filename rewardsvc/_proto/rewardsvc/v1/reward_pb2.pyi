@@ -62,8 +62,43 @@ class AttributeWeights(_message.Message):
     values: _containers.ScalarMap[str, float]
     def __init__(self, mode: _Optional[_Union[AttributeWeights.Mode, str]] = ..., values: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
+class Normalization(_message.Message):
+    __slots__ = ("mode", "clip")
+    class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        MODE_UNSPECIFIED: _ClassVar[Normalization.Mode]
+        NONE: _ClassVar[Normalization.Mode]
+        ZSCORE: _ClassVar[Normalization.Mode]
+    MODE_UNSPECIFIED: Normalization.Mode
+    NONE: Normalization.Mode
+    ZSCORE: Normalization.Mode
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    mode: Normalization.Mode
+    clip: float
+    def __init__(self, mode: _Optional[_Union[Normalization.Mode, str]] = ..., clip: _Optional[float] = ...) -> None: ...
+
+class NormalizedScores(_message.Message):
+    __slots__ = ("score", "rewards", "calibration_id", "clip")
+    class RewardsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    REWARDS_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    score: float
+    rewards: _containers.ScalarMap[str, float]
+    calibration_id: str
+    clip: float
+    def __init__(self, score: _Optional[float] = ..., rewards: _Optional[_Mapping[str, float]] = ..., calibration_id: _Optional[str] = ..., clip: _Optional[float] = ...) -> None: ...
+
 class ScoreResult(_message.Message):
-    __slots__ = ("score", "rewards", "gating", "coefficients", "num_tokens", "truncated", "model_id", "weights_source")
+    __slots__ = ("score", "rewards", "gating", "coefficients", "num_tokens", "truncated", "model_id", "weights_source", "normalized")
     class RewardsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +128,7 @@ class ScoreResult(_message.Message):
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZED_FIELD_NUMBER: _ClassVar[int]
     score: float
     rewards: _containers.ScalarMap[str, float]
     gating: _containers.ScalarMap[str, float]
@@ -101,19 +137,22 @@ class ScoreResult(_message.Message):
     truncated: bool
     model_id: str
     weights_source: str
-    def __init__(self, score: _Optional[float] = ..., rewards: _Optional[_Mapping[str, float]] = ..., gating: _Optional[_Mapping[str, float]] = ..., coefficients: _Optional[_Mapping[str, float]] = ..., num_tokens: _Optional[int] = ..., truncated: bool = ..., model_id: _Optional[str] = ..., weights_source: _Optional[str] = ...) -> None: ...
+    normalized: NormalizedScores
+    def __init__(self, score: _Optional[float] = ..., rewards: _Optional[_Mapping[str, float]] = ..., gating: _Optional[_Mapping[str, float]] = ..., coefficients: _Optional[_Mapping[str, float]] = ..., num_tokens: _Optional[int] = ..., truncated: bool = ..., model_id: _Optional[str] = ..., weights_source: _Optional[str] = ..., normalized: _Optional[_Union[NormalizedScores, _Mapping]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("conversations", "weights", "request_id", "model")
+    __slots__ = ("conversations", "weights", "request_id", "model", "normalization")
     CONVERSATIONS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
     conversations: _containers.RepeatedCompositeFieldContainer[Conversation]
     weights: AttributeWeights
     request_id: str
     model: str
-    def __init__(self, conversations: _Optional[_Iterable[_Union[Conversation, _Mapping]]] = ..., weights: _Optional[_Union[AttributeWeights, _Mapping]] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+    normalization: Normalization
+    def __init__(self, conversations: _Optional[_Iterable[_Union[Conversation, _Mapping]]] = ..., weights: _Optional[_Union[AttributeWeights, _Mapping]] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., normalization: _Optional[_Union[Normalization, _Mapping]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("results", "request_id", "model_id", "weights_source", "model")
@@ -152,18 +191,20 @@ class ScoreStreamResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., response: _Optional[_Union[ScoreResponse, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class ScoreGroupRequest(_message.Message):
-    __slots__ = ("prompt", "responses", "weights", "request_id", "model")
+    __slots__ = ("prompt", "responses", "weights", "request_id", "model", "normalization")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     RESPONSES_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
     prompt: _containers.RepeatedCompositeFieldContainer[Message]
     responses: _containers.RepeatedScalarFieldContainer[str]
     weights: AttributeWeights
     request_id: str
     model: str
-    def __init__(self, prompt: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., responses: _Optional[_Iterable[str]] = ..., weights: _Optional[_Union[AttributeWeights, _Mapping]] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+    normalization: Normalization
+    def __init__(self, prompt: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., responses: _Optional[_Iterable[str]] = ..., weights: _Optional[_Union[AttributeWeights, _Mapping]] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., normalization: _Optional[_Union[Normalization, _Mapping]] = ...) -> None: ...
 
 class ScoreGroupResponse(_message.Message):
     __slots__ = ("results", "mean", "std", "ranks", "request_id", "model_id", "weights_source", "model")
@@ -196,16 +237,18 @@ class ComparePair(_message.Message):
     def __init__(self, prompt: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., chosen: _Optional[str] = ..., rejected: _Optional[str] = ...) -> None: ...
 
 class CompareRequest(_message.Message):
-    __slots__ = ("pairs", "weights", "request_id", "model")
+    __slots__ = ("pairs", "weights", "request_id", "model", "normalization")
     PAIRS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
     pairs: _containers.RepeatedCompositeFieldContainer[ComparePair]
     weights: AttributeWeights
     request_id: str
     model: str
-    def __init__(self, pairs: _Optional[_Iterable[_Union[ComparePair, _Mapping]]] = ..., weights: _Optional[_Union[AttributeWeights, _Mapping]] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+    normalization: Normalization
+    def __init__(self, pairs: _Optional[_Iterable[_Union[ComparePair, _Mapping]]] = ..., weights: _Optional[_Union[AttributeWeights, _Mapping]] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., normalization: _Optional[_Union[Normalization, _Mapping]] = ...) -> None: ...
 
 class CompareResult(_message.Message):
     __slots__ = ("p_chosen", "score_chosen", "score_rejected", "chosen", "rejected")
@@ -310,7 +353,7 @@ class ServerLimits(_message.Message):
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_conversations_per_request: _Optional[int] = ..., max_tokens_per_conversation: _Optional[int] = ..., max_group_size: _Optional[int] = ..., max_tokens_in_flight: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "attributes", "backbone", "dtype", "device", "max_tokens", "truncation", "trained", "provenance", "metrics", "label_scales", "server_version", "limits", "name", "models")
+    __slots__ = ("model_id", "attributes", "backbone", "dtype", "device", "max_tokens", "truncation", "trained", "provenance", "metrics", "label_scales", "server_version", "limits", "name", "models", "calibration", "default_normalization")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
@@ -326,6 +369,8 @@ class ModelInfo(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     attributes: _containers.RepeatedScalarFieldContainer[str]
     backbone: str
@@ -341,4 +386,6 @@ class ModelInfo(_message.Message):
     limits: ServerLimits
     name: str
     models: _containers.RepeatedCompositeFieldContainer[ServedModel]
-    def __init__(self, model_id: _Optional[str] = ..., attributes: _Optional[_Iterable[str]] = ..., backbone: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_tokens: _Optional[int] = ..., truncation: _Optional[str] = ..., trained: bool = ..., provenance: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., metrics: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., label_scales: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., server_version: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., name: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ServedModel, _Mapping]]] = ...) -> None: ...
+    calibration: _struct_pb2.Struct
+    default_normalization: Normalization
+    def __init__(self, model_id: _Optional[str] = ..., attributes: _Optional[_Iterable[str]] = ..., backbone: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_tokens: _Optional[int] = ..., truncation: _Optional[str] = ..., trained: bool = ..., provenance: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., metrics: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., label_scales: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., server_version: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., name: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ServedModel, _Mapping]]] = ..., calibration: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., default_normalization: _Optional[_Union[Normalization, _Mapping]] = ...) -> None: ...
