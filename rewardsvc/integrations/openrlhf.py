@@ -37,6 +37,7 @@ from .chat_text import ChatTemplateSplitter, ParsedQuery
 
 PATH = "/get_reward"
 CUT_LOG = "prompt_cut"
+RAW_SCORE_LOG = "raw_score"  # with the server's normalization on, the raw scores beside the z-score rewards
 
 
 def _sigmoid(x: float) -> float:
@@ -118,8 +119,11 @@ def conversations_of(body: Any, splitter: ChatTemplateSplitter, extra_stops: tup
 def reply(results: Sequence[ScoreResult], cut: Sequence[bool] | None = None,
           scores: ScoresMapping = ScoresMapping()) -> dict[str, Any]:  # fmt: skip
     """Results -> OpenRLHF's reply. extra_logs: `reward/<attribute>`, `gating/<attribute>`,
-    `coefficient/<attribute>` and `prompt_cut`, one number per sample."""
-    rewards = [r.score for r in results]
+    `coefficient/<attribute>` and `prompt_cut`, one number per sample. When the server normalizes, `rewards` are
+    the z-scores, `raw_score` logs the raw scores, and `scores` still map the raw score (the mapping's
+    threshold is in raw-score units)."""
+    rewards = [r.reward for r in results]  # the z-score when the server normalizes (serve --normalize)
+    raw = [r.score for r in results]
     logs: dict[str, list[float]] = {}
     for r in results:
         for name, value in r.rewards.items():
@@ -130,4 +134,6 @@ def reply(results: Sequence[ScoreResult], cut: Sequence[bool] | None = None,
             logs.setdefault(f"coefficient/{name}", []).append(value)
     if results:
         logs[CUT_LOG] = [1.0 if c else 0.0 for c in (cut if cut is not None else [False] * len(results))]
-    return {"rewards": rewards, "scores": [scores(s) for s in rewards], "extra_logs": logs}
+    if any(r.normalized is not None for r in results):
+        logs[RAW_SCORE_LOG] = raw
+    return {"rewards": rewards, "scores": [scores(s) for s in raw], "extra_logs": logs}

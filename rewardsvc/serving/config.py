@@ -104,6 +104,9 @@ class ServerConfig:
             bad("tls_cert", "and server.tls_key must be given together")
         if self.tls_client_ca and not self.tls_cert:
             bad("tls_client_ca", "needs server.tls_cert and server.tls_key (mutual TLS is TLS first)")
+        if self.normalize and self.http_default_weights is not None:
+            bad("normalize", "and server.http_default_weights cannot be combined: the calibration measures the gating's "
+                "score, not a steered one (see docs/SERVING.md, Reward normalization)")
         if self.normalize_clip is not None:
             if not self.normalize:
                 bad("normalize_clip", "needs server.normalize (a clip applies to the default's z-scores)")

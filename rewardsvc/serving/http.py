@@ -409,14 +409,17 @@ class HttpEndpoint:
         self._require_ready()
 
         def prepare(call: Call):
+            # OpenRLHF sends no options: the server's default normalization (serve --normalize) applies.
+            normalization = self.service.normalization_for(None, self.default_weights)
             splitter, stops = self.splitter()
             parsed = openrlhf.parse_request(self._parse_json(raw), splitter, stops)
             if not parsed:
-                return None, []  # an empty query: empty lists, at once
-            return self.service.submit_score([p.messages for p in parsed], self.default_weights, call), [p.cut for p in parsed]
+                return None, ([], None)  # an empty query: empty lists, at once
+            item = self.service.submit_score([p.messages for p in parsed], self.default_weights, call)
+            return item, ([p.cut for p in parsed], normalization)
 
-        results, cut = await self._submitted(prepare, self._timeout(request))
-        return openrlhf.reply(results, cut, self.openrlhf_scores)
+        results, (cut, normalization) = await self._submitted(prepare, self._timeout(request))
+        return openrlhf.reply(self.service.normalized(results, normalization), cut, self.openrlhf_scores)
 
     def _check_model(self, model: str | None) -> str:
         served = self.service.model_ids

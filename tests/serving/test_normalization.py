@@ -22,7 +22,7 @@ from rewardsvc.model.calibration import CALIBRATION_FILE, read_calibration
 from rewardsvc.model.scorer import Scorer
 from rewardsvc.normalization import Normalization
 from service_fixtures import pb_conversation, score_request, start_server
-from tiny_models import TINY_ATTRIBUTES, save_tiny_heads
+from tiny_models import TINY_ATTRIBUTES, build_tokenizer, save_tiny_heads
 
 REFERENCE = [{"id": f"r{i}", "prompt": f"Question {i % 4}?", "response": text}
              for i, text in enumerate(["Paris.", "Berlin is the capital of France.", "I cannot help with that.",
@@ -53,7 +53,7 @@ def servers(calibrated):
     """Three servers on loopback: no default, a default with clip 1.0, and an uncalibrated model."""
     heads, _, raw = calibrated
     plain = start_server(Scorer.load(heads, config=ScorerConfig()), http_port=0)
-    default = start_server(Scorer.load(heads, config=ScorerConfig()), normalize=True, normalize_clip=1.0)
+    default = start_server(Scorer.load(heads, config=ScorerConfig()), normalize=True, normalize_clip=1.0, http_port=0)
     uncalibrated = start_server(Scorer.load(raw, config=ScorerConfig()))
     yield plain, default, uncalibrated
     for s in (plain, default, uncalibrated):
@@ -207,3 +207,26 @@ def test_client_http_and_batch_cli(servers, calibrated, tmp_path):
     plain_out = tmp_path / "plain.jsonl"
     assert cli.main(["score", str(src), "-o", str(plain_out), "--model", str(heads)]) == 0
     assert "normalized" not in read_output(plain_out)[0]  # the output format without --normalize is unchanged
+
+
+def test_openrlhf_get_reward_gets_the_server_default(servers, calibrated):
+    """OpenRLHF's --normalize_reward keeps running statistics of the rewards it computes itself; a remote reward
+    model's rewards skip it (OpenRLHF 0.11), so the server's default is how its PPO gets normalized rewards.
+    The body is what OpenRLHF 0.11.2's remote_rm_utils posts: {"query", "prompts", "labels"}."""
+    plain, default, _ = servers
+    _, calibration, _ = calibrated
+    chatml = build_tokenizer("chatml")
+    prompts = [chatml.apply_chat_template(c[:-1], tokenize=False, add_generation_prompt=True) for c in CONVERSATIONS]
+    queries = [p + c[-1]["content"] + chatml.eos_token for p, c in zip(prompts, CONVERSATIONS)]
+    body = json.dumps({"query": queries, "prompts": prompts, "labels": [""] * len(queries)}).encode()
+
+    def get_reward(port):
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/get_reward", data=body,
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        return json.loads(urllib.request.urlopen(request, timeout=60).read())
+
+    raw, normalized = get_reward(plain.http_port), get_reward(default.http_port)
+    assert "raw_score" not in raw["extra_logs"]
+    assert normalized["extra_logs"]["raw_score"] == pytest.approx(raw["rewards"], abs=1e-5)
+    assert normalized["rewards"] == pytest.approx([z(r, calibration.score, 1.0) for r in raw["rewards"]], abs=1e-5)
+    assert normalized["scores"] == pytest.approx(raw["scores"], abs=1e-5)  # the [0, 1] mapping stays on the raw score
