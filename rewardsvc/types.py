@@ -94,6 +94,12 @@ class ScoreResult:
         """The score a trainer should use: the normalized one when normalization was asked for, else the raw."""
         return self.score if self.normalized is None else self.normalized.score
 
+    def value(self, attribute: str | None = None) -> float:
+        """The score (attribute None) or one attribute's reward, normalized when normalization applied."""
+        if attribute is None:
+            return self.reward
+        return (self.rewards if self.normalized is None else self.normalized.rewards)[attribute]
+
 
 @dataclass(frozen=True)
 class InspectResult:

@@ -34,23 +34,26 @@ __all__ = ["async_reward_funcs", "log_gating_metrics", "reward_funcs", "trl_conv
 
 
 def reward_funcs(client_or_target: Any, attributes: Sequence[str | None] = (None,), weights: AttributeWeights | dict | None = None,
-                 *, log_gating: bool = False, max_conversations_per_call: int = 256,
+                 *, log_gating: bool = False, max_conversations_per_call: int = 256, normalization: Any = None,
                  **client_kwargs) -> list[Callable[..., list[float]]]:  # fmt: skip
     """Synchronous TRL reward functions. `client_or_target`: a RewardClient, or a target ("host:port") for
-    which one is made with `client_kwargs` (token=..., tls=..., timeout=...)."""
+    which one is made with `client_kwargs` (token=..., tls=..., timeout=...). normalization: True / a
+    Normalization (z-scores against the model's calibration, docs/SERVING.md), False (raw), None (the server's
+    default)."""
     from ..client import RewardClient
 
     client = client_or_target if isinstance(client_or_target, RewardClient) else RewardClient(client_or_target, **client_kwargs)
     return shared_reward_funcs(client, attributes, weights, log_gating=log_gating,
-                               max_conversations_per_call=max_conversations_per_call)  # fmt: skip
+                               max_conversations_per_call=max_conversations_per_call, normalization=normalization)  # fmt: skip
 
 
 def async_reward_funcs(target: str, attributes: Sequence[str | None] = (None,), weights: AttributeWeights | dict | None = None,
-                       *, log_gating: bool = False, max_conversations_per_call: int = 256,
+                       *, log_gating: bool = False, max_conversations_per_call: int = 256, normalization: Any = None,
                        **client_kwargs) -> list[Callable[..., Any]]:  # fmt: skip
     """Coroutine TRL reward functions over grpc.aio: one AsyncRewardClient per running event loop, made on
     first use; the functions of one batch share one Score RPC (trl_functions.shared_async_reward_funcs)."""
     from ..client import AsyncRewardClient
 
     return shared_async_reward_funcs(lambda: AsyncRewardClient(target, **client_kwargs), attributes, weights,
-                                     log_gating=log_gating, max_conversations_per_call=max_conversations_per_call)  # fmt: skip
+                                     log_gating=log_gating, max_conversations_per_call=max_conversations_per_call,
+                                     normalization=normalization)  # fmt: skip

@@ -60,11 +60,12 @@ def _none_for_rejected(results: list[ScoreResult | InvalidInputError]) -> list[S
 def _pick(attribute: str | None) -> Callable[[list[ScoreResult | None]], list[float | None]]:
     def values(results: list[ScoreResult | None]) -> list[float | None]:
         scored = [r for r in results if r is not None]
+        # z-scores when the call was normalized (normalization=..., or the server's default), else raw values
         if attribute is None:
-            return [None if r is None else r.score for r in results]
+            return [None if r is None else r.value() for r in results]
         if scored and attribute not in scored[0].rewards:
             raise InvalidInputError(f"attribute {attribute!r} is not one of the model's {sorted(scored[0].rewards)}", field="attribute")
-        return [None if r is None else r.rewards[attribute] for r in results]
+        return [None if r is None else r.value(attribute) for r in results]
 
     return values
 
@@ -89,9 +90,11 @@ def log_gating_metrics(results: Sequence[ScoreResult | None], kwargs: dict[str, 
 
 
 def shared_reward_funcs(client: Any, attributes: Sequence[str | None], weights: AttributeWeights | dict | None, *,
-                        log_gating: bool, max_conversations_per_call: int) -> list[Callable[..., list[float]]]:  # fmt: skip
-    """Synchronous reward functions over `client` (anything with `score(conversations, weights)`, e.g. a
-    RewardClient), one per attribute, sharing one scoring call per batch."""
+                        log_gating: bool, max_conversations_per_call: int,
+                        normalization: Any = None) -> list[Callable[..., list[float]]]:  # fmt: skip
+    """Synchronous reward functions over `client` (anything with `score(conversations, weights, normalization=)`,
+    e.g. a RewardClient), one per attribute, sharing one scoring call per batch. normalization: True / a
+    Normalization (z-scores against the model's calibration), False (raw), None (the server's default)."""
     weights = AttributeWeights.of(weights)
     last: list[tuple[str, list[ScoreResult]]] = []  # (fingerprint, results) of the last batch
     lock = threading.Lock()
@@ -102,7 +105,7 @@ def shared_reward_funcs(client: Any, attributes: Sequence[str | None], weights: 
             if last and last[0][0] == key:
                 return last[0][1]
             results = _none_for_rejected(run_sync(score_tolerantly(conversations, max_conversations_per_call),
-                                                  lambda batch: client.score(batch, weights)))  # fmt: skip
+                                                  lambda batch: client.score(batch, weights, normalization=normalization)))  # fmt: skip
             last[:] = [(key, results)]
         if log_gating:  # once per batch: by the call that scored it
             log_gating_metrics(results, kwargs)
@@ -122,7 +125,7 @@ def shared_reward_funcs(client: Any, attributes: Sequence[str | None], weights: 
 
 def shared_async_reward_funcs(new_client: Callable[[], Any], attributes: Sequence[str | None],
                               weights: AttributeWeights | dict | None, *, log_gating: bool,
-                              max_conversations_per_call: int) -> list[Callable[..., Any]]:  # fmt: skip
+                              max_conversations_per_call: int, normalization: Any = None) -> list[Callable[..., Any]]:  # fmt: skip
     """Coroutine reward functions. A grpc.aio channel belongs to the event loop it was made on, so
     `new_client()` (an object with `async score(conversations, weights)`) is called once per running loop, on
     first use. The functions of one batch run concurrently: the first starts the scoring call as a task, the
@@ -134,7 +137,7 @@ def shared_async_reward_funcs(new_client: Callable[[], Any], attributes: Sequenc
 
     async def run(client, conversations, kwargs) -> list[ScoreResult | None]:
         results = _none_for_rejected(await run_async(score_tolerantly(conversations, max_conversations_per_call),
-                                                     lambda batch: client.score(batch, weights)))  # fmt: skip
+                                                     lambda batch: client.score(batch, weights, normalization=normalization)))  # fmt: skip
         if log_gating:
             log_gating_metrics(results, kwargs)
         return results

@@ -15,7 +15,9 @@ needs copying there.) `data_source` and `ground_truth` are not used: a reward mo
 reward_kwargs: `target` ("host:port", default $REWARDSVC_TARGET or localhost:50051), `token` (default
 $REWARDSVC_AUTH_TOKEN), `attribute` (one attribute's reward instead of the overall score), `weights`
 (steering, as for the client), `return_dict` (True: {"score", "reward/<attribute>", "gating/<attribute>",
-"coefficient/<attribute>"}, which verl's managers put into reward_extra_info, so the parts reach its logs).
+"coefficient/<attribute>"}, which verl's managers put into reward_extra_info, so the parts reach its logs),
+`normalize` (true: z-scores against the model's calibration, docs/SERVING.md, with "raw_score" in the dict;
+false: raw; absent: the server's default).
 
 These functions live in an importable module so that a Ray actor (the `remote` manager) unpickles them by
 reference, even when verl loaded rewardsvc/integrations/verl.py by file path. Client side: no torch.
@@ -97,10 +99,12 @@ def conversation(solution_str: Any, extra_info: Any, field: str = "extra_info") 
 def reward_value(result: ScoreResult, attribute: str | None, return_dict: bool) -> float | dict[str, float]:
     if attribute is not None and attribute not in result.rewards:
         raise InvalidInputError(f"attribute {attribute!r} is not one of the model's {sorted(result.rewards)}", field="attribute")
-    score = result.score if attribute is None else result.rewards[attribute]
+    score = result.value(attribute)  # the z-score when the call was normalized, else the raw value
     if not return_dict:
         return score
     out = {"score": score}
+    if result.normalized is not None:
+        out["raw_score"] = result.score
     out.update({f"reward/{k}": v for k, v in result.rewards.items()})
     out.update({f"gating/{k}": v for k, v in result.gating.items()})
     out.update({f"coefficient/{k}": v for k, v in result.coefficients.items()})
@@ -109,16 +113,19 @@ def reward_value(result: ScoreResult, attribute: str | None, return_dict: bool) 
 
 def compute_score(data_source: Any, solution_str: str, ground_truth: Any, extra_info: Mapping | None = None, *,
                   target: str | None = None, token: str | None = None, attribute: str | None = None,
-                  weights: Any = None, return_dict: bool = False, **_ignored) -> float | dict[str, float]:  # fmt: skip
+                  weights: Any = None, return_dict: bool = False, normalize: bool | None = None,
+                  **_ignored) -> float | dict[str, float]:  # fmt: skip
     """verl's per-sample reward function (blocking): the score of extra_info["prompt"] + solution_str."""
-    [result] = client(target, token).score([conversation(solution_str, extra_info)], weights)
+    [result] = client(target, token).score([conversation(solution_str, extra_info)], weights, normalization=normalize)
     return reward_value(result, attribute, return_dict)
 
 
 async def compute_score_async(data_source: Any, solution_str: str, ground_truth: Any, extra_info: Mapping | None = None,
                               *, target: str | None = None, token: str | None = None, attribute: str | None = None,
-                              weights: Any = None, return_dict: bool = False, **_ignored) -> float | dict[str, float]:  # fmt: skip
+                              weights: Any = None, return_dict: bool = False, normalize: bool | None = None,
+                              **_ignored) -> float | dict[str, float]:  # fmt: skip
     """The same as compute_score, as a coroutine on the async client (verl awaits it on its worker's loop,
     so the samples of a batch are in flight together instead of taking an executor thread each)."""
-    [result] = await async_client(target, token).score([conversation(solution_str, extra_info)], weights)
+    [result] = await async_client(target, token).score([conversation(solution_str, extra_info)], weights,
+                                                       normalization=normalize)  # fmt: skip
     return reward_value(result, attribute, return_dict)

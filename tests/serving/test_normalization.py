@@ -230,3 +230,30 @@ def test_openrlhf_get_reward_gets_the_server_default(servers, calibrated):
     assert normalized["extra_logs"]["raw_score"] == pytest.approx(raw["rewards"], abs=1e-5)
     assert normalized["rewards"] == pytest.approx([z(r, calibration.score, 1.0) for r in raw["rewards"]], abs=1e-5)
     assert normalized["scores"] == pytest.approx(raw["scores"], abs=1e-5)  # the [0, 1] mapping stays on the raw score
+
+
+def test_trainer_glue_returns_the_z_scores(servers, calibrated):
+    """TRL reward functions (called as GRPOTrainer calls them: prompts, completions, **columns) and verl's
+    compute_score (as its Reward Loop calls it: data_source, solution_str, ground_truth, extra_info,
+    **reward_kwargs) return the z-scores when asked, and under a server whose default normalizes."""
+    from rewardsvc.integrations import trl, verl
+
+    plain, default, _ = servers
+    _, calibration, _ = calibrated
+    prompts = [[{"role": "user", "content": c[0]["content"]}] for c in CONVERSATIONS]
+    completions = [[{"role": "assistant", "content": c[1]["content"]}] for c in CONVERSATIONS]
+    with RewardClient(f"127.0.0.1:{plain.port}") as client:
+        raw = client.score(CONVERSATIONS)
+    score_fn, safe_fn = trl.reward_funcs(f"127.0.0.1:{plain.port}", [None, "safe"], normalization=True)
+    assert score_fn(prompts, completions, trainer_state=None) == pytest.approx([z(r.score, calibration.score) for r in raw], abs=1e-5)
+    assert safe_fn(prompts, completions) == pytest.approx([z(r.rewards["safe"], calibration.rewards["safe"]) for r in raw], abs=1e-5)
+    [by_default] = trl.reward_funcs(f"127.0.0.1:{default.port}")  # nothing asked: the server's default (clip 1.0)
+    assert by_default(prompts, completions) == pytest.approx([z(r.score, calibration.score, 1.0) for r in raw], abs=1e-5)
+
+    extra_info = {"prompt": prompts[0]}
+    got = verl.compute_score("chat", completions[0][0]["content"], None, extra_info, target=f"127.0.0.1:{plain.port}",
+                             normalize=True, return_dict=True)  # fmt: skip
+    assert got["score"] == pytest.approx(z(raw[0].score, calibration.score), abs=1e-5)
+    assert got["raw_score"] == pytest.approx(raw[0].score, abs=1e-5)
+    assert verl.compute_score("chat", completions[0][0]["content"], None, extra_info,
+                              target=f"127.0.0.1:{plain.port}") == pytest.approx(raw[0].score, abs=1e-5)  # fmt: skip
