@@ -15,8 +15,8 @@ from rewardsvc.errors import InvalidInputError
 from rewardsvc.integrations import trl as rtrl
 from rewardsvc.integrations import trl_functions
 from rewardsvc.integrations import verl as rverl
-from service_fixtures import settled_requests, start_server
-from tiny_service import ATTRS, load_tiny_scorer, save_tiny_heads
+from service_fixtures import settled_requests
+from tiny_service import ATTRS
 
 TOL = 1e-5
 PROMPT = [{"role": "user", "content": "Name a colour."}]
@@ -24,18 +24,6 @@ PROMPTS = [PROMPT, PROMPT, [{"role": "system", "content": "Be brief."}, {"role":
 COMPLETIONS = [[{"role": "assistant", "content": "Red."}], [{"role": "assistant", "content": "Seven."}],
                [{"role": "assistant", "content": "Hello!"}]]  # fmt: skip
 CONVERSATIONS = [p + c for p, c in zip(PROMPTS, COMPLETIONS)]
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_llama_dir, tmp_path_factory):
-    return load_tiny_scorer(save_tiny_heads(tmp_path_factory.mktemp("tiny-heads"), tiny_llama_dir))
-
-
-@pytest.fixture(scope="module")
-def server(tiny):
-    running = start_server(tiny, metrics_port=0)
-    yield running
-    running.stop(0)
 
 
 def score_calls(server) -> float:

@@ -39,18 +39,6 @@ PLAIN = [{"role": "assistant", "content": "It is 42."}]
 TOO_LONG = [{"role": "assistant", "content": "forty two " * 200}]  # over the tiny server's max_tokens=256
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_llama_dir, tmp_path_factory):
-    return load_tiny_scorer(save_tiny_heads(tmp_path_factory.mktemp("tiny-heads"), tiny_llama_dir))
-
-
-@pytest.fixture(scope="module")
-def server(tiny):
-    running = start_server(tiny)
-    yield running
-    running.stop(0)
-
-
 def test_tool_completions_are_scored_as_the_template_or_the_documented_rendering_gives_them(server, tiny):
     [func] = rtrl.reward_funcs(f"127.0.0.1:{server.port}")
     got = func(prompts=[PROMPT] * 3, completions=[WITH_TOOL, BLOCKS, PLAIN], completion_ids=[[1]] * 3)

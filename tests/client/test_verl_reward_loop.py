@@ -22,8 +22,8 @@ import ray  # verl 0.9.1 and ray: scripts/setup.sh installs them
 import torch
 import verl
 
-from service_fixtures import settled_requests, start_server
-from tiny_service import ATTRS, load_tiny_scorer, save_tiny_heads
+from service_fixtures import settled_requests
+from tiny_service import ATTRS
 
 pytestmark = pytest.mark.slow  # Ray actors import verl, torch and transformers: about 10 s per case here
 
@@ -36,18 +36,6 @@ PROMPTS = [
     [{"role": "user", "content": "Name a colour."}],
 ]
 RESPONSES = ["Red.", "Hello!", "The capital of France is Paris.", "Seven."]
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_llama_dir, tmp_path_factory):
-    return load_tiny_scorer(save_tiny_heads(tmp_path_factory.mktemp("tiny-heads"), tiny_llama_dir))
-
-
-@pytest.fixture(scope="module")
-def server(tiny):
-    running = start_server(tiny, metrics_port=0)
-    yield running
-    running.stop(0)
 
 
 @pytest.fixture(scope="module")
