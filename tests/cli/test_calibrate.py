@@ -90,3 +90,22 @@ def test_the_packaged_reference_set_is_valid_rows():
     assert {r["category"] for r in rows} == {"chat", "safety"}
     for r in rows:
         conversation_of(r)
+
+
+def test_a_sequence_classification_model_calibrates_and_normalizes(tmp_path):
+    """The other model kind: its one score gets the same statistics, stored in its own directory."""
+    from tiny_models import save_tiny_seqcls
+
+    from rewardsvc.normalization import Normalization
+
+    model_dir = save_tiny_seqcls(tmp_path / "seqcls")
+    reference = write_jsonl(tmp_path / "reference.jsonl", ROWS)
+    assert cli.main(["calibrate", str(reference), "--model", str(model_dir)]) == 0
+    scorer = Scorer.load(model_dir, config=ScorerConfig())
+    assert scorer.calibration is not None
+    scores = np.array([scorer.score([conversation_of(r)])[0].score for r in ROWS], dtype=np.float64)
+    np.testing.assert_allclose(scorer.calibration.score.mean, scores.mean(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(scorer.calibration.score.std, scores.std(ddof=0), rtol=1e-5, atol=1e-7)
+    [result] = scorer.score([conversation_of(ROWS[0])])
+    normalized = scorer.calibration.normalize(result, Normalization())
+    assert normalized.normalized.score == pytest.approx((result.score - scores.mean()) / scores.std(), abs=1e-5)
