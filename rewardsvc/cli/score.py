@@ -29,6 +29,7 @@ resuming: re-run the same command to continue after the last complete row (--ove
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .backends import add_server_arguments
+    from .ray_data import add_ray_arguments
 
     parser.add_argument("input", help="conversations, .jsonl or .parquet (format below)")
     parser.add_argument("-o", "--output", help="output .jsonl or .parquet (default: JSONL on stdout, not resumable)")
@@ -45,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar on stderr (default: on when stderr is a terminal)")  # fmt: skip
     add_server_arguments(parser)
+    add_ray_arguments(parser)
 
 
 # ---- the command --------------------------------------------------------------------------------------------
@@ -56,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
     from .score_io import check_output, read_rows
     from .score_pipeline import score_rows
 
+    if args.ray is not None:  # the same rows scored by a Ray actor pool (cli/ray_data.py)
+        from .ray_data import run_ray
+
+        return run_ray(args)
     # Everything about the files is checked before the model loads (seconds) or the output is touched.
     if args.output is not None:
         check_output(args.output)

@@ -70,18 +70,18 @@ def prepare_rows(rows: Sequence[RawRow], group_by: str | None) -> list[PreparedR
         try:
             messages = conversation_of(raw.data)
         except RewardError as exc:
-            out.append(PreparedRow(raw, error=f"line {raw.line}: {exc}"))
+            out.append(PreparedRow(raw, error=f"{raw.where}: {exc}"))
             continue
         p = PreparedRow(raw, messages, conversation_key(messages))
         if group_by is not None:
             if group_by not in raw.data:
-                p.error = f"line {raw.line}: --group-by field {group_by!r} is missing"
+                p.error = f"{raw.where}: --group-by field {group_by!r} is missing"
             else:
                 p.group = json.dumps(raw.data[group_by], sort_keys=True)
                 prompt = conversation_key(messages[:-1])
                 first = prompts.setdefault(p.group, (prompt, raw.line))
                 if first[0] != prompt:
-                    p.error = (f"line {raw.line}: its prompt differs from the prompt of line {first[1]}, the first row of "
+                    p.error = (f"{raw.where}: its prompt differs from the prompt of line {first[1]}, the first row of "
                                f"--group-by {group_by}={raw.data[group_by]!r}; a group shares one prompt")  # fmt: skip
         out.append(p)
     return out
@@ -151,11 +151,20 @@ class ScoresOfRun:
             return _error_row(p, p.error)
         outcome = self.by_key[p.key]
         if isinstance(outcome, RewardError):
-            return _error_row(p, f"line {p.raw.line}: {outcome}")
+            return _error_row(p, f"{p.raw.where}: {outcome}")
         row = result_row(p.raw.id, outcome)
         if p.group is not None:
             row["group"] = self.group_stats[p.group][id(p)]
         return row
+
+
+def score_chunk(rows: Sequence[RawRow], backend) -> list[dict[str, Any]]:
+    """The output rows of `rows`, in order, with nothing written: the unit one Ray Data batch runs
+    (cli/ray_data.py). The same validation, error rows and deduplication as score_rows (no --group-by)."""
+    prepared = prepare_rows(rows, None)
+    scores = ScoresOfRun(backend, prepared)
+    scores.score_missing(prepared)
+    return [scores.row(p) for p in prepared]
 
 
 @dataclass
