@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = ROOT / "rewardsvc"
 
 SHARED = {"rewardsvc", "rewardsvc.config", "rewardsvc.errors", "rewardsvc.types", "rewardsvc.messages",
-          "rewardsvc.normalization"}
+          "rewardsvc.normalization", "rewardsvc.tracing"}
 INTEGRATIONS = {"rewardsvc.integrations", "rewardsvc.integrations.trl", "rewardsvc.integrations.trl_functions",
                 "rewardsvc.integrations.verl", "rewardsvc.integrations.verl_score", "rewardsvc.integrations.verl_reward_loop",
                 "rewardsvc.integrations.partial_batches", "rewardsvc.integrations.openrlhf", "rewardsvc.integrations.chat_text",
@@ -24,7 +24,8 @@ FRAMEWORK_IMPORTS = {"rewardsvc.integrations.verl_reward_loop": {"verl"}}
 CLIENT_SIDE = SHARED | INTEGRATIONS | {"rewardsvc.client", "rewardsvc.wire"}
 PROTOBUF_USERS = {"rewardsvc.wire", "rewardsvc.client", "rewardsvc.serving.servicer", "rewardsvc.serving.server",
                   "rewardsvc.serving.http"}
-GRPC_USERS = {"rewardsvc.client", "rewardsvc.serving.servicer", "rewardsvc.serving.interceptors", "rewardsvc.serving.server"}
+GRPC_USERS = {"rewardsvc.client", "rewardsvc.serving.servicer", "rewardsvc.serving.interceptors", "rewardsvc.serving.server",
+              "rewardsvc.serving.ray_serve"}  # ray_serve: the handlers behind Ray Serve's gRPC proxy
 GRPC_PACKAGES = {"grpc", "grpc_health", "grpc_reflection"}
 
 

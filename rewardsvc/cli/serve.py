@@ -170,6 +170,9 @@ def run_serve(args: argparse.Namespace) -> int:
     _setup_logging()
     config = server_config(args)
     model_specs(args.model)  # a malformed --model fails before anything loads
+    from ..serving.otel import install_from_env
+
+    install_from_env()  # traces only when OTEL_* variables ask for them (docs/OBSERVABILITY.md)
     if args.torch_threads:
         import torch
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .. import tracing
 from ..config import BackboneConfig, ScoreMix, ScorerConfig
 from ..errors import CheckpointError
 from ..normalization import Calibration
@@ -219,7 +220,8 @@ class Scorer:
     ) -> list[ScoreResult]:
         """The heads on embeddings already computed (row i is encoded[i]) by `embed` of this scorer or of another
         head set on the same backbone: several head sets share one backbone forward (serving/models.py)."""
-        out = self._head_outputs(embeddings, weights)
+        with tracing.span(tracing.HEADS, conversations=len(encoded)):
+            out = self._head_outputs(embeddings, weights)
         source = self.weights_source(weights)
         return [
             ScoreResult(

@@ -29,6 +29,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .. import tracing
 from ..config import Limits
 from ..errors import DeadlineExceededError, InvalidInputError, NotReadyError, OverloadedError
 from ..model.encoding import EncodedConversation
@@ -107,6 +108,8 @@ class WorkItem:
     _cancelled: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = "cancelled"  # "cancelled" (the caller went away) or "deadline" (its deadline passed)
     model: str = ""  # the served model's name (ModelSet); "" only before submit resolves it
+    trace: Any = field(default_factory=tracing.current)  # the submitting call's trace context (None: off)
+    enqueued_ns: int = field(default_factory=time.time_ns)  # wall clock, for the queue-wait span
 
     def cancel(self, reason: str = "cancelled") -> None:
         """Mark the caller as gone (client cancelled, handler timed out): the batcher will skip the work.
@@ -353,12 +356,19 @@ class Batcher:
             return
         conversations = sum(len(item.encoded) for item in items)
         tokens = sum(item.tokens for item in items)
+        if tracing.enabled():
+            taken_ns = time.time_ns()
+            for item in items:
+                tracing.record(tracing.QUEUE_WAIT, item.enqueued_ns, taken_ns, parent=item.trace)
         started = time.monotonic()
         try:
             # Identical conversations are computed once (GRPO groups repeat short completions; many clients send
             # the same probe; head sets on one backbone score the same rollouts). Scores do not depend on batch
             # neighbours, so sharing is exact.
-            results = self.models.score_jobs([Job(item.model, item.encoded, item.weights) for item in items])
+            # One forward serves several calls: the span is the first call's child, linked to the others.
+            with tracing.span(tracing.BATCH_FORWARD, parent=items[0].trace, links=[i.trace for i in items[1:]],
+                              batch_size=conversations, tokens=tokens):  # fmt: skip
+                results = self.models.score_jobs([Job(item.model, item.encoded, item.weights) for item in items])
         except Exception as exc:  # any failure: isolate the request that causes it
             self._after_failure(exc)
             if len(items) == 1:

@@ -33,6 +33,7 @@ A request may carry `Request-Timeout: <seconds>` (a deadline, as gRPC's); withou
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hmac
 import json
 import logging
@@ -48,6 +49,7 @@ from aiohttp import web
 from google.protobuf import json_format
 
 from .._proto.rewardsvc.v1 import reward_pb2 as pb
+from .. import tracing
 from ..errors import DeadlineExceededError, InvalidInputError, NotReadyError, OverloadedError, grpc_status_name
 from ..integrations import openrlhf, vllm_pooling
 from ..integrations.chat_text import ChatTemplateSplitter
@@ -286,10 +288,15 @@ class HttpEndpoint:
             return self._error(HttpError(503, "UNAVAILABLE", "the server is shutting down; retry on another replica"), vllm)
         self.metrics.in_progress.labels(method).inc()
         code = "OK"
+        # The caller's trace continues through the W3C traceparent header; the pools below copy the context.
+        receive = tracing.start(tracing.RECEIVE, tracing.extract(request.headers), http_route=method)
         try:
-            self._authorize(request)
-            raw = await self._read_body(request)
-            return _json(200, await run(request, raw))
+            with tracing.activate(receive):
+                self._authorize(request)
+                raw = await self._read_body(request)
+                payload = await run(request, raw)
+                with tracing.span(tracing.REPLY):
+                    return _json(200, payload)
         except BaseException as exc:
             err = _error_of(exc, method)
             code = err.code
@@ -298,6 +305,7 @@ class HttpEndpoint:
             return self._error(err, vllm)
         finally:
             seconds = time.monotonic() - started
+            tracing.end(receive)
             self.metrics.in_progress.labels(method).dec()
             self.metrics.observe_rpc(method, code, seconds)
             self.active.exit()
@@ -364,7 +372,7 @@ class HttpEndpoint:
             return item, extra
 
         try:
-            item, extra = await asyncio.wrap_future(self._encode_pool.submit(enqueue))
+            item, extra = await asyncio.wrap_future(self._encode_pool.submit(contextvars.copy_context().run, enqueue))
             if item is None:
                 return [], extra
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -381,7 +389,7 @@ class HttpEndpoint:
         """Run a blocking handler on the handler pool; the call's end runs the context's callbacks (the
         servicer registers its item's cancel there)."""
         try:
-            return await asyncio.wrap_future(self._handler_pool.submit(fn, context))
+            return await asyncio.wrap_future(self._handler_pool.submit(contextvars.copy_context().run, fn, context))
         except asyncio.CancelledError:
             context.end()
             raise

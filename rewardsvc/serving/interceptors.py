@@ -11,6 +11,7 @@ import time
 
 import grpc
 
+from .. import tracing
 from ..config import Limits
 from ..wire import SERVICE_NAME
 from .logs import kv
@@ -25,11 +26,14 @@ METHOD_PREFIX = f"/{SERVICE_NAME}/"
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
-def _rebuild(handler, wrap_unary_response, wrap_stream_response, wrap_deserializer=None):
-    """The same handler kind, with its behaviour (and optionally its request deserializer) wrapped."""
+def _rebuild(handler, wrap_unary_response, wrap_stream_response, wrap_deserializer=None, wrap_serializer=None):
+    """The same handler kind, with its behaviour (and optionally its request deserializer and response
+    serializer) wrapped."""
     deserializer = handler.request_deserializer
     if wrap_deserializer is not None and deserializer is not None:
         deserializer = wrap_deserializer(deserializer)
+    if wrap_serializer is not None and handler.response_serializer is not None:
+        handler = handler._replace(response_serializer=wrap_serializer(handler.response_serializer))
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
             wrap_unary_response(handler.unary_unary), deserializer, handler.response_serializer
@@ -104,6 +108,9 @@ def _client_gone(context) -> bool:
     return False
 
 
+_reply_trace = threading.local()  # the handler thread's receive span, until its reply is serialized
+
+
 class ObservingInterceptor(grpc.ServerInterceptor):
     """Metrics (requests by method and code, latency, in progress), a log line per call, and the count of
     calls in progress. Only RewardService methods: health's Watch must keep its non-blocking handler.
@@ -134,12 +141,16 @@ class ObservingInterceptor(grpc.ServerInterceptor):
                 metrics.observe_rpc(method, "UNAVAILABLE", 0.0)
                 context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
             metrics.in_progress.labels(method).inc()
-            return time.monotonic(), context.time_remaining()
+            # The receive span covers the call until its reply is serialized (or the call ends); the caller's
+            # trace continues through the W3C traceparent metadata.
+            trace = tracing.start(tracing.RECEIVE, tracing.extract(dict(context.invocation_metadata() or ())), rpc_method=method)
+            _reply_trace.handle = trace
+            return time.monotonic(), context.time_remaining(), trace
 
-        def end(context, begun: tuple[float, float], code: str | None) -> None:
+        def end(context, begun: tuple[float, float, object], code: str | None) -> None:
             """The handler returned or raised; the reply may not be written yet."""
             code = code or _code_name(context) or "OK"
-            started, budget = begun
+            started, budget, trace = begun
             gone_already = not context.is_active()  # the client left while the handler ran
             finished = threading.Lock()
 
@@ -156,6 +167,7 @@ class ObservingInterceptor(grpc.ServerInterceptor):
                     else:
                         final = "CANCELLED"
                 seconds = time.monotonic() - started
+                tracing.end(trace)
                 # Counted before the in-progress gauge drops: "nothing in progress" then means "every call counted".
                 metrics.observe_rpc(method, final, seconds)
                 metrics.in_progress.labels(method).dec()
@@ -171,7 +183,8 @@ class ObservingInterceptor(grpc.ServerInterceptor):
             def wrapped(request, context):
                 started, code = begin(context), None
                 try:
-                    return behavior(request, context)
+                    with tracing.activate(started[2]):
+                        return behavior(request, context)
                 except BaseException:
                     code = _code_name(context) or "UNKNOWN"
                     raise
@@ -183,6 +196,7 @@ class ObservingInterceptor(grpc.ServerInterceptor):
         def wrap_stream(behavior):
             def wrapped(request, context):
                 started, code = begin(context), None
+                _reply_trace.handle = None  # a stream's messages are not one reply
                 try:
                     yield from behavior(request, context)
                 except GeneratorExit:
@@ -199,7 +213,24 @@ class ObservingInterceptor(grpc.ServerInterceptor):
         def wrap_deserializer(deserialize):
             return tolerant_deserializer(deserialize, self.max_message_bytes)
 
-        return _rebuild(handler, wrap_unary, wrap_stream, wrap_deserializer)
+        def wrap_serializer(serialize):
+            if not tracing.enabled():
+                return serialize
+
+            def traced(response):
+                # gRPC serializes a unary reply on the handler's thread right after the handler returns.
+                handle, _reply_trace.handle = getattr(_reply_trace, "handle", None), None
+                if handle is None:
+                    return serialize(response)
+                try:
+                    with tracing.activate(handle), tracing.span(tracing.REPLY):
+                        return serialize(response)
+                finally:
+                    tracing.end(handle)
+
+            return traced
+
+        return _rebuild(handler, wrap_unary, wrap_stream, wrap_deserializer, wrap_serializer)
 
 
 class BearerAuthInterceptor(grpc.ServerInterceptor):

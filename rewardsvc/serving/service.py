@@ -14,7 +14,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .. import __version__
+from .. import __version__, tracing
 from ..config import Limits
 from ..errors import DeadlineExceededError, InvalidInputError, NonFiniteResultError, NotReadyError
 from ..model.encoding import EncodedConversation
@@ -221,12 +221,13 @@ class RewardService:
     ) -> WorkItem:
         """Check, encode and enqueue; does not wait (ScoreStream keeps several in flight)."""
         scorer = self._require_ready(model)
-        _check_count(
-            "conversations", len(conversations), "conversations",
-            self.limits.max_conversations_per_request, "max_conversations_per_request",
-        )  # fmt: skip
-        self._check_weights(weights, scorer)
-        encoded = [self._encode(scorer, c, f"conversations[{i}]") for i, c in enumerate(conversations)]
+        with tracing.span(tracing.VALIDATE, conversations=len(conversations)):
+            _check_count(
+                "conversations", len(conversations), "conversations",
+                self.limits.max_conversations_per_request, "max_conversations_per_request",
+            )  # fmt: skip
+            self._check_weights(weights, scorer)
+            encoded = [self._encode(scorer, c, f"conversations[{i}]") for i, c in enumerate(conversations)]
         return self.batcher.submit_score(encoded, weights, deadline=call.deadline, model=model)
 
     def score(
@@ -252,12 +253,13 @@ class RewardService:
         its key/value cache (ScorerConfig.share_prompts, model/batch_plan.plan_shared_prompts)."""
         scorer = self._require_ready(model)
         applied = self.normalization_for(normalization, weights, model)
-        if not responses:
-            raise InvalidInputError("responses: a group needs at least one response", field="responses")
-        _check_count("responses", len(responses), "responses", self.limits.max_group_size, "max_group_size")
-        self._check_weights(weights, scorer)
-        with self._encode_lock:
-            encoded = scorer.encode_group(prompt, responses)
+        with tracing.span(tracing.VALIDATE, conversations=len(responses)):
+            if not responses:
+                raise InvalidInputError("responses: a group needs at least one response", field="responses")
+            _check_count("responses", len(responses), "responses", self.limits.max_group_size, "max_group_size")
+            self._check_weights(weights, scorer)
+            with self._encode_lock:
+                encoded = scorer.encode_group(prompt, responses)
         item = self.batcher.submit_score(encoded, weights, deadline=call.deadline, model=model)
         results = check_finite_results(self.wait(item, call))
         group = GroupResult.of(self.normalized(results, applied, model))  # statistics of the raw scores
