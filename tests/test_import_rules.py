@@ -23,6 +23,7 @@ INTEGRATIONS = {"rewardsvc.integrations", "rewardsvc.integrations.trl", "rewards
 FRAMEWORK_IMPORTS = {"rewardsvc.integrations.verl_reward_loop": {"verl"}}
 CLIENT_SIDE = SHARED | INTEGRATIONS | {"rewardsvc.client", "rewardsvc.wire"}
 PROTOBUF_USERS = {"rewardsvc.wire", "rewardsvc.client", "rewardsvc.serving.servicer", "rewardsvc.serving.server",
+                  "rewardsvc.serving.ray_serve",
                   "rewardsvc.serving.http"}
 GRPC_USERS = {"rewardsvc.client", "rewardsvc.serving.servicer", "rewardsvc.serving.interceptors", "rewardsvc.serving.server",
               "rewardsvc.serving.ray_serve"}  # ray_serve: the handlers behind Ray Serve's gRPC proxy
