@@ -85,7 +85,7 @@ class ScoreResult:
     coefficients: dict[str, float]  # c = g T^T, so that score = sum_k c_k r_k
     num_tokens: int  # tokens scored (after truncation)
     truncated: bool
-    weights_source: str  # "gating", "override" or "mask"
+    weights_source: str  # "gating", "override", "mask", or "fixed" (a model kind without gating)
     model_id: str
     normalized: NormalizedScores | None = None  # set when normalization was asked for; the raw fields stay
 
