@@ -11,7 +11,7 @@ tokens, decoded without special tokens).
     reward.reward_manager.source=importlib
     reward.reward_manager.module.path=pkg://rewardsvc.integrations.verl   # or the file path of verl.py
     reward.reward_manager.name=RewardsvcRewardManager
-    +reward.reward_kwargs.target=HOST:PORT        # and token, attribute, weights, return_dict, window_ms, max_batch
+    +reward.reward_kwargs.target=HOST:PORT   # and token, attribute, weights, return_dict, normalize, window_ms, max_batch
 
 A sample the server rejects (too long, refused by the template) raises its own error in its run_single; the
 other samples of the call are scored. Runs inside verl's worker, so it imports verl (and so torch); it is
@@ -44,6 +44,7 @@ class ManagerSettings:
     attribute: str | None = None
     weights: Any = None
     return_dict: bool = False
+    normalize: bool | None = None  # as for compute_score: z-scores, raw, or (None) the server's default
     window_ms: float = 5.0
     max_batch: int = 256
 
@@ -135,7 +136,7 @@ class RewardsvcRewardManager(RewardManagerBase):
             client = async_client(s.target, s.token)
 
             async def score_many(conversations: list[Any]) -> list[Outcome]:
-                return await run_async(score_tolerantly(conversations, s.max_batch), lambda batch: client.score(batch, s.weights))
+                return await run_async(score_tolerantly(conversations, s.max_batch), lambda batch: client.score(batch, s.weights, normalization=s.normalize))
 
             self._coalescers[loop] = Coalescer(score_many, s.window_ms / 1000.0, s.max_batch)
         return self._coalescers[loop]
