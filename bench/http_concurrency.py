@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import os
 import re
 import statistics
@@ -30,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, emit, machine  # noqa: E402
+from _common import ROOT, emit, machine, stamp  # noqa: E402
 
 OPENRLHF_TIMEOUT_S = 180.0
 
@@ -146,10 +145,8 @@ def main() -> None:
         process.wait(120)
     grpc_rate = statistics.median(args.n / (r["grpc_s"]) for r in rows)
     http_rate = statistics.median(args.n / (r["http_s"]) for r in rows)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     row = {
-        "bench": "http_concurrency", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit, "machine": machine(), "model": info["model_id"], "n": args.n, "conversation_tokens": tokens,
+        "bench": "http_concurrency", **stamp(), "machine_details": machine(), "model": info["model_id"], "n": args.n, "conversation_tokens": tokens,
         "grpc_conversations_per_s": round(grpc_rate, 2), "http_conversations_per_s": round(http_rate, 2),
         "ratio": round(http_rate / grpc_rate, 3), "max_abs_reward_diff": worst, "rounds": rows, "large": large,
         "load_average": os.getloadavg()[0], "note": "server in its own process (rewardsvc serve), the client here; same machine",
