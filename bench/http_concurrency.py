@@ -161,9 +161,10 @@ def _tokenizer(args):
         from tiny_models import build_tokenizer
 
         return build_tokenizer("chatml")
-    from rewardsvc.model.scorer import Scorer
+    from rewardsvc.model.backbone import converted_gguf_dir, embedded_gguf_path, load_tokenizer
 
-    return Scorer.load().encoder.tokenizer  # the packaged default, as the server loads it
+    # The packaged default's tokenizer, from the converted copy the server has just made (no weights loaded).
+    return load_tokenizer(str(converted_gguf_dir(embedded_gguf_path())))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ probe conversation with sentinel contents is rendered, and the text between sent
     assistant_user  after an assistant turn up to the next user's content
     tail        after the last assistant turn (end-of-turn, EOS)
 
+A text that does not start like the template (OpenRLHF cuts long prompts' tokens from the left) is read as a
+left-cut conversation: the text up to the first turn boundary is what is left of a turn, and it becomes the
+first user turn; the turns after it are read as usual (`ParsedQuery.cut` says so).
+
 Limits: a message whose content contains a separator (e.g. a literal "<|im_end|>") is mis-split, and a template
 that renders turns differently by position (e.g. strips reasoning of earlier turns) is matched as rendered by
 the probe. Only stdlib here: the tokenizer comes from the caller (anything with `apply_chat_template`).

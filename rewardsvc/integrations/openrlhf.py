@@ -32,19 +32,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import InvalidInputError
-from ..types import ScoreResult
+from ..types import ScoreResult, sigmoid
 from .chat_text import ChatTemplateSplitter, ParsedQuery
 
 PATH = "/get_reward"
 CUT_LOG = "prompt_cut"
 RAW_SCORE_LOG = "raw_score"  # with the server's normalization on, the raw scores beside the z-score rewards
 
-
-def _sigmoid(x: float) -> float:
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    z = math.exp(x)  # no overflow for very negative scores
-    return z / (1.0 + z)
 
 
 @dataclass(frozen=True)
@@ -78,7 +72,7 @@ class ScoresMapping:
 
     def __call__(self, score: float) -> float:
         if self.kind == "sigmoid":
-            return _sigmoid(score)
+            return sigmoid(score)
         if self.kind == "threshold":
             return 1.0 if score >= self.threshold else 0.0
         return score

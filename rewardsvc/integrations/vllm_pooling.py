@@ -28,7 +28,6 @@ This module is the protocol only; stdlib, no grpc, no torch.
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
 from collections.abc import Sequence
@@ -36,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import InvalidInputError
-from ..types import ScoreResult
+from ..types import ScoreResult, sigmoid
 
 CLASSIFY_PATH, POOLING_PATH, MODELS_PATH = "/classify", "/pooling", "/v1/models"
 OWNED_BY = "rewardsvc"
@@ -129,15 +128,9 @@ def parse_request(body: Any, route: str) -> PoolingRequest:
                           add_special_tokens=_bool(body, "add_special_tokens", "messages" not in body))  # fmt: skip
 
 
-def _sigmoid(x: float) -> float:
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    z = math.exp(x)
-    return z / (1.0 + z)
-
 
 def _value(result: ScoreResult, use_activation: bool) -> float:
-    return _sigmoid(result.score) if use_activation else result.score
+    return sigmoid(result.score) if use_activation else result.score
 
 
 def _envelope(prefix: str, model: str, results: Sequence[ScoreResult]) -> dict[str, Any]:
