@@ -54,6 +54,10 @@ def embed_encoded(
             hidden = backbone.hidden_at([list(e.input_ids)], [[e.prompt_anchor, e.response_anchor]])
             prompt[i], response[i] = hidden[0, 0], hidden[0, 1]
         return Embeddings(response=response, prompt=prompt)
+    if not attention_only(backbone.model.config):
+        # Linear-attention / state-space blocks carry state across a packed row's boundary and keep no key/value
+        # cache to continue: such a model runs padded, each conversation whole.
+        share_prompts = packed = False
     rest = list(range(len(encoded)))
     if share_prompts:
         # Under sliding-window attention a continued cache is exact only while the whole conversation fits in
@@ -79,6 +83,20 @@ def embed_encoded(
         prompt[index] = hidden[:, 0]
         response[index] = hidden[:, 1]
     return Embeddings(response=response, prompt=prompt)
+
+
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def attention_only(config) -> bool:
+    """Whether every block mixes tokens by (full or sliding-window) attention alone, as the config's
+    `layer_types` (or `layers_block_type`) say; then the attention mask keeps packed rows apart and a prompt's
+    key/value cache is all the state a continuation needs. Hybrid models (linear attention, Mamba blocks) are not."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and any(t not in ATTENTION_LAYER_TYPES for t in layer_types):
+        return False
+    block_types = getattr(config, "layers_block_type", None)
+    return block_types is None or all(t == "attention" for t in block_types)
 
 
 def attention_window(config) -> int | None:

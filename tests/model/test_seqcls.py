@@ -224,6 +224,34 @@ def test_sliding_window_shares_a_prompt_only_within_the_window(tmp_path):
                                    msg=lambda m: f"{name}: {m}")  # fmt: skip
 
 
+def test_a_hybrid_linear_attention_model_runs_padded_and_equals_transformers(tmp_path):
+    """Qwen3-Next (a linear-attention block, then an attention block): its linear attention would carry state
+    across a packed row's boundary and it keeps no key/value cache to continue, so every plan runs it padded,
+    each conversation whole, and equals transformers' forward."""
+    from transformers import AutoModelForSequenceClassification, Qwen3NextConfig
+
+    from tiny_models import build_tokenizer
+
+    tokenizer = build_tokenizer("chatml")
+    torch.manual_seed(4)
+    config = Qwen3NextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=8,
+        linear_value_head_dim=8, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16,
+        shared_expert_intermediate_size=16, layer_types=["linear_attention", "full_attention"],
+        pad_token_id=tokenizer.pad_token_id, num_labels=1,
+    )  # fmt: skip
+    model = AutoModelForSequenceClassification.from_config(config)
+    with torch.no_grad():
+        model.score.weight.normal_(0.0, 1.0)
+    model.save_pretrained(tmp_path / "hybrid")
+    tokenizer.save_pretrained(tmp_path / "hybrid")
+    expected = seqcls_oracle(tmp_path / "hybrid", conversations())[:, 0]
+    for name, variant in plans(Scorer.load(tmp_path / "hybrid")).items():
+        got = torch.tensor([r.score for r in variant.score(conversations())])
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
 def test_a_model_without_a_pad_token_id_reads_the_last_token(tmp_path):
     """No config.pad_token_id: transformers reads the last token (batch size 1 only); rewardsvc does too, in any
     batch."""
