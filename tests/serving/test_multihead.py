@@ -5,8 +5,10 @@ unknown name is INVALID_ARGUMENT naming the field, GetModelInfo lists every mode
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -50,7 +52,7 @@ def models(checkpoints):
 
 @pytest.fixture(scope="module")
 def served(models):
-    running = start_server(models)
+    running = start_server(models, http_port=0)
     yield running
     running.stop(0)
 
@@ -168,6 +170,19 @@ def test_two_head_sets_share_one_backbone_forward_per_batch(served, stub, models
     assert results["a"].model == "a" and results["b"].model == "b"
     assert scores(results["a"]) == scores(stub.Score(score_request(CONVERSATIONS, model="a")))
     assert scores(results["b"]) == scores(stub.Score(score_request(CONVERSATIONS, model="b")))
+
+
+def test_http_lists_every_model_and_classify_chooses_one(served, stub):
+    base = f"http://127.0.0.1:{served.http_port}"
+    with urllib.request.urlopen(f"{base}/v1/models", timeout=30) as reply:
+        assert [card["id"] for card in json.load(reply)["data"]] == ["a", "b", "c"]
+    body = json.dumps({"model": "b", "messages": CONVERSATIONS[0], "use_activation": False}).encode()  # the raw score
+    request = urllib.request.Request(f"{base}/classify", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        answer = json.load(reply)
+    assert answer["model"] == "b"
+    expected = stub.Score(score_request(CONVERSATIONS[:1], model="b")).results[0].score
+    assert abs(answer["data"][0]["probs"][0] - expected) <= 1e-5
 
 
 def test_model_flags_parse(tmp_path):
