@@ -109,8 +109,7 @@ class ScoreBatches:
         from .backends import LocalBackend
         from .main import load_scorer
 
-        if isinstance(weights, dict):
-            weights = AttributeWeights(mode=weights.get("mode", ""), values=weights.get("values") or {})
+        weights = AttributeWeights.of(weights)
         scorer = load_scorer(model_args(model=model, **model_options))
         if weights is not None:
             weights.check_attributes(scorer.attributes)
@@ -242,6 +241,7 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_ray(args: argparse.Namespace) -> int:
     """`rewardsvc score --ray`: read INPUT (file or directory) here, score on Ray, write OUTPUT here."""
+    from .main import parse_weights
     from .score_pipeline import Summary
     from .score_io import check_output, file_format, write_parquet
 
@@ -264,7 +264,9 @@ def run_ray(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--output: {output} exists; pass --overwrite to replace it", field="output")
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     options = {k: getattr(args, k) for k in vars(model_args()) if k != "model"}
-    scorer_kwargs = {"model": args.model, "weights": json.loads(args.weights) if args.weights else None, **options}
+    weights = parse_weights(args.weights)  # checked here, before any actor starts
+    plain_weights = None if weights is None else {"mode": weights.mode, "values": dict(weights.values)}
+    scorer_kwargs = {"model": args.model, "weights": plain_weights, **options}
     import ray
 
     started = time.monotonic()

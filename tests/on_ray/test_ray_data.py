@@ -148,3 +148,17 @@ def test_a_killed_actor_is_retried_and_every_row_comes_back_once(input_jsonl, he
     assert marker.exists()  # the actor did die mid-job
     # (the Parquet file the local run wrote reads back without null fields: the bad JSON line has no id)
     assert_same_rows([{k: v for k, v in r.items() if v is not None} for r in got], local_output)
+
+
+def test_cli_refusals_name_the_flag_before_any_actor_starts(input_jsonl, heads_dir, tmp_path, capsys):
+    out = tmp_path / "out.parquet"
+    base = ["score", str(input_jsonl), "-o", str(out), "--model", str(heads_dir), "--no-progress", "--ray"]
+    assert cli.main([*base, "--group-by", "id"]) == 2
+    assert "--group-by is not supported with --ray" in capsys.readouterr().err
+    assert cli.main([*base, "--weights", "{not json"]) == 2
+    assert "--weights is not valid JSON" in capsys.readouterr().err
+    assert cli.main([*base, "--ray-actors", "0"]) == 2
+    assert "--ray-actors must be >= 1" in capsys.readouterr().err
+    out.write_bytes(b"")
+    assert cli.main(base) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
