@@ -16,7 +16,6 @@ RECORDS = ROOT / "eval" / "results" / "heldout-rewardsvc-default-smollm2-135m.re
 SUMMARY = ROOT / "eval" / "results" / "heldout-rewardsvc-default-smollm2-135m.jsonl"
 TOL = 1e-4
 
-pytestmark = [pytest.mark.slow, pytest.mark.needs_data]
 
 
 def evaluate_default():
@@ -34,6 +33,8 @@ def test_records_file_is_the_one_its_summary_describes():
     assert last["recipe"]["max_tokens"] == 1024
 
 
+@pytest.mark.slow
+@pytest.mark.needs_data
 def test_a_fixed_sample_of_the_committed_records_rescores_to_1e_4():
     records = [json.loads(line) for line in RECORDS.read_text(encoding="utf-8").splitlines()]
     sample = sorted(records, key=lambda r: hashlib.sha256(r["id"].encode()).hexdigest())[:8]  # fixed by the ids
