@@ -168,6 +168,17 @@ def test_rewardbench_armorm_pipeline_call(exported):
     assert results == [1 if e[0] > f[0] else 0 for e, f in zip(expected[:2], expected[2:])]
 
 
+def test_a_llama3_template_export_finds_its_anchors(tmp_path):
+    """The published ArmoRM's template (Llama-3: BOS, <|eot_id|>, header tokens): the anchors read off it."""
+    backbone = save_tiny_llama(tmp_path / "llama3", "llama3", seed=4)
+    heads_dir = save_tiny_heads(tmp_path / "heads", backbone)
+    assert cli_main(["export", str(heads_dir), str(tmp_path / "out")]) == 0
+    scorer = Scorer.load(heads_dir)
+    model, tokenizer = load_hf(tmp_path / "out")
+    for side in ("right", "left"):
+        assert_matches_rewardsvc(hf_outputs(model, tokenizer, CONVERSATIONS, side), scorer.score(CONVERSATIONS), scorer.attributes)
+
+
 def test_an_adapter_merged_backbone_exports_merged(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
