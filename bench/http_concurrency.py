@@ -67,13 +67,13 @@ def start_server(args, log_path: Path) -> tuple[subprocess.Popen, int, int]:
     raise SystemExit("the server did not become ready in 600 s")
 
 
-async def post_like_openrlhf(url: str, query: str, prompt: str) -> tuple[float, float | None]:
+async def post_like_openrlhf(url: str, query: str, prompt: str, timeout_s: float) -> tuple[float, float | None]:
     """(seconds, reward or None): one sample, as openrlhf/utils/agent.py _fetch_rewards_via_http posts it."""
     import aiohttp
 
     started = time.perf_counter()
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=OPENRLHF_TIMEOUT_S)) as session:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
             async with session.post(url, json={"query": [query], "prompts": [prompt], "labels": [""]}) as response:
                 response.raise_for_status()
                 body = await response.json()
@@ -83,9 +83,9 @@ async def post_like_openrlhf(url: str, query: str, prompt: str) -> tuple[float, 
         return time.perf_counter() - started, None
 
 
-async def http_round(url: str, samples: list[tuple[str, str]]) -> tuple[float, list[float], list[float | None]]:
+async def http_round(url: str, samples: list[tuple[str, str]], timeout_s: float) -> tuple[float, list[float], list[float | None]]:
     started = time.perf_counter()
-    out = await asyncio.gather(*(post_like_openrlhf(url, q, p) for q, p in samples))
+    out = await asyncio.gather(*(post_like_openrlhf(url, q, p, timeout_s) for q, p in samples))
     return time.perf_counter() - started, [s for s, _ in out], [r for _, r in out]
 
 
@@ -96,6 +96,9 @@ def main() -> None:
     parser.add_argument("--large", type=int, default=1024, help="concurrent posts of the last check (0 = skip)")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model (seconds; for trying the script)")
     parser.add_argument("--torch-threads", type=int, default=None)
+    parser.add_argument("--client-timeout", type=float, default=OPENRLHF_TIMEOUT_S,
+                        help="each POST's total timeout in the throughput rounds (default OpenRLHF's 180 s; raise it on a "
+                             "machine too slow to score N conversations in 180 s, or the ratio counts lost requests)")  # fmt: skip
     parser.add_argument("--out", default=None, help="append the JSON line here")
     args = parser.parse_args()
 
@@ -119,13 +122,13 @@ def main() -> None:
             convs = conversations(args.n)
             samples = render(convs)
             tokens = sum(r.num_tokens for r in client.score(conversations(8, 10**6)))  # warm both paths
-            asyncio.run(http_round(url, render(conversations(8, 2 * 10**6))))
+            asyncio.run(http_round(url, render(conversations(8, 2 * 10**6)), args.client_timeout))
             rows, worst = [], 0.0
             for r in range(args.rounds):
                 started = time.perf_counter()
                 expected = client.score(convs, timeout=600)
                 grpc_s = time.perf_counter() - started
-                http_s, latencies, rewards = asyncio.run(http_round(url, samples))
+                http_s, latencies, rewards = asyncio.run(http_round(url, samples, args.client_timeout))
                 failed = sum(x is None for x in rewards)
                 worst = max([worst] + [abs(x - e.score) for x, e in zip(rewards, expected) if x is not None])
                 rows.append({"grpc_s": round(grpc_s, 3), "http_s": round(http_s, 3), "ratio": round(grpc_s / http_s, 3),
@@ -136,19 +139,21 @@ def main() -> None:
             large = None
             if args.large:
                 big = render(conversations(args.large, 10**5))
-                large_s, latencies, rewards = asyncio.run(http_round(url, big))
+                large_s, latencies, rewards = asyncio.run(http_round(url, big, OPENRLHF_TIMEOUT_S))
                 large = {"n": args.large, "seconds": round(large_s, 2), "slowest_s": round(max(latencies), 2),
                          "failed": sum(x is None for x in rewards), "within_openrlhf_timeout": max(latencies) < OPENRLHF_TIMEOUT_S}  # fmt: skip
                 print(f"{args.large} concurrent posts: {large_s:.1f} s, slowest {max(latencies):.1f} s, failed {large['failed']}")
     finally:
         process.terminate()
         process.wait(120)
+    if any(r["http_failed"] for r in rows):
+        raise SystemExit("some HTTP requests failed: no throughput is recorded (see --client-timeout)")
     grpc_rate = statistics.median(args.n / (r["grpc_s"]) for r in rows)
     http_rate = statistics.median(args.n / (r["http_s"]) for r in rows)
     row = {
         "bench": "http_concurrency", **stamp(), "machine_details": machine(), "model": info["model_id"], "n": args.n, "conversation_tokens": tokens,
         "grpc_conversations_per_s": round(grpc_rate, 2), "http_conversations_per_s": round(http_rate, 2),
-        "ratio": round(http_rate / grpc_rate, 3), "max_abs_reward_diff": worst, "rounds": rows, "large": large,
+        "ratio": round(http_rate / grpc_rate, 3), "max_abs_reward_diff": worst, "client_timeout_s": args.client_timeout, "rounds": rows, "large": large,
         "load_average": os.getloadavg()[0], "note": "server in its own process (rewardsvc serve), the client here; same machine",
     }  # fmt: skip
     print(f"ratio http/grpc = {row['ratio']:.2f} (target >= 0.80); max |http - grpc| = {worst:.2e}")
