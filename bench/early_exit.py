@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from rewardsvc.config import BackboneConfig
-from rewardsvc.model.backbone import load_backbone, truncate_backbone
+from rewardsvc.model.backbone import truncate_backbone
+from rewardsvc.model.backbone_loading import load_backbone
 from rewardsvc.model.conversation import validate_conversation
 from rewardsvc.model.encoding import ChatEncoder
 

@@ -23,7 +23,7 @@ prepare() {
     grep -qxF "/$GPU_DIR/" .git/info/exclude 2>/dev/null || echo "/$GPU_DIR/" >> .git/info/exclude
     rm -rf "$GPU_DIR" && mkdir -p "$GPU_DIR"/{part-a,part-b,meta,wheels}
     local gguf data
-    gguf=$($PY -c "from rewardsvc.model.backbone import embedded_gguf_path; print(embedded_gguf_path())")
+    gguf=$($PY -c "from rewardsvc.model.backbone_loading import embedded_gguf_path; print(embedded_gguf_path())")
     data=${DATA_DIR:-../shared/data}
     split -b 50M "$gguf" "$GPU_DIR/split."
     mv "$GPU_DIR/split.aa" "$GPU_DIR/part-a/gguf"

@@ -26,10 +26,11 @@ import torch
 
 from rewardsvc.config import BackboneConfig
 from rewardsvc.errors import InvalidInputError
-from rewardsvc.model.backbone import Backbone, converted_gguf_dir, load_backbone, truncate_backbone
+from rewardsvc.model.backbone import Backbone, truncate_backbone
+from rewardsvc.model.backbone_loading import converted_gguf_dir, load_backbone
 from rewardsvc.model.encoding import ChatEncoder
 from rewardsvc.training.data.build import build_training_sets, round_robin
-from rewardsvc.training.pipeline import _features_fn
+from rewardsvc.training.pipeline import features_at_layers
 
 # Gemma's turn format (as in the Gemma instruction-tuned models); a system turn is folded into the first user turn.
 GEMMA_TEMPLATE = (
@@ -56,7 +57,7 @@ def load_gemma() -> Backbone:
 def embed(backbone: Backbone, encoded, layers, budget=2048):
     """(N, L, H) response-anchor and prompt-anchor states (the training pipeline's own feature pass), and tokens/s."""
     start = time.perf_counter()
-    response, prompt = _features_fn(backbone, layers, budget)(encoded)
+    response, prompt = features_at_layers(backbone, layers, budget)(encoded)
     return response, prompt, sum(e.num_tokens for e in encoded) / (time.perf_counter() - start)
 
 

@@ -25,7 +25,7 @@ import torch
 
 from rewardsvc.config import BackboneConfig
 from rewardsvc.evaluation.report import evaluate_pairs
-from rewardsvc.model.backbone import load_backbone
+from rewardsvc.model.backbone_loading import load_backbone
 
 
 def response_log_probs(backbone, prompt: list[dict], response: str, max_tokens: int) -> list[float] | None:

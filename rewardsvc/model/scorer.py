@@ -18,7 +18,8 @@ from ..config import BackboneConfig, ScoreMix, ScorerConfig
 from ..errors import CheckpointError
 from ..normalization import Calibration
 from ..types import AttributeWeights, InspectResult, ScoreResult
-from .backbone import Backbone, load_backbone, load_tokenizer, resolve_device, resolve_dtype, truncate_backbone
+from .backbone import Backbone, truncate_backbone
+from .backbone_loading import load_backbone, load_tokenizer, resolve_device, resolve_dtype
 from .calibration import calibration_summary, load_calibration
 from .checkpoint import is_heads_checkpoint, is_reference_checkpoint, load_heads, load_reference, load_reference_heads
 from .conversation import as_prompt, validate_conversation, validate_prompt, with_response

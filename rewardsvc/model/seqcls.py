@@ -31,7 +31,8 @@ from torch import nn
 from ..config import BackboneConfig, ScoreMix
 from ..errors import CheckpointError, InvalidInputError
 from ..types import AttributeWeights
-from .backbone import Backbone, load_tokenizer, resolve_device, resolve_dtype
+from .backbone import Backbone
+from .backbone_loading import load_tokenizer, resolve_device, resolve_dtype
 from .encoding import ResponseAnchor
 from .heads import HeadOutput
 from .steering import steer

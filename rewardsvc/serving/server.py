@@ -282,7 +282,7 @@ def _policy_tokenizer_loader(reference: str | None):
         return None
 
     def load():
-        from ..model.backbone import load_tokenizer
+        from ..model.backbone_loading import load_tokenizer
         from ..model.hub import resolve_model_path
 
         return load_tokenizer(str(resolve_model_path(reference, "--http-policy-template")))

@@ -37,7 +37,8 @@ from safetensors.torch import load_file, save_file
 
 from ..config import BackboneConfig
 from ..errors import InvalidInputError
-from ..model.backbone import Backbone, _decoder_of, _source, load_tokenizer, truncate_backbone
+from ..model.backbone import Backbone, decoder_of, truncate_backbone
+from ..model.backbone_loading import backbone_source, load_tokenizer
 from ..model.encoding import ChatEncoder, EncodedConversation
 from .data.schema import PreferencePair
 
@@ -93,15 +94,15 @@ class BTRewardModel(torch.nn.Module):
         super().__init__()
         self.peft_model = peft_model  # owns the LoRA parameters; the decoder is inside it, adapted in place
         self.backbone = backbone  # padding and gathering exactly as serving does (Backbone._inputs / _gather)
-        self.decoder = _decoder_of(backbone.model)
+        self.decoder = decoder_of(backbone.model)
         self.head = head
 
     def forward(self, encoded: Sequence[EncodedConversation]) -> torch.Tensor:
         """One reward per conversation, (N,), from the state at each row's response anchor (its last token)."""
-        input_ids, mask, index = self.backbone._inputs([list(e.input_ids) for e in encoded],
+        input_ids, mask, index = self.backbone.padded_inputs([list(e.input_ids) for e in encoded],
                                                        [[e.response_anchor] for e in encoded])  # fmt: skip
         hidden = self.decoder(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (N, T, H)
-        return self.head(Backbone._gather(hidden, index)[:, 0].float()).squeeze(-1)
+        return self.head(Backbone.gather_positions(hidden, index)[:, 0].float()).squeeze(-1)
 
 
 def build_model(backbone: BackboneConfig, config: Stage0Config, adapter_dir: Path | None = None):
@@ -112,7 +113,7 @@ def build_model(backbone: BackboneConfig, config: Stage0Config, adapter_dir: Pat
 
     if backbone.quantization or backbone.adapter:
         raise InvalidInputError("stage 0 trains from a plain backbone (no quantization, no adapter)", field="backbone")
-    source, backbone_id = _source(backbone)
+    source, backbone_id = backbone_source(backbone)
     tokenizer = load_tokenizer(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=False)
     wrapped = Backbone(model, tokenizer, backbone_id, torch.device("cpu"), torch.float32)

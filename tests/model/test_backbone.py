@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from rewardsvc.model.backbone import _gguf_cache_dir, load_backbone
+from rewardsvc.model.backbone_loading import gguf_cache_dir, load_backbone
 from rewardsvc.config import EMBEDDED_DEFAULT_BACKBONE, BackboneConfig
 from rewardsvc.errors import BackboneError, InvalidInputError
 
@@ -109,12 +109,12 @@ def test_conversion_cache_is_keyed_by_content_not_location(tmp_path, monkeypatch
         path.parent.mkdir()
         path.write_bytes(content)
     os.utime(second, (1_000_000, 1_000_000))
-    assert _gguf_cache_dir(first) == _gguf_cache_dir(second)
-    assert _gguf_cache_dir(first) != _gguf_cache_dir(other)
-    assert _gguf_cache_dir(first).parent == tmp_path / "cache" / "converted"
-    assert _gguf_cache_dir(first).name.startswith("m-")
+    assert gguf_cache_dir(first) == gguf_cache_dir(second)
+    assert gguf_cache_dir(first) != gguf_cache_dir(other)
+    assert gguf_cache_dir(first).parent == tmp_path / "cache" / "converted"
+    assert gguf_cache_dir(first).name.startswith("m-")
     # Rewriting a file in place (new mtime) is re-hashed, not served from the in-process memo.
-    before = _gguf_cache_dir(first)
+    before = gguf_cache_dir(first)
     first.write_bytes(b"GGUF" * 999 + b"FUGG")
     os.utime(first, (2_000_000, 2_000_000))
-    assert _gguf_cache_dir(first) == _gguf_cache_dir(other) != before
+    assert gguf_cache_dir(first) == gguf_cache_dir(other) != before

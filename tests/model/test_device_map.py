@@ -15,7 +15,7 @@ import torch
 from rewardsvc.cli.main import add_model_arguments, backbone_override
 from rewardsvc.config import BackboneConfig
 from rewardsvc.errors import InvalidInputError
-from rewardsvc.model.backbone import load_backbone
+from rewardsvc.model.backbone_loading import load_backbone
 from rewardsvc.model.scorer import Scorer
 from tiny_models import save_tiny_heads
 

@@ -10,7 +10,8 @@ import torch
 
 from rewardsvc.config import BackboneConfig, HeadsConfig
 from rewardsvc.errors import BackboneError, CheckpointError, InvalidInputError
-from rewardsvc.model.backbone import Backbone, load_backbone, truncate_backbone
+from rewardsvc.model.backbone import Backbone, truncate_backbone
+from rewardsvc.model.backbone_loading import load_backbone
 from rewardsvc.model.checkpoint import HeadsCheckpoint, save_heads
 from rewardsvc.model.heads import ArmoHeads
 from rewardsvc.model.scorer import Scorer

@@ -29,7 +29,7 @@ def test_log_probs_equal_the_causal_lm(tied_tiny_dir):
     from transformers import LlamaForCausalLM
 
     from rewardsvc.config import BackboneConfig
-    from rewardsvc.model.backbone import load_backbone
+    from rewardsvc.model.backbone_loading import load_backbone
 
     backbone = load_backbone(BackboneConfig(model=str(tied_tiny_dir)))
     prompt = [{"role": "user", "content": "What is the capital of France?"}]
@@ -51,7 +51,7 @@ def test_log_probs_equal_the_causal_lm(tied_tiny_dir):
 
 def test_untied_backbone_is_refused(tiny_llama_dir):
     from rewardsvc.config import BackboneConfig
-    from rewardsvc.model.backbone import load_backbone
+    from rewardsvc.model.backbone_loading import load_backbone
 
     backbone = load_backbone(BackboneConfig(model=str(tiny_llama_dir)))
     with pytest.raises(ValueError, match="tie_word_embeddings"):
@@ -60,7 +60,7 @@ def test_untied_backbone_is_refused(tiny_llama_dir):
 
 def test_over_max_tokens_is_none(tied_tiny_dir):
     from rewardsvc.config import BackboneConfig
-    from rewardsvc.model.backbone import load_backbone
+    from rewardsvc.model.backbone_loading import load_backbone
 
     backbone = load_backbone(BackboneConfig(model=str(tied_tiny_dir)))
     assert _script().response_log_probs(backbone, [{"role": "user", "content": "hi"}], "hello " * 50, max_tokens=20) is None

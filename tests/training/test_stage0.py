@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 import rewardsvc.training.pipeline as pipeline
 from rewardsvc.config import BackboneConfig
 from rewardsvc.errors import CheckpointError, InvalidInputError
-from rewardsvc.model.backbone import load_backbone, truncate_backbone
+from rewardsvc.model.backbone import truncate_backbone
+from rewardsvc.model.backbone_loading import load_backbone
 from rewardsvc.model.checkpoint import load_heads, save_heads
 from rewardsvc.model.scorer import Scorer
 from rewardsvc.training.data.schema import PreferencePair

@@ -114,7 +114,7 @@ def test_rerun_reuses_the_cached_embeddings(trained, monkeypatch):
     def no_backbone_pass(*args, **kwargs):
         raise AssertionError("a re-run must not embed again")
 
-    monkeypatch.setattr(pipeline, "_features_fn", lambda *args: no_backbone_pass)
+    monkeypatch.setattr(pipeline, "features_at_layers", lambda *args: no_backbone_pass)
     provenance = run_training(replace(config, preference_heads=(False,)))
     assert provenance["data"]["stage1_train"] > 0
 
@@ -127,7 +127,7 @@ def test_a_partial_store_trains_on_what_is_stored(trained, tmp_path, monkeypatch
     shutil.copytree(Path(config.work_dir) / "features", work / "features")
     parts = sorted((work / "features").glob("part-*.safetensors"))
     parts[-1].unlink()  # lose the last chunk, as a killed run would
-    monkeypatch.setattr(pipeline, "_features_fn", lambda *args: (_ for _ in ()).throw(AssertionError("no pass")))
+    monkeypatch.setattr(pipeline, "features_at_layers", lambda *args: (_ for _ in ()).throw(AssertionError("no pass")))
     partial = run_training(replace(config, work_dir=str(work), out_dir=str(tmp_path / "heads"), embed="stored",
                                    preference_heads=(False,)))  # fmt: skip
     coverage = partial["data"]["features"]
