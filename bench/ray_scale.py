@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--actors", default="1,2", help="actor counts to run (default %(default)s)")
     parser.add_argument("--out", help="append the JSON lines here (with machine, date, commit)")
     opts = parser.parse_args()
-    from rewardsvc.cli.score_io import read_output
+    from rewardsvc.cli.batch_io import read_output
 
     root = Path(tempfile.mkdtemp(prefix="rewardsvc-ray-bench-"))
     model = ["--model", str(tiny_model(root))] if opts.tiny else []

@@ -59,8 +59,8 @@ def model_directory(args: argparse.Namespace) -> Path:
 
 
 def conversations_of(path: Path) -> list:
-    from .rows import conversation_of
-    from .score_io import read_rows
+    from .batch_io import conversation_of
+    from .batch_io import read_rows
 
     out = []
     for raw in read_rows(path, "input"):

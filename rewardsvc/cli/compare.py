@@ -26,7 +26,7 @@ output (.jsonl or .parquet; stdout when -o is absent), one row per input row, in
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .backends import add_server_arguments
+    from .score_sources import add_server_arguments
 
     parser.add_argument("pairs", help="preference pairs, .jsonl or .parquet (format below)")
     parser.add_argument("-o", "--output", help="output .jsonl or .parquet (default: stdout)")
@@ -50,8 +50,8 @@ def pair_conversations(row: dict[str, Any]) -> tuple[list, list]:
                  for name, text in (("chosen", pair.chosen), ("rejected", pair.rejected)))  # fmt: skip
 
 
-def compare_rows(chunk: Sequence, backend) -> list[dict[str, Any]]:
-    """One output row per input row of the chunk; both conversations of every pair in one backend call."""
+def compare_rows(chunk: Sequence, source) -> list[dict[str, Any]]:
+    """One output row per input row of the chunk; both conversations of every pair in one call to the score source."""
     from .score_pipeline import conversation_key
 
     parsed: list[Any] = []
@@ -64,7 +64,7 @@ def compare_rows(chunk: Sequence, backend) -> list[dict[str, Any]]:
         except (RewardError, TypeError, KeyError) as exc:
             parsed.append(f"line {raw.line}: {exc}")
     unique = {conversation_key(c): c for p in parsed if not isinstance(p, str) for c in p}
-    outcomes = dict(zip(unique, backend.score(list(unique.values())))) if unique else {}
+    outcomes = dict(zip(unique, source.score(list(unique.values())))) if unique else {}
     rows = []
     for raw, p in zip(chunk, parsed):
         if isinstance(p, str):
@@ -91,9 +91,9 @@ def compare_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .backends import open_backend
+    from .score_sources import open_score_source
     from .main import parse_weights
-    from .score_io import ResumableWriter, check_output, read_rows
+    from .batch_io import ResumableWriter, check_output, read_rows
 
     if args.output is not None:
         check_output(args.output)
@@ -103,14 +103,14 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--chunk-size must be >= 1, got {args.chunk_size}", field="chunk_size")
     inputs = read_rows(args.pairs, "pairs")
     weights = parse_weights(args.weights)
-    backend, _ = open_backend(args, weights)
+    source, _ = open_score_source(args, weights)
     errors, shown = 0, []
     writer = ResumableWriter(args.output, inputs, args.overwrite) if args.output else None
     try:
         start = writer.done if writer else 0
         errors = writer.done_errors if writer else 0
         for i in range(start, len(inputs), args.chunk_size):
-            rows = compare_rows(inputs[i : i + args.chunk_size], backend)
+            rows = compare_rows(inputs[i : i + args.chunk_size], source)
             errors += sum("error" in r for r in rows)
             if writer:
                 writer.write(rows)
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if writer:
             writer.close()
-        backend.close()
+        source.close()
     if writer is None:
         import json
 

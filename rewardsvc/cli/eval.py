@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from ..errors import RewardError
-from .rows import read_jsonl
+from .batch_io import read_jsonl
 
 uses_model = True
 

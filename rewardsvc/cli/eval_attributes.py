@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from ..errors import InvalidInputError, RewardError
-from .rows import conversation_of, read_jsonl
+from .batch_io import conversation_of, read_jsonl
 
 uses_model = True
 

@@ -23,7 +23,7 @@ output: a table (attribute, gating weight, effective coefficient), largest weigh
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .backends import add_server_arguments
+    from .score_sources import add_server_arguments
 
     parser.add_argument("prompt", help="a prompt string, or a JSON list of messages ending with a user message")
     parser.add_argument("--weights", help="optional steering, as for score")
@@ -65,7 +65,7 @@ def no_gating_text(model_id: str, coefficients: dict[str, float], source: str) -
 
 
 def run(args: argparse.Namespace) -> int:
-    from .backends import connect
+    from .score_sources import connect
     from .main import load_scorer, parse_weights
     from .tables import weights_table
 

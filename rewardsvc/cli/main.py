@@ -10,7 +10,6 @@ import importlib
 import json
 import logging
 import sys
-from pathlib import Path
 
 from .. import __version__
 from ..config import BackboneConfig, ScoreMix, ScorerConfig

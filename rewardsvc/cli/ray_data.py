@@ -35,7 +35,7 @@ from typing import Any
 
 from ..errors import InvalidInputError
 from ..types import AttributeWeights
-from .rows import RawRow
+from .batch_io import RawRow
 
 # Columns of the table the CLI driver hands to the actors: each input row as JSON text (or its read error) plus
 # its position, so that bad lines become error rows exactly as in the local CLI and the output keeps input order.
@@ -106,14 +106,14 @@ class ScoreBatches:
 
     def __init__(self, model: str | None = None, *, weights: AttributeWeights | dict | None = None,
                  line_column: str | None = None, **model_options: Any):  # fmt: skip
-        from .backends import LocalBackend
+        from .score_sources import LocalSource
         from .main import load_scorer
 
         weights = AttributeWeights.of(weights)
         scorer = load_scorer(model_args(model=model, **model_options))
         if weights is not None:
             weights.check_attributes(scorer.attributes)
-        self.backend = LocalBackend(scorer, weights)
+        self.backend = LocalSource(scorer, weights)
         self.attributes = tuple(scorer.attributes)
         self.line_column = line_column
 
@@ -166,7 +166,7 @@ class ScoreBatches:
 
 def input_files(path: str | Path) -> list[Path]:
     """A .jsonl / .parquet file, or every such file of a directory (sorted by name)."""
-    from .score_io import FORMATS
+    from .batch_io import FORMATS
 
     path = Path(path)
     if path.is_dir():
@@ -179,7 +179,7 @@ def input_files(path: str | Path) -> list[Path]:
 
 def read_inputs(path: str | Path) -> list[RawRow]:
     """Every row of every input file, in order (line numbers are per file, as the local CLI counts them)."""
-    from .score_io import read_rows
+    from .batch_io import read_rows
 
     return [row for f in input_files(path) for row in read_rows(f, "input")]
 
@@ -243,7 +243,7 @@ def run_ray(args: argparse.Namespace) -> int:
     """`rewardsvc score --ray`: read INPUT (file or directory) here, score on Ray, write OUTPUT here."""
     from .main import parse_weights
     from .score_pipeline import Summary
-    from .score_io import check_output, file_format, write_parquet
+    from .batch_io import check_output, file_format, write_parquet
 
     if args.output is None:
         raise InvalidInputError("-o/--output is required with --ray (a .parquet or .jsonl file)", field="output")
@@ -288,7 +288,7 @@ def run_ray(args: argparse.Namespace) -> int:
     tmp.replace(output)  # OUT is absent or complete
     errors = sum("error" in r for r in rows)
     summary = Summary(rows=len(inputs), written=len(rows), errors=errors, seconds=time.monotonic() - started,
-                      backend=f"Ray {args.ray or 'local'} x{args.ray_actors} actors", output=str(output))  # fmt: skip
+                      source=f"Ray {args.ray or 'local'} x{args.ray_actors} actors", output=str(output))  # fmt: skip
     summary.tokens = sum(r.get("num_tokens", 0) for r in rows)
     summary.unique = len(rows) - errors
     print(summary.line(), file=sys.stderr)

@@ -28,7 +28,7 @@ resuming: re-run the same command to continue after the last complete row (--ove
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .backends import add_server_arguments
+    from .score_sources import add_server_arguments
     from .ray_data import add_ray_arguments
 
     parser.add_argument("input", help="conversations, .jsonl or .parquet (format below)")
@@ -53,9 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .backends import open_backend
+    from .score_sources import open_score_source
     from .main import parse_normalization, parse_weights
-    from .score_io import check_output, read_rows
+    from .batch_io import check_output, read_rows
     from .score_pipeline import score_rows
 
     if args.ray is not None:  # the same rows scored by a Ray actor pool (cli/ray_data.py)
@@ -76,12 +76,12 @@ def run(args: argparse.Namespace) -> int:
     if job.size > 1:  # under torchrun: this rank scores its shard (cli/sharded.py)
         return run_sharded(args, inputs, weights, job)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    backend, description = open_backend(args, weights, normalization)
+    source, description = open_score_source(args, weights, normalization)
     try:
-        summary = score_rows(inputs, args.output, backend, chunk_size=args.chunk_size, group_by=args.group_by,
+        summary = score_rows(inputs, args.output, source, chunk_size=args.chunk_size, group_by=args.group_by,
                              overwrite=args.overwrite, progress=progress, table=args.format == "table")  # fmt: skip
     finally:
-        backend.close()
-    summary.backend = description
+        source.close()
+    summary.source = description
     print(summary.line(), file=sys.stderr)
     return 1 if summary.errors else 0

@@ -1,9 +1,9 @@
-"""The resumable batch-scoring pipeline behind `rewardsvc score`: `score_rows(inputs, output, backend)` (also the
+"""The resumable batch-scoring pipeline behind `rewardsvc score`: `score_rows(inputs, output, source)` (also the
 unit a sharded run calls once per shard).
 
 Rows are taken in input order, chunk by chunk; in each chunk identical conversations are scored once (and
-never again later in the run), `--group-by` groups go through the backend's group path, and the chunk's
-output rows are appended and fsynced before the next chunk starts (see score_io for resuming).
+never again later in the run), `--group-by` groups go through the source's group path, and the chunk's
+output rows are appended and fsynced before the next chunk starts (see batch_io for resuming).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, TextIO
 from ..errors import InvalidInputError, RewardError
 from ..model.conversation import Messages
 from ..types import GroupResult, ScoreResult
-from .rows import RawRow, conversation_of
+from .batch_io import RawRow, conversation_of
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Summary:
     tokens: int = 0  # their tokens
     errors: int = 0  # error rows in the whole output
     seconds: float = 0.0
-    backend: str = ""
+    source: str = ""
     output: str = "stdout"
 
     def line(self) -> str:
@@ -41,7 +41,7 @@ class Summary:
         return (
             f"score: {self.rows} rows{resumed}; {self.written} written ({self.unique} unique conversations scored, "
             f"{self.tokens} tokens) in {self.seconds:.1f} s: {rate:.1f} rows/s, {token_rate:.0f} tokens/s; "
-            f"{self.errors} errors; {self.backend} -> {self.output}"
+            f"{self.errors} errors; {self.source} -> {self.output}"
         )
 
 
@@ -103,8 +103,8 @@ class ScoresOfRun:
     """Results by conversation key (each conversation scored once per run) and group statistics. Memory:
     one result per distinct conversation of the run (a few hundred bytes per attribute set)."""
 
-    def __init__(self, backend, prepared: list[PreparedRow]):
-        self.backend = backend
+    def __init__(self, source, prepared: list[PreparedRow]):
+        self.source = source
         self.by_key: dict[str, ScoreResult | RewardError] = {}
         self.group_stats: dict[str, dict[int, dict[str, Any]]] = {}  # group -> id(row) -> that row's "group" field
         self.members: dict[str, list[PreparedRow]] = {}
@@ -129,7 +129,7 @@ class ScoresOfRun:
         if keys:
             wanted = set(keys)
             by_key = {p.key: p.messages for p in chunk if p.key in wanted}
-            self._record(keys, self.backend.score([by_key[k] for k in keys]))
+            self._record(keys, self.source.score([by_key[k] for k in keys]))
 
     def _score_group(self, group: str) -> None:
         """The whole group at once (also its rows in later chunks): the statistics need every member."""
@@ -138,7 +138,7 @@ class ScoresOfRun:
         if todo:
             messages = {p.key: p.messages for p in members}
             prompt = messages[todo[0]][:-1]
-            self._record(todo, self.backend.score_group(prompt, [messages[k][-1]["content"] for k in todo]))
+            self._record(todo, self.source.score_group(prompt, [messages[k][-1]["content"] for k in todo]))
         scored = [p for p in members if isinstance(self.by_key[p.key], ScoreResult)]
         stats = GroupResult.of([self.by_key[p.key] for p in scored])
         self.group_stats[group] = {
@@ -158,11 +158,11 @@ class ScoresOfRun:
         return row
 
 
-def score_chunk(rows: Sequence[RawRow], backend) -> list[dict[str, Any]]:
+def score_chunk(rows: Sequence[RawRow], source) -> list[dict[str, Any]]:
     """The output rows of `rows`, in order, with nothing written: the unit one Ray Data batch runs
     (cli/ray_data.py). The same validation, error rows and deduplication as score_rows (no --group-by)."""
     prepared = prepare_rows(rows, None)
-    scores = ScoresOfRun(backend, prepared)
+    scores = ScoresOfRun(source, prepared)
     scores.score_missing(prepared)
     return [scores.row(p) for p in prepared]
 
@@ -193,7 +193,7 @@ class _Progress:
 def score_rows(
     inputs: Sequence[RawRow],
     output: str | Path | None,
-    backend,
+    source,
     *,
     chunk_size: int = 256,
     group_by: str | None = None,
@@ -204,8 +204,8 @@ def score_rows(
 ) -> Summary:
     """Score `inputs` into `output` (.jsonl / .parquet; None = stdout), resuming a previous run's output.
     Returns the run's summary; every input row ends up in the output exactly once, in input order."""
-    from .score_io import ResumableWriter
-    from .tables import StdoutWriter
+    from .batch_io import ResumableWriter
+    from .batch_io import StdoutWriter
 
     if chunk_size < 1:
         raise InvalidInputError(f"--chunk-size must be >= 1, got {chunk_size}", field="chunk_size")
@@ -214,7 +214,7 @@ def score_rows(
     summary = Summary(rows=len(inputs), resumed=writer.done, errors=writer.done_errors,
                       output=str(output) if output is not None else "stdout")  # fmt: skip
     prepared = prepare_rows(inputs, group_by)
-    scores = ScoresOfRun(backend, prepared)
+    scores = ScoresOfRun(source, prepared)
     bar = _Progress(progress, len(inputs), writer.done)
     try:
         for start in range(writer.done, len(prepared), chunk_size):

@@ -165,7 +165,7 @@ def _setup_logging() -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Load, serve, block until SIGTERM/SIGINT, stop gracefully. 0 after a clean stop, 1 if loading failed."""
-    from ..serving.logs import kv
+    from ..serving.logs import log_line
     from ..serving.server import build_server
     _setup_logging()
     config = server_config(args)
@@ -193,12 +193,12 @@ def run_serve(args: argparse.Namespace) -> int:
                 running.stop(0)
                 print(f"error: cannot load the model: {running.load_error}", file=sys.stderr)
                 return 1
-        log.info(kv("serve.signal", signal=signal.Signals(received[0]).name if received else "?"))
+        log.info(log_line("serve.signal", signal=signal.Signals(received[0]).name if received else "?"))
         running.stop(config.grace_s)
         if running.batcher_running:
             # A scorer call outlived BATCHER_JOIN_S. Exiting the interpreter while a thread is inside torch
             # aborts the process (SIGABRT); leave without running C++ destructors instead.
-            log.warning(kv("serve.exit_forced", reason="the batcher thread is still inside a scorer call"))
+            log.warning(log_line("serve.exit_forced", reason="the batcher thread is still inside a scorer call"))
             logging.shutdown()
             sys.stdout.flush()
             sys.stderr.flush()

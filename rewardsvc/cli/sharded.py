@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidInputError, RewardError
-from .rows import RawRow
+from .batch_io import RawRow
 
 # A shard of a large input can take hours; the barrier waits for the slowest rank, not for 30 minutes.
 BARRIER_TIMEOUT = datetime.timedelta(hours=72)
@@ -78,7 +78,7 @@ def plan_shards(inputs: Sequence[RawRow], size: int, group_by: str | None = None
 
 def merge_parts(output: str | Path, shards: list[list[int]], total: int) -> None:
     """Rank 0: the parts' rows put back at their input positions, written to OUT atomically; parts removed."""
-    from .score_io import complete_jsonl_rows, file_format, write_parquet
+    from .batch_io import complete_jsonl_rows, file_format, write_parquet
 
     output = Path(output)
     merged: list[Any] = [None] * total
@@ -104,7 +104,7 @@ def merge_parts(output: str | Path, shards: list[list[int]], total: int) -> None
 def _finished(output: Path, inputs: Sequence[RawRow], overwrite: bool) -> bool:
     """True when OUT exists and already holds every input row (a completed run). An OUT holding other rows, or
     only some (a run without torchrun), is an error: this run cannot continue it."""
-    from .score_io import complete_jsonl_rows, file_format, read_output
+    from .batch_io import complete_jsonl_rows, file_format, read_output
 
     if overwrite or not output.exists():
         return False
@@ -123,7 +123,7 @@ def run_sharded(args, inputs: list[RawRow], weights, job: TorchrunJob) -> int:
     import torch
     import torch.distributed as dist
 
-    from .backends import open_backend
+    from .score_sources import open_score_source
     from .score_pipeline import score_rows
     from .main import parse_normalization
 
@@ -144,13 +144,13 @@ def run_sharded(args, inputs: list[RawRow], weights, job: TorchrunJob) -> int:
             if not finished:
                 if args.overwrite and job.rank == 0:
                     output.unlink(missing_ok=True)
-                backend, description = open_backend(args, weights, parse_normalization(args))
+                source, description = open_score_source(args, weights, parse_normalization(args))
                 try:
-                    summary = score_rows(mine, part_path(output, job.rank, job.size), backend, chunk_size=args.chunk_size,
+                    summary = score_rows(mine, part_path(output, job.rank, job.size), source, chunk_size=args.chunk_size,
                                          group_by=args.group_by, overwrite=args.overwrite, progress=False)  # fmt: skip
                 finally:
-                    backend.close()
-                summary.backend = f"{description} on {args.device}"
+                    source.close()
+                summary.source = f"{description} on {args.device}"
                 outcome.update(errors=summary.errors, line=f"rank {job.rank}/{job.size}: {summary.line()}")
             else:
                 outcome["line"] = f"rank {job.rank}/{job.size}: {output} is already complete ({len(inputs)} rows)"

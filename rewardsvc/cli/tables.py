@@ -1,11 +1,9 @@
-"""Output for people: fixed-width text tables of score, inspect and compare results, and the stdout
-writer of `score` (JSONL or a table) that takes the place of a resumable file when there is no -o."""
+"""Output for people: fixed-width text tables of score, inspect and compare results."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import Any
 
 
 def render(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
@@ -51,29 +49,3 @@ def weights_table(gating: dict[str, float], coefficients: dict[str, float]) -> s
     """inspect: attribute, gating weight, effective coefficient; sorted by gating weight, largest first."""
     ranked = sorted(gating, key=lambda name: -gating[name])
     return render(["attribute", "gating weight", "coefficient"], [[n, gating[n], coefficients[n]] for n in ranked])
-
-
-class StdoutWriter:
-    """score's output without -o: JSONL lines or table rows, flushed per chunk; nothing to resume."""
-
-    done = 0
-    done_errors = 0
-
-    def __init__(self, out: TextIO, table: bool):
-        self.out, self.table = out, table
-        self._rows: list[dict[str, Any]] = []  # a table is printed whole at the end, so its columns align
-
-    def write(self, rows: Sequence[dict[str, Any]]) -> None:
-        if self.table:
-            self._rows += rows
-            return
-        self.out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        self.out.flush()
-
-    def finish(self) -> None:
-        if self.table:
-            self.out.write(score_table(self._rows) + "\n")
-            self.out.flush()
-
-    def close(self) -> None:
-        pass

@@ -56,9 +56,9 @@ from ..integrations.chat_text import ChatTemplateSplitter
 from ..types import AttributeWeights
 from .batching import WorkItem
 from .interceptors import ActiveCalls
-from .logs import kv
+from .logs import log_line
 from .metrics import ServiceMetrics
-from .service import Call, RewardService, check_finite_results
+from .service import CallContext, RewardService, check_finite_results
 from .servicer import RewardServicer
 
 log = logging.getLogger("rewardsvc.server")
@@ -249,7 +249,7 @@ class HttpEndpoint:
         try:
             asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(STOP_S + 1)
         except Exception as exc:  # a stop must not raise; the loop is stopped below anyway
-            log.warning(kv("http.stop_failed", error=repr(exc)))
+            log.warning(log_line("http.stop_failed", error=repr(exc)))
         loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:
             self._thread.join(STOP_S)
@@ -311,7 +311,7 @@ class HttpEndpoint:
             self.active.exit()
             level = logging.DEBUG if code == "OK" else logging.INFO
             if log.isEnabledFor(level):
-                log.log(level, kv("http", method=method, code=code, ms=f"{seconds * 1000:.1f}", peer=request.remote))
+                log.log(level, log_line("http", method=method, code=code, ms=f"{seconds * 1000:.1f}", peer=request.remote))
 
     def _authorize(self, request: web.Request) -> None:
         if self._expected is None:
@@ -357,12 +357,12 @@ class HttpEndpoint:
 
     # ---- the two ways a call waits -----------------------------------------------------------------
 
-    async def _submitted(self, prepare: Callable[[Call], tuple[WorkItem | None, Any]], timeout: float | None) -> tuple[list, Any]:
+    async def _submitted(self, prepare: Callable[[CallContext], tuple[WorkItem | None, Any]], timeout: float | None) -> tuple[list, Any]:
         """Run `prepare(call)` (parse, template, encode, enqueue: returns the WorkItem, or None when there is
         no work, and anything the reply needs) on the encode pool, then await the item's results on the loop,
         holding no thread. The call's end (client gone, deadline) cancels the item."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        call = Call(deadline=deadline, started=time.monotonic())
+        call = CallContext(deadline=deadline, started=time.monotonic())
         submitted = _Submitted()
 
         def enqueue():
@@ -416,7 +416,7 @@ class HttpEndpoint:
     async def _get_reward(self, request: web.Request, raw: bytes) -> dict[str, Any]:
         self._require_ready()
 
-        def prepare(call: Call):
+        def prepare(call: CallContext):
             # OpenRLHF sends no options: the server's default normalization (serve --normalize) applies.
             normalization = self.service.normalization_for(None, self.default_weights)
             splitter, stops = self.splitter()
@@ -439,7 +439,7 @@ class HttpEndpoint:
         self._require_ready()
         route = request.path
 
-        def prepare(call: Call):
+        def prepare(call: CallContext):
             parsed = vllm_pooling.parse_request(self._parse_json(raw), route)
             model = self._check_model(parsed.model)
             conversations = [self._conversation_of(one, f"input[{i}]") for i, one in enumerate(parsed.inputs)]

@@ -14,7 +14,7 @@ import grpc
 from .. import tracing
 from ..config import Limits
 from ..wire import SERVICE_NAME
-from .logs import kv
+from .logs import log_line
 from .metrics import ServiceMetrics
 from .service import DEADLINE_SLACK_S
 from .servicer import NO_DEADLINE_S, tolerant_deserializer
@@ -174,7 +174,7 @@ class ObservingInterceptor(grpc.ServerInterceptor):
                 active.exit()
                 level = logging.DEBUG if final == "OK" else logging.INFO
                 if log.isEnabledFor(level):
-                    log.log(level, kv("rpc", method=method, code=final, ms=f"{seconds * 1000:.1f}", peer=context.peer()))
+                    log.log(level, log_line("rpc", method=method, code=final, ms=f"{seconds * 1000:.1f}", peer=context.peer()))
 
             if not context.add_callback(on_finished):  # the call is already over
                 on_finished()

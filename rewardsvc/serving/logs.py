@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 
-def kv(event: str, **fields: Any) -> str:
+def log_line(event: str, **fields: Any) -> str:
     """`event=... key=value ...` with values quoted when they hold spaces (one line, grep- and parse-able)."""
     parts = [f"event={event}"]
     for key, value in fields.items():

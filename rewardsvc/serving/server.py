@@ -31,7 +31,7 @@ from .backend import ScorerBackend
 from .batching import Batcher
 from .config import ServerConfig
 from .interceptors import ActiveCalls, BearerAuthInterceptor, ObservingInterceptor
-from .logs import kv
+from .logs import log_line
 from .metrics import ServiceMetrics
 from .models import ModelSet
 from .service import RewardService
@@ -143,14 +143,14 @@ class RunningServer:
                 return
             self._set_health(health_pb2.HealthCheckResponse.SERVING)
             self._ready.set()
-            log.info(kv("serve.ready", address=self.address, model_id=models.get(None).model_id, models=",".join(models.names),
+            log.info(log_line("serve.ready", address=self.address, model_id=models.get(None).model_id, models=",".join(models.names),
                         load_s=f"{time.monotonic() - started:.1f}", trained=all(b.trained for _, b in models.items())))  # fmt: skip
         except BaseException as exc:
             self.load_error = exc
             # An expected failure (bad checkpoint, missing directory, bad limits) is one line; anything else
             # keeps its traceback for the bug report.
             expected = isinstance(exc, RewardError)
-            log.error(kv("serve.load_failed", error=str(exc) if expected else repr(exc)), exc_info=None if expected else exc)
+            log.error(log_line("serve.load_failed", error=str(exc) if expected else repr(exc)), exc_info=None if expected else exc)
             raise
         finally:
             self._finished.set()
@@ -171,12 +171,12 @@ class RunningServer:
                 return
             self._stopped.set()
             deadline = time.monotonic() + grace
-            log.info(kv("serve.stopping", address=self.address, grace_s=grace))
+            log.info(log_line("serve.stopping", address=self.address, grace_s=grace))
             self._health.enter_graceful_shutdown()  # every service NOT_SERVING, for good
             if self.http is not None:
                 self.http.stopping = True  # GET /health -> 503 too
             self._active.close()  # new RewardService calls -> UNAVAILABLE; health keeps answering
-            log.info(kv("serve.draining", address=self.address, calls_in_progress=self._active.count))
+            log.info(log_line("serve.draining", address=self.address, calls_in_progress=self._active.count))
             drained = self._active.wait_idle(max(0.0, deadline - time.monotonic()))
             if not drained:
                 if self.batcher is not None:  # queued and computing work -> UNAVAILABLE now
@@ -192,7 +192,7 @@ class RunningServer:
             if self.batcher is not None:
                 batcher_stopped = self.batcher.close(timeout=BATCHER_JOIN_S)
             self.metrics.stop_http()
-            log.info(kv("serve.stopped", address=self.address, drained=drained, batcher_stopped=batcher_stopped))
+            log.info(log_line("serve.stopped", address=self.address, drained=drained, batcher_stopped=batcher_stopped))
 
     @property
     def batcher_running(self) -> bool:
@@ -256,7 +256,7 @@ def build_server(scorer: ScorerOrLoader, config: ServerConfig = ServerConfig(), 
         raise InvalidInputError(f"server.metrics_port: cannot bind {config.metrics_port}: {exc}", field="server.metrics_port") from exc
     if config.http_port is not None:
         _start_http(running, config, active)
-    log.info(kv("serve.listening", address=running.address, tls=config.tls, mutual_tls=bool(config.tls_client_ca),
+    log.info(log_line("serve.listening", address=running.address, tls=config.tls, mutual_tls=bool(config.tls_client_ca),
                 auth=bool(config.auth_token), metrics_port=running.metrics_port, http_port=running.http_port))  # fmt: skip
     if wait_ready:
         try:

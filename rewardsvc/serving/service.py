@@ -29,7 +29,7 @@ DEADLINE_SLACK_S = 0.1
 
 
 @dataclass(frozen=True)
-class Call:
+class CallContext:
     """What the transport knows about one call."""
 
     deadline: float | None = None  # time.monotonic() value
@@ -203,7 +203,7 @@ class RewardService:
     # ---- waiting -----------------------------------------------------------------------------------
 
     @staticmethod
-    def wait(item: WorkItem, call: Call) -> Any:
+    def wait(item: WorkItem, call: CallContext) -> Any:
         """The item's result; cancels the item if the call ends (client cancel) or its deadline passes."""
         if call.on_cancel is not None:
             call.on_cancel(lambda: item.cancel(call.cancel_reason()))
@@ -217,7 +217,7 @@ class RewardService:
     # ---- calls -------------------------------------------------------------------------------------
 
     def submit_score(
-        self, conversations: Sequence[Any], weights: AttributeWeights | None, call: Call, model: str | None = None
+        self, conversations: Sequence[Any], weights: AttributeWeights | None, call: CallContext, model: str | None = None
     ) -> WorkItem:
         """Check, encode and enqueue; does not wait (ScoreStream keeps several in flight)."""
         scorer = self._require_ready(model)
@@ -231,7 +231,7 @@ class RewardService:
         return self.batcher.submit_score(encoded, weights, deadline=call.deadline, model=model)
 
     def score(
-        self, conversations: Sequence[Any], weights: AttributeWeights | None, call: Call = Call(), model: str | None = None,
+        self, conversations: Sequence[Any], weights: AttributeWeights | None, call: CallContext = CallContext(), model: str | None = None,
         normalization: Normalization | None = None,
     ) -> list[ScoreResult]:
         """normalization: None = the server's default."""
@@ -242,7 +242,7 @@ class RewardService:
         return self.normalized(results, applied, model)
 
     def score_group(
-        self, prompt: Any, responses: Sequence[Any], weights: AttributeWeights | None, call: Call = Call(),
+        self, prompt: Any, responses: Sequence[Any], weights: AttributeWeights | None, call: CallContext = CallContext(),
         model: str | None = None, normalization: Normalization | None = None,
     ) -> GroupResult:
         """Scorer.score_group split in two: the group is encoded here (Scorer.encode_group) and the model runs
@@ -268,7 +268,7 @@ class RewardService:
         return group
 
     def compare(
-        self, pairs: Sequence[tuple[Any, Any, Any]], weights: AttributeWeights | None, call: Call = Call(),
+        self, pairs: Sequence[tuple[Any, Any, Any]], weights: AttributeWeights | None, call: CallContext = CallContext(),
         model: str | None = None, normalization: Normalization | None = None,
     ) -> list[CompareResult]:
         """pairs: (prompt, chosen, rejected); prompt = messages or a string, chosen/rejected = strings.
@@ -291,7 +291,7 @@ class RewardService:
         return [CompareResult.of(results[2 * i], results[2 * i + 1]) for i in range(len(pairs))]
 
     def inspect(
-        self, prompt: Any, weights: AttributeWeights | None, top_k: int = 0, call: Call = Call(), model: str | None = None
+        self, prompt: Any, weights: AttributeWeights | None, top_k: int = 0, call: CallContext = CallContext(), model: str | None = None
     ) -> InspectResult:
         """Gating weights for a prompt, sorted by weight (descending), cut to the top_k (0 = all)."""
         scorer = self._require_ready(model)

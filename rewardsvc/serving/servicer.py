@@ -32,7 +32,7 @@ from ..wire import (
     result_to_pb,
     weights_from_pb,
 )
-from .service import Call, RewardService, check_finite_results
+from .service import CallContext, RewardService, check_finite_results
 
 log = logging.getLogger("rewardsvc.server")
 
@@ -114,11 +114,11 @@ def check_request(service: RewardService, request) -> None:
 NO_DEADLINE_S = 1e7  # gRPC reports "no deadline" as a time centuries ahead; waits that long overflow
 
 
-def call_of(context) -> Call:
+def call_context(context) -> CallContext:
     started, remaining = time.monotonic(), context.time_remaining()
     deadline = None if remaining is None or remaining > NO_DEADLINE_S else started + remaining
     passed = None if deadline is None else (lambda: context.time_remaining() <= 0)
-    return Call(deadline=deadline, on_cancel=context.add_callback, deadline_passed=passed, started=started)
+    return CallContext(deadline=deadline, on_cancel=context.add_callback, deadline_passed=passed, started=started)
 
 
 def _unary(method):
@@ -152,7 +152,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
     def Score(self, request, context):
         weights = weights_from_pb(request)
         conversations = [messages_from_pb(c.messages) for c in request.conversations]
-        results = self.service.score(conversations, weights, call_of(context), model=request.model,
+        results = self.service.score(conversations, weights, call_context(context), model=request.model,
                                      normalization=request_normalization_from_pb(request))  # fmt: skip
         return pb.ScoreResponse(
             results=[result_to_pb(r) for r in results], request_id=request.request_id, **self._source(weights, request.model)
@@ -162,7 +162,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
     def ScoreGroup(self, request, context):
         weights = weights_from_pb(request)
         group = self.service.score_group(
-            messages_from_pb(request.prompt), list(request.responses), weights, call_of(context), model=request.model,
+            messages_from_pb(request.prompt), list(request.responses), weights, call_context(context), model=request.model,
             normalization=request_normalization_from_pb(request),
         )
         return pb.ScoreGroupResponse(
@@ -178,7 +178,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
     def Compare(self, request, context):
         weights = weights_from_pb(request)
         pairs = [(messages_from_pb(p.prompt), p.chosen, p.rejected) for p in request.pairs]
-        results = self.service.compare(pairs, weights, call_of(context), model=request.model,
+        results = self.service.compare(pairs, weights, call_context(context), model=request.model,
                                        normalization=request_normalization_from_pb(request))  # fmt: skip
         return pb.CompareResponse(
             results=[compare_to_pb(r) for r in results],
@@ -190,7 +190,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
     def InspectWeights(self, request, context):
         weights = weights_from_pb(request)
         result = self.service.inspect(
-            messages_from_pb(request.prompt), weights, request.top_k, call_of(context), model=request.model
+            messages_from_pb(request.prompt), weights, request.top_k, call_context(context), model=request.model
         )
         return pb.InspectWeightsResponse(
             attributes=inspect_attributes_to_pb(result),
@@ -208,7 +208,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
     def ScoreStream(self, request_iterator, context):
         """Reads requests on a helper thread so several are in flight at once (the batcher can group them);
         answers in completion order. A failing request gets an `error` response; the stream goes on."""
-        call = call_of(context)
+        call = call_context(context)
         # Messages: ("submitted", None) when an item is enqueued, ("done", response) when it completes,
         # ("now", response) for an answer without model work (an error, an empty request), (_END, None).
         out: queue.SimpleQueue = queue.SimpleQueue()

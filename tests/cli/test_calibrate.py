@@ -10,7 +10,7 @@ import pytest
 
 from rewardsvc.cli import main as cli
 from rewardsvc.cli.calibrate import PACKAGED_REFERENCE
-from rewardsvc.cli.rows import conversation_of
+from rewardsvc.cli.batch_io import conversation_of
 from rewardsvc.config import ScorerConfig
 from rewardsvc.model.calibration import CALIBRATION_FILE, read_calibration
 from rewardsvc.model.scorer import Scorer

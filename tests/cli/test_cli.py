@@ -41,7 +41,7 @@ def test_score_sample_and_bad_rows(tmp_path, embedded_scorer):
     assert "last message must be the assistant" in errors[0]["error"]
     assert "role" in errors[1]["error"] and "not valid JSON" in errors[3]["error"] and "JSON object" in errors[4]["error"]
     # Scores equal the library's own scores for the same conversations.
-    from rewardsvc.cli.rows import conversation_of
+    from rewardsvc.cli.batch_io import conversation_of
 
     expected = embedded_scorer.score([conversation_of(r) for r in rows])
     for got, want in zip(good, expected):

@@ -9,8 +9,8 @@ import math
 import pytest
 
 from rewardsvc.cli import main as cli
-from rewardsvc.cli.rows import conversation_of
-from rewardsvc.cli.score_io import read_output
+from rewardsvc.cli.batch_io import conversation_of
+from rewardsvc.cli.batch_io import read_output
 from rewardsvc.config import ScorerConfig
 from rewardsvc.model.scorer import Scorer
 from service_fixtures import make_certs, start_server

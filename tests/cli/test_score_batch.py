@@ -18,10 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from rewardsvc.cli import main as cli
-from rewardsvc.cli.backends import LocalBackend
-from rewardsvc.cli.rows import conversation_of
+from rewardsvc.cli.score_sources import LocalSource
+from rewardsvc.cli.batch_io import conversation_of
 from rewardsvc.cli.score_pipeline import score_rows
-from rewardsvc.cli.score_io import read_output, read_rows
+from rewardsvc.cli.batch_io import read_output, read_rows
 from rewardsvc.config import ScorerConfig
 from rewardsvc.model.scorer import Scorer
 from tiny_models import save_tiny_heads
@@ -98,7 +98,7 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_file(tmp_path, heads
     assert f"120 rows, resumed after row {written}; {120 - written} written" in err, err
 
     fresh = tmp_path / "fresh.jsonl"
-    summary = score_rows(read_rows(src), fresh, LocalBackend(scorer, None), chunk_size=4)
+    summary = score_rows(read_rows(src), fresh, LocalSource(scorer, None), chunk_size=4)
     assert summary.written == 120 and summary.unique == 90  # each distinct conversation scored once
     got = read_output(out)
     assert_same_rows(got, read_output(fresh))
@@ -109,7 +109,7 @@ def test_a_torn_last_line_is_rewritten_and_a_foreign_output_is_refused(tmp_path,
     rows = rows_of(7)
     src = read_rows(write_jsonl(tmp_path / "in.jsonl", rows))
     out = tmp_path / "out.jsonl"
-    backend = LocalBackend(scorer, None)
+    backend = LocalSource(scorer, None)
     score_rows(src[:4], out, backend, chunk_size=2)  # a run over the first 4 rows...
     with open(out, "ab") as f:
         f.write(b'{"id": "r4", "score": 0.1')  # ...and a torn write of the 5th
@@ -131,7 +131,7 @@ def test_parquet_round_trip_and_resume(tmp_path, scorer):
     src = tmp_path / "in.parquet"
     pq.write_table(pa.table({"id": [r["id"] for r in rows], "messages": messages}), src)
     out = tmp_path / "out.parquet"
-    backend = LocalBackend(scorer, None)
+    backend = LocalSource(scorer, None)
     score_rows(read_rows(src)[:3], out, backend, chunk_size=2)  # a finished partial run, then the full input
     summary = score_rows(read_rows(src), out, backend, chunk_size=2)
     assert summary.resumed == 3 and summary.errors == 1
@@ -160,7 +160,7 @@ def test_group_by_scores_groups_and_names_a_row_with_another_prompt(tmp_path, sc
     ]
     out = tmp_path / "out.jsonl"
     short = scorer.with_config(ScorerConfig(max_tokens=200))
-    summary = score_rows(read_rows(write_jsonl(tmp_path / "in.jsonl", rows)), out, LocalBackend(short, None),
+    summary = score_rows(read_rows(write_jsonl(tmp_path / "in.jsonl", rows)), out, LocalSource(short, None),
                          chunk_size=2, group_by="qid")  # fmt: skip
     got = {r["id"]: r for r in read_output(out)}
     assert summary.unique == 5 and summary.errors == 3

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rewardsvc.cli.rows import RawRow, read_jsonl
-from rewardsvc.cli.score_io import complete_jsonl_rows
+from rewardsvc.cli.batch_io import RawRow, read_jsonl
+from rewardsvc.cli.batch_io import complete_jsonl_rows
 from rewardsvc.cli.sharded import _finished, merge_parts, part_path, plan_shards
 from rewardsvc.errors import InvalidInputError
 from tiny_models import save_tiny_heads
@@ -84,14 +84,14 @@ def test_torchrun_two_processes_equal_one(heads, tmp_path):
 
 
 def test_torchrun_resumes_each_part_and_keeps_groups_whole(heads, tmp_path):
-    from rewardsvc.cli.backends import LocalBackend
+    from rewardsvc.cli.score_sources import LocalSource
     from rewardsvc.cli.score_pipeline import score_rows
     from rewardsvc.model.scorer import Scorer
 
     source = write_input(tmp_path / "in.jsonl", group_field=True)
     inputs = list(read_jsonl(source))
     reference = tmp_path / "reference.jsonl"
-    score_rows(inputs, reference, LocalBackend(Scorer.load(heads), None), group_by="g")  # one process
+    score_rows(inputs, reference, LocalSource(Scorer.load(heads), None), group_by="g")  # one process
     want = read(reference)
     # A killed earlier run: rank 1 had written its first row (marked, to see it is kept, not recomputed) and
     # half of its second.

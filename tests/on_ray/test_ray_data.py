@@ -15,7 +15,7 @@ ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip ins
 
 from rewardsvc.cli import main as cli  # noqa: E402
 from rewardsvc.cli.ray_data import ScoreBatches, read_inputs, score_on_ray  # noqa: E402
-from rewardsvc.cli.score_io import read_output  # noqa: E402
+from rewardsvc.cli.batch_io import read_output  # noqa: E402
 from tiny_models import save_tiny_heads  # noqa: E402
 
 pytestmark = pytest.mark.ray

@@ -14,7 +14,7 @@ import pytest
 from rewardsvc._proto.rewardsvc.v1 import reward_pb2 as pb
 from rewardsvc._proto.rewardsvc.v1 import reward_pb2_grpc as pb_grpc
 from rewardsvc.cli import main as cli
-from rewardsvc.cli.score_io import read_output
+from rewardsvc.cli.batch_io import read_output
 from rewardsvc.client import RewardClient
 from rewardsvc.config import ScorerConfig
 from rewardsvc.errors import InvalidInputError

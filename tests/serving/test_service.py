@@ -12,7 +12,7 @@ from rewardsvc import __version__
 from rewardsvc.config import Limits
 from rewardsvc.errors import DeadlineExceededError, InvalidConversationError, InvalidInputError, NotReadyError
 from rewardsvc.serving.batching import Batcher
-from rewardsvc.serving.service import Call, RewardService
+from rewardsvc.serving.service import CallContext, RewardService
 from rewardsvc.types import group_statistics, sigmoid
 from rewardsvc.types import AttributeWeights
 from tiny_models import TINY_ATTRIBUTES
@@ -129,12 +129,12 @@ def test_inspect_sorts_and_cuts(service, tiny_scorer):
 
 def test_a_passed_deadline_is_deadline_exceeded(service):
     with pytest.raises(DeadlineExceededError):
-        service.score([conversation("Red.")], None, Call(deadline=time.monotonic() - 1))
+        service.score([conversation("Red.")], None, CallContext(deadline=time.monotonic() - 1))
 
 
 def test_cancel_callback_is_registered(service):
     registered = []
-    service.score([conversation("Red.")], None, Call(on_cancel=registered.append))
+    service.score([conversation("Red.")], None, CallContext(on_cancel=registered.append))
     assert len(registered) == 1 and callable(registered[0])
 
 

@@ -21,7 +21,10 @@ TOKEN_ENV = "REWARDSVC_AUTH_TOKEN"  # the same variable `rewardsvc serve` reads
 Outcome = ScoreResult | RewardError
 
 
-class Backend(Protocol):
+class ScoreSource(Protocol):
+    """What the batch pipelines score through (not to be confused with serving.backend.ScorerBackend, the model
+    behind a server)."""
+
     def score(self, conversations: Sequence[Messages]) -> list[Outcome]: ...
 
     def score_group(self, prompt: Messages, responses: Sequence[str]) -> list[Outcome]: ...
@@ -58,7 +61,7 @@ def _split_each(score_many, conversations: Sequence[Any]) -> list[Outcome]:
     return out
 
 
-class LocalBackend:
+class LocalSource:
     """The model in this process (torch). With a normalization, results carry z-scores against the scorer's
     calibration (the same statistics and code path as a server's)."""
 
@@ -96,7 +99,7 @@ class LocalBackend:
         pass
 
 
-class RemoteBackend:
+class ServerSource:
     """A running service, through rewardsvc.client.RewardClient (retries, deadlines, TLS, token)."""
 
     def __init__(self, client, weights: AttributeWeights | None, batch: int = Limits.max_conversations_per_request,
@@ -161,10 +164,10 @@ def connect(args: argparse.Namespace):
     return client
 
 
-def open_backend(
+def open_score_source(
     args: argparse.Namespace, weights: AttributeWeights | None, normalization: Normalization | None = None
-) -> tuple[Backend, str]:
-    """(backend, a short description for the summary line). normalization: None = raw locally, the server's
+) -> tuple[ScoreSource, str]:
+    """(the score source, a short description for the summary line). normalization: None = raw locally, the server's
     default with --server."""
     if args.server:
         if args.model or args.backbone or args.adapter:
@@ -173,10 +176,10 @@ def open_backend(
         client = connect(args)
         if weights is not None:
             weights.check_attributes(tuple(client.model_info()["attributes"]))
-        return RemoteBackend(client, weights, normalization=normalization), f"server {args.server}"
+        return ServerSource(client, weights, normalization=normalization), f"server {args.server}"
     from .main import load_scorer
 
     scorer = load_scorer(args)
     if weights is not None:
         weights.check_attributes(scorer.attributes)
-    return LocalBackend(scorer, weights, normalization), scorer.model_id
+    return LocalSource(scorer, weights, normalization), scorer.model_id

@@ -1,4 +1,5 @@
-"""File formats of the batch commands (JSONL and Parquet, in and out) and resumable output.
+"""The files of the batch commands: input rows (JSONL and Parquet; RawRow, conversation_of), output (JSONL and
+Parquet, resumable; or stdout), in one place.
 
 Output is resumable: rows are appended in input order and made durable (flush + fsync) chunk by chunk, so a
 run killed at any point (even SIGKILL) leaves a prefix of complete rows plus at most one torn line. On
@@ -15,12 +16,63 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from ..errors import InvalidInputError
-from .rows import RawRow, read_jsonl
+from ..model.conversation import Messages, as_prompt, validate_conversation, with_response
+
+# ---- rows ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RawRow:
+    line: int | None  # 1-based line number in the file (None: a Ray Data row whose dataset carries no line column)
+    data: dict[str, Any] | None  # None when the line is not a JSON object
+    error: str | None = None
+
+    @property
+    def id(self) -> Any:
+        return self.data.get("id") if self.data else None
+
+    @property
+    def where(self) -> str:
+        """How an error message names this row: its line, or its id when the line is unknown."""
+        return f"line {self.line}" if self.line is not None else f"row id {self.id!r}"
+
+
+def read_jsonl(path: str | Path) -> Iterator[RawRow]:
+    """Every non-blank line as a RawRow; a line that is not a JSON object becomes a row with an error
+    (never skipped silently)."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield RawRow(number, None, f"line {number} is not valid JSON: {exc}")
+                continue
+            if not isinstance(data, dict):
+                yield RawRow(number, None, f"line {number} must be a JSON object, got {type(data).__name__}")
+                continue
+            yield RawRow(number, data)
+
+
+def conversation_of(row: dict[str, Any]) -> Messages:
+    """`{"messages": [...]}` or `{"prompt": str | messages, "response": str}` -> validated messages."""
+    if "messages" in row:
+        if "response" in row or "prompt" in row:
+            raise InvalidInputError("a row has either 'messages' or 'prompt' + 'response', not both", field="messages")
+        return validate_conversation(row["messages"], "messages")
+    if "prompt" in row and "response" in row:
+        return with_response(as_prompt(row["prompt"], "prompt"), row["response"], "response")
+    raise InvalidInputError("a row needs 'messages', or 'prompt' and 'response'", field="messages")
+
+
+# ---- file formats ---------------------------------------------------------------------------------------------
 
 FORMATS = {".jsonl": "jsonl", ".parquet": "parquet"}
 SIDECAR_SUFFIX = ".partial.jsonl"
@@ -204,3 +256,31 @@ def read_output(path: str | Path) -> list[dict[str, Any]]:
     if file_format(path, "output") == "parquet":
         return _read_parquet(path, "output")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+class StdoutWriter:
+    """score's output without -o: JSONL lines or table rows, flushed per chunk; nothing to resume."""
+
+    done = 0
+    done_errors = 0
+
+    def __init__(self, out: TextIO, table: bool):
+        self.out, self.table = out, table
+        self._rows: list[dict[str, Any]] = []  # a table is printed whole at the end, so its columns align
+
+    def write(self, rows: Sequence[dict[str, Any]]) -> None:
+        if self.table:
+            self._rows += rows
+            return
+        self.out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        self.out.flush()
+
+    def finish(self) -> None:
+        if self.table:
+            from .tables import score_table
+
+            self.out.write(score_table(self._rows) + "\n")
+            self.out.flush()
+
+    def close(self) -> None:
+        pass
