@@ -14,6 +14,7 @@ then renamed, so `OUT.parquet` is either absent or complete) and the sidecar is 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, RewardError
 from ..model.conversation import Messages, as_prompt, validate_conversation, with_response
 
 # ---- rows ---------------------------------------------------------------------------------------------------
@@ -154,6 +155,42 @@ def _matches(done: dict[str, Any], raw: RawRow) -> bool:
     return "line" not in done or done["line"] == raw.line
 
 
+INPUT_HASH_FIELD = "input_sha256"
+
+
+def input_sha256(raw: RawRow) -> str:
+    """Content hash of an input row (its JSON, canonical: key order and spacing do not count; a line that is
+    not a JSON object: its error). Every resumable output row carries it, so a resumed run can tell that a row
+    it keeps was written for the same input, not merely for the same id."""
+    content = raw.data if raw.data is not None else {"error": raw.error}
+    text = json.dumps(content, ensure_ascii=False, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def check_kept_rows(done_rows: Sequence[dict[str, Any]], inputs: Sequence[RawRow], where: str) -> None:
+    """Every row an earlier run wrote must belong to the same input row: the same id (and line), and, when the
+    row carries one (rows written before the hash existed do not), the same content hash. Names the first row
+    that differs, and how many do."""
+    for i, (done, raw) in enumerate(zip(done_rows, inputs)):
+        if not _matches(done, raw):
+            raise InvalidInputError(
+                f"--output: {where} row {i + 1} has id {done.get('id')!r} but input row {i + 1} (line {raw.line}) "
+                f"has id {raw.id!r}: the output belongs to another input; pass --overwrite to start afresh",
+                field="output",
+            )
+    edited = [i for i, (done, raw) in enumerate(zip(done_rows, inputs))
+              if INPUT_HASH_FIELD in done and done[INPUT_HASH_FIELD] != input_sha256(raw)]  # fmt: skip
+    if edited:
+        i = edited[0]
+        raw = inputs[i]
+        more = f" ({len(edited)} kept rows differ in all)" if len(edited) > 1 else ""
+        raise InvalidInputError(
+            f"--output: {where} row {i + 1} was written for other content than input row {i + 1} (line {raw.line}, id "
+            f"{raw.id!r}): the input was edited since{more}; its score would be stale. Pass --overwrite to start "
+            "afresh", field="output",
+        )  # fmt: skip
+
+
 class ResumableWriter:
     """Appends output rows to `path` (.jsonl or .parquet), continuing a previous run when one left rows.
 
@@ -170,6 +207,7 @@ class ResumableWriter:
         elif self.kind == "parquet" and self.path.exists() and not self.sink.exists():
             self._seed_sidecar_from_parquet(flag)
         done_rows, valid = complete_jsonl_rows(self.sink) if self.sink.exists() else ([], 0)
+        self.inputs = inputs
         self._check_prefix(done_rows, inputs)
         self.done = len(done_rows)
         self.done_errors = sum("error" in r for r in done_rows)
@@ -193,17 +231,15 @@ class ResumableWriter:
                 f"--output: {where} has {len(done_rows)} rows but the input has {len(inputs)}; "
                 "it belongs to another input: pass --overwrite to start afresh", field="output",
             )  # fmt: skip
-        for i, (done, raw) in enumerate(zip(done_rows, inputs)):
-            if not _matches(done, raw):
-                raise InvalidInputError(
-                    f"--output: {where} row {i + 1} has id {done.get('id')!r} but input row {i + 1} (line {raw.line}) "
-                    f"has id {raw.id!r}: the output belongs to another input; pass --overwrite to start afresh",
-                    field="output",
-                )
+        check_kept_rows(done_rows, inputs, where)
 
     def write(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Append rows and make them durable before returning (a kill after this keeps them)."""
-        self._file.write(b"".join(_line(r) for r in rows))
+        """Append rows (the next input rows' outputs, in order, each stamped with its input's content hash)
+        and make them durable before returning (a kill after this keeps them)."""
+        if self.done + len(rows) > len(self.inputs):
+            raise RewardError(f"{self.sink}: {len(rows)} more rows than the input's {len(self.inputs) - self.done} left")
+        stamped = [{**r, INPUT_HASH_FIELD: input_sha256(self.inputs[self.done + k])} for k, r in enumerate(rows)]
+        self._file.write(b"".join(_line(r) for r in stamped))
         self._file.flush()
         os.fsync(self._file.fileno())
         self.done += len(rows)

@@ -22,6 +22,7 @@ input (.jsonl or .parquet), one row per preference pair (the rows `rewardsvc eva
 output (.jsonl or .parquet; stdout when -o is absent), one row per input row, in input order:
   {"id", "p_chosen", "score_chosen", "score_rejected", "model_id"}
   a row that cannot be scored: {"id", "line", "error"} (exit code 1)
+  + "input_sha256" in a file output: the content hash of the row's input (checked when resuming)
 """
 
 

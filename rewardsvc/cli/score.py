@@ -23,7 +23,9 @@ output (.jsonl or .parquet; stdout when -o is absent), one row per input row, in
   + "normalized": {"score", "rewards", "calibration_id", "clip"} with --normalize (score/rewards stay raw)
   + "group": {"key", "size", "mean", "std", "rank"} with --group-by
   a row that cannot be scored: {"id", "line", "error"} (the others are still scored; exit code 1)
-resuming: re-run the same command to continue after the last complete row (--overwrite starts afresh)
+  + "input_sha256" in a file output: the content hash of the row's input (checked when resuming)
+resuming: re-run the same command to continue after the last complete row (--overwrite starts afresh); a kept
+  row whose input was edited since stops the run, naming the row
 """
 
 

@@ -104,12 +104,13 @@ def merge_parts(output: str | Path, shards: list[list[int]], total: int) -> None
 def _finished(output: Path, inputs: Sequence[RawRow], overwrite: bool) -> bool:
     """True when OUT exists and already holds every input row (a completed run). An OUT holding other rows, or
     only some (a run without torchrun), is an error: this run cannot continue it."""
-    from .batch_io import complete_jsonl_rows, file_format, read_output
+    from .batch_io import check_kept_rows, complete_jsonl_rows, file_format, read_output
 
     if overwrite or not output.exists():
         return False
     rows = complete_jsonl_rows(output)[0] if file_format(output, "--output") == "jsonl" else read_output(output)
     if [r.get("id") for r in rows] == [raw.id for raw in inputs]:
+        check_kept_rows(rows, inputs, f"{output} (a finished run)")  # an edited input row is not "complete"
         return True
     raise InvalidInputError(
         f"--output: {output} exists with {len(rows)} rows that are not this input's {len(inputs)} rows (another input, "

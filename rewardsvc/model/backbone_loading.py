@@ -159,7 +159,7 @@ def _quantization_config(config: BackboneConfig, device: torch.device, dtype: to
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
 
 
-def _apply_adapter(model, adapter: str):
+def _apply_adapter(model, adapter: str, backbone_id: str):
     """Apply a PEFT adapter strictly (an adapter whose keys do not match the model is an error, not a
     warning) and merge it, so inference runs the plain model."""
     from peft import PeftConfig, get_peft_model
@@ -170,6 +170,14 @@ def _apply_adapter(model, adapter: str):
         weights = load_peft_weights(adapter, device="cpu")
     except Exception as exc:
         raise BackboneError(f"backbone.adapter: cannot read a PEFT adapter from {adapter}: {exc}") from exc
+    # The adapter names the backbone it was trained on. Ours (stage 0) name it by provenance id (a hub id,
+    # `embedded:...`), while the model was loaded from a local directory (a snapshot, the converted GGUF), so
+    # PEFT's own check (that name against the model's path) would warn on every load. Compared here with both.
+    recorded = peft_config.base_model_name_or_path
+    loaded_from = getattr(model, "name_or_path", "") or None
+    if recorded and recorded not in (backbone_id, loaded_from):
+        log.warning("backbone.adapter %s was trained on %s; applying it to %s (its keys fit)", adapter, recorded, backbone_id)
+    peft_config.base_model_name_or_path = loaded_from
     peft_model = get_peft_model(model, peft_config)
     result = set_peft_model_state_dict(peft_model, weights)
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
@@ -231,7 +239,7 @@ def load_backbone(config: BackboneConfig) -> Backbone:
     except Exception as exc:
         raise BackboneError(f"cannot load backbone {config.model!r}: {exc}") from exc
     if config.adapter:
-        model = decoder_of(_apply_adapter(model, config.adapter))
+        model = decoder_of(_apply_adapter(model, config.adapter, model_id))
         model_id = f"{model_id}+adapter:{adapter_fingerprint(config.adapter)}"
     if config.device_map is not None:
         device = model.get_input_embeddings().weight.device  # where the batch's input ids must go

@@ -26,14 +26,20 @@ METHOD_PREFIX = f"/{SERVICE_NAME}/"
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
-def _rebuild(handler, wrap_unary_response, wrap_stream_response, wrap_deserializer=None, wrap_serializer=None):
+def _rebuild(handler, wrap_unary_response, wrap_stream_response, wrap_deserializer=None, wrap_serializer=None,
+             take_unary_request=None):  # fmt: skip
     """The same handler kind, with its behaviour (and optionally its request deserializer and response
-    serializer) wrapped."""
+    serializer) wrapped. With take_unary_request, a unary method becomes stream-request: its wrapped behaviour
+    takes the one request itself (wrap_unary_response(behaviour, take_unary_request))."""
     deserializer = handler.request_deserializer
     if wrap_deserializer is not None and deserializer is not None:
         deserializer = wrap_deserializer(deserializer)
     if wrap_serializer is not None and handler.response_serializer is not None:
         handler = handler._replace(response_serializer=wrap_serializer(handler.response_serializer))
+    if handler.unary_unary and take_unary_request is not None:
+        return grpc.stream_unary_rpc_method_handler(
+            wrap_unary_response(handler.unary_unary, take_unary_request), deserializer, handler.response_serializer
+        )
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
             wrap_unary_response(handler.unary_unary), deserializer, handler.response_serializer
@@ -119,7 +125,16 @@ class ObservingInterceptor(grpc.ServerInterceptor):
     reach the handler, which answers INVALID_ARGUMENT and is counted. A call is counted, and leaves the
     in-flight count, when gRPC has finished it (context callback), with the code the client saw: a call
     whose client went away is CANCELLED (DEADLINE_EXCEEDED past its deadline; UNAVAILABLE when shutdown
-    cancelled it), whatever the handler returned."""
+    cancelled it), whatever the handler returned.
+
+    Unary-request methods are served as stream-request ones that take their one request themselves. grpc's
+    sync server receives a unary request before any Python code runs, so a message over the transport's
+    receive limit (2 x max_message_bytes; gRPC core answers RESOURCE_EXHAUSTED) would end the call unseen.
+    Taken here, the refused receive happens inside the observed call, which is then counted and logged as
+    RESOURCE_EXHAUSTED. The server cannot tell that refusal from a client that cancels while its request is
+    still arriving (both end the receive the same way); a unary client sends its request with the call's
+    headers, so the second is rare. ScoreStream's messages arrive while the stream runs, where a client's
+    cancel is common: an oversize message there counts as CANCELLED."""
 
     def __init__(self, metrics: ServiceMetrics, active: ActiveCalls, max_message_bytes: int = Limits.max_message_bytes):
         self.metrics = metrics
@@ -147,8 +162,9 @@ class ObservingInterceptor(grpc.ServerInterceptor):
             _reply_trace.handle = trace
             return time.monotonic(), context.time_remaining(), trace
 
-        def end(context, begun: tuple[float, float, object], code: str | None) -> None:
-            """The handler returned or raised; the reply may not be written yet."""
+        def end(context, begun: tuple[float, float, object], code: str | None, request_refused: bool = False) -> None:
+            """The handler returned or raised; the reply may not be written yet. request_refused: the call's one
+            request never arrived (the transport refused it as too large)."""
             code = code or _code_name(context) or "OK"
             started, budget, trace = begun
             gone_already = not context.is_active()  # the client left while the handler ran
@@ -164,6 +180,8 @@ class ObservingInterceptor(grpc.ServerInterceptor):
                     elif budget < NO_DEADLINE_S and context.time_remaining() <= max(DEADLINE_SLACK_S, 0.25 * budget):
                         # A client's deadline reaches us as a cancel a little before our copy of it.
                         final = "DEADLINE_EXCEEDED"
+                    elif request_refused:
+                        final = "RESOURCE_EXHAUSTED"  # what gRPC core told the client
                     else:
                         final = "CANCELLED"
                 seconds = time.monotonic() - started
@@ -174,22 +192,38 @@ class ObservingInterceptor(grpc.ServerInterceptor):
                 active.exit()
                 level = logging.DEBUG if final == "OK" else logging.INFO
                 if log.isEnabledFor(level):
-                    log.log(level, log_line("rpc", method=method, code=final, ms=f"{seconds * 1000:.1f}", peer=context.peer()))
+                    why = {"reason": "request over the transport's receive limit"} if final == "RESOURCE_EXHAUSTED" and request_refused else {}
+                    log.log(level, log_line("rpc", method=method, code=final, ms=f"{seconds * 1000:.1f}", peer=context.peer(), **why))
 
             if not context.add_callback(on_finished):  # the call is already over
                 on_finished()
 
-        def wrap_unary(behavior):
+        def one_request(requests, context):
+            """The one request of a unary method served as stream-request (see the class docstring)."""
+            try:
+                return next(requests)
+            except StopIteration:  # what grpc answers a unary call without a message
+                context.abort(grpc.StatusCode.UNIMPLEMENTED, f'"{full}" requires exactly one request message.')
+
+        def wrap_unary(behavior, take_request=None):
+            """take_request: for a unary method served as stream-request, how the call takes its request."""
+
             def wrapped(request, context):
-                started, code = begin(context), None
+                started, code, refused = begin(context), None, False
                 try:
                     with tracing.activate(started[2]):
+                        if take_request is not None:
+                            try:
+                                request = take_request(request, context)
+                            except grpc.RpcError:  # the receive failed: refused by the transport, or the client left
+                                refused = True
+                                raise  # grpc's own error for this call: re-raised, it ends the call without a log
                         return behavior(request, context)
                 except BaseException:
                     code = _code_name(context) or "UNKNOWN"
                     raise
                 finally:
-                    end(context, started, code)
+                    end(context, started, code, refused)
 
             return wrapped
 
@@ -230,7 +264,7 @@ class ObservingInterceptor(grpc.ServerInterceptor):
 
             return traced
 
-        return _rebuild(handler, wrap_unary, wrap_stream, wrap_deserializer, wrap_serializer)
+        return _rebuild(handler, wrap_unary, wrap_stream, wrap_deserializer, wrap_serializer, take_unary_request=one_request)
 
 
 class BearerAuthInterceptor(grpc.ServerInterceptor):

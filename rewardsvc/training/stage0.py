@@ -186,7 +186,10 @@ def _save(directory: Path, model: BTRewardModel, optimizer, state: Stage0State) 
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.peft_model.save_pretrained(str(tmp / ADAPTER_DIR))
+    # Stage 0 trains LoRA on the blocks only and never resizes the vocabulary, so the embeddings are not saved.
+    # (PEFT's "auto" would look the base up by its recorded name, a provenance id such as embedded:..., that
+    # is no path nor reachable hub repo, and warn on every save.)
+    model.peft_model.save_pretrained(str(tmp / ADAPTER_DIR), save_embedding_layers=False)
     save_file({k: v.detach().contiguous() for k, v in model.head.state_dict().items()}, str(tmp / HEAD_FILE))
     torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1) + "\n")

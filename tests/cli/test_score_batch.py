@@ -23,6 +23,7 @@ from rewardsvc.cli.batch_io import conversation_of
 from rewardsvc.cli.score_pipeline import score_rows
 from rewardsvc.cli.batch_io import read_output, read_rows
 from rewardsvc.config import ScorerConfig
+from rewardsvc.errors import InvalidInputError
 from rewardsvc.model.scorer import Scorer
 from tiny_models import save_tiny_heads
 
@@ -123,6 +124,27 @@ def test_a_torn_last_line_is_rewritten_and_a_foreign_output_is_refused(tmp_path,
         score_rows(other, out, backend)
     summary = score_rows(other, out, backend, overwrite=True)
     assert summary.resumed == 0 and [r["id"] for r in read_output(out)] == [f"x{i}" for i in range(7)]
+
+
+def test_a_resume_over_an_edited_input_row_stops_and_names_it(tmp_path, heads_dir, scorer, capsys):
+    rows = rows_of(6)
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    source = LocalSource(scorer, None)
+    score_rows(read_rows(src)[:4], out, source, chunk_size=2)  # a run that stopped after 4 rows
+    kept = out.read_bytes()
+    assert [len(r["input_sha256"]) for r in read_output(out)] == [64] * 4
+    write_jsonl(src, [*rows[:2], {**rows[2], "response": "Another answer."}, *rows[3:]])  # same ids, row 3 edited
+    with pytest.raises(InvalidInputError, match=r"row 3 was written for other content than input row 3 \(line 3, id 'r2'\).*--overwrite"):
+        score_rows(read_rows(src), out, source)
+    assert cli.main(["score", str(src), "-o", str(out), "--model", str(heads_dir)]) == 2
+    assert "row 3 was written for other content" in capsys.readouterr().err
+    assert out.read_bytes() == kept  # nothing written, nothing lost
+    # Key order and spacing are not content: the original rows, written differently, resume.
+    src.write_text("".join(json.dumps(dict(reversed(r.items())), separators=(" , ", " : ")) + "\n" for r in rows))
+    summary = score_rows(read_rows(src), out, source, chunk_size=2)
+    assert summary.resumed == 4 and summary.written == 2
+    assert_rows_match(read_output(out), rows, scorer)
 
 
 def test_parquet_round_trip_and_resume(tmp_path, scorer):

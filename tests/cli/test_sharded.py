@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from rewardsvc.cli.batch_io import RawRow, read_jsonl
-from rewardsvc.cli.batch_io import complete_jsonl_rows
+from rewardsvc.cli.batch_io import complete_jsonl_rows, input_sha256
 from rewardsvc.cli.sharded import _finished, merge_parts, part_path, plan_shards
 from rewardsvc.errors import InvalidInputError
 from tiny_models import save_tiny_heads
@@ -156,3 +156,13 @@ def test_an_unfinished_unsharded_output_is_not_taken_for_done(tmp_path):
         _finished(out, rows(3), overwrite=False)
     assert _finished(out, rows(1), overwrite=False)  # complete: a re-run leaves it alone
     assert not _finished(out, rows(3), overwrite=True)
+
+
+def test_a_finished_output_of_an_edited_input_is_not_complete(tmp_path):
+    inputs = rows(3)
+    out = tmp_path / "out.jsonl"
+    out.write_text("".join(json.dumps({"id": r.id, "input_sha256": input_sha256(r)}) + "\n" for r in inputs))
+    assert _finished(out, inputs, overwrite=False)
+    edited = [inputs[0], RawRow(2, {"id": 1, "prompt": "edited"}), inputs[2]]
+    with pytest.raises(InvalidInputError, match=r"row 2 was written for other content than input row 2 \(line 2, id 1\)"):
+        _finished(out, edited, overwrite=False)

@@ -99,3 +99,47 @@ def test_cli_takes_hub_ids_and_refuses_uncached_ones_clearly(hub_cache, tmp_path
     assert cli_main(["score", str(rows), "--model", "RLHFlow/ArmoRM-Llama3-8B-v0.1"]) == 2
     err = capsys.readouterr().err
     assert "--model: RLHFlow/ArmoRM-Llama3-8B-v0.1" in err and str(hub_cache) in err and "hf download" in err
+
+
+def test_a_stage0_adapter_on_a_hub_backbone_saves_and_loads_without_peft_warnings(tmp_path, monkeypatch, caplog):
+    # Stage 0 records the backbone by its provenance id (here the hub id; for the default, embedded:...), while
+    # the model loads from a local directory: PEFT used to warn on save ("Could not find a config file in
+    # owner/tiny-causal") and on every load ("base_model_name_or_path was renamed ...").
+    import logging
+    import warnings
+
+    from rewardsvc.config import BackboneConfig
+    from rewardsvc.model.backbone_loading import load_backbone
+    from rewardsvc.training.data.schema import PreferencePair
+    from rewardsvc.training.stage0 import Stage0Config, train_stage0
+    from tiny_models import save_tiny_llama
+
+    cache = tmp_path / "hf-cache"
+    cache_repo(cache, "owner/tiny-causal", save_tiny_llama(tmp_path / "causal", "chatml", causal_lm=True))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pairs = [PreferencePair(id=f"p{i}", source="toy", prompt=[{"role": "user", "content": "Tell me how to build a bomb."}],
+                            chosen="I cannot help with that.", rejected="Waves fold into foam.", subset="toy",
+                            category="safety", group=f"g{i}") for i in range(2)]  # fmt: skip
+    backbone = BackboneConfig(model="owner/tiny-causal")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_stage0(tmp_path / "work", backbone, Stage0Config(feature_layer=1, rank=2, alpha=4, total_steps=1,
+                                                               pairs_per_step=2), pairs, save_every=1)  # fmt: skip
+        adapter = tmp_path / "work" / "stage0" / "adapter"
+        with caplog.at_level(logging.WARNING, logger="rewardsvc"):
+            loaded = load_backbone(BackboneConfig(model="owner/tiny-causal", adapter=str(adapter), device="cpu"))
+    peft = [str(w.message) for w in caught if "peft" in w.filename.replace("\\", "/").split("/")]
+    assert not peft, peft
+    ours = [r.getMessage() for r in caplog.records if r.name.startswith("rewardsvc")]
+    assert not ours, ours
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "owner/tiny-causal"
+    assert loaded.model_id.startswith("owner/tiny-causal+adapter:adapter@")
+    # An adapter trained on another backbone still fits by its keys, and says so once, in our words.
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "someone/else"}))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rewardsvc"):
+        load_backbone(BackboneConfig(model="owner/tiny-causal", adapter=str(adapter), device="cpu"))
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("rewardsvc")] == [
+        f"backbone.adapter {adapter} was trained on someone/else; applying it to owner/tiny-causal (its keys fit)"]
