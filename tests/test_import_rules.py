@@ -59,7 +59,7 @@ def imports(module: str) -> frozenset[str]:
                 source = node.module
             names.add(source)
             names.update(f"{source}.{alias.name}" for alias in node.names)
-        elif isinstance(node, ast.CallContext) and getattr(node.func, "id", None) == "__import__":
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "__import__":
             pytest.fail(f"{module}: __import__ hides an import from these rules; use importlib or a plain import")
     return frozenset(names)
 
