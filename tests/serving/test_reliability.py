@@ -67,6 +67,9 @@ class _FakeContext:
     def peer(self):
         return "test"
 
+    def invocation_metadata(self):  # read by the interceptor's tracing (traceparent)
+        return ()
+
 
 class _Details:
     method = f"/{SERVICE_NAME}/Score"
