@@ -9,7 +9,7 @@ import math
 import pytest
 
 from rewardsvc.cli.calibrate import PACKAGED_REFERENCE
-from rewardsvc.cli.rows import conversation_of
+from rewardsvc.cli.batch_io import conversation_of
 from rewardsvc.model.calibration import CALIBRATION_FILE, fingerprint_of, read_calibration
 from rewardsvc.model.scorer import DEFAULT_MODEL_DIR
 from rewardsvc.normalization import Normalization

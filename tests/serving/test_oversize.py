@@ -11,7 +11,7 @@ import pytest
 
 from rewardsvc._proto.rewardsvc.v1 import reward_pb2 as pb
 from rewardsvc.wire import SERVICE_NAME
-from service_fixtures import score_request, settled_requests, short_conversation, start_server
+from service_fixtures import score_request, settled_requests, short_conversation, start_server, wait_until
 from tiny_service import load_tiny_scorer, save_tiny_heads
 
 LIMIT = 4096  # max_message_bytes; gRPC's own receive limit is twice that
@@ -45,6 +45,9 @@ def test_a_message_over_the_transports_limit_is_counted_and_logged(server, caplo
             with pytest.raises(grpc.RpcError) as refused:
                 score(huge_score_request(3 * LIMIT), timeout=30)
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
+            # gRPC core answers the client before the server's handler thread has taken up the call: wait for
+            # the count (it lands once that thread sees the refused receive), then check nothing else moved.
+            assert wait_until(lambda: codes(server, "Score")["RESOURCE_EXHAUSTED"] > before["RESOURCE_EXHAUSTED"], 30)
             after = codes(server, "Score")
         # Between max_message_bytes and the transport's limit: our own refusal, INVALID_ARGUMENT (unchanged).
         with pytest.raises(grpc.RpcError) as invalid:
