@@ -215,9 +215,12 @@ class ObservingInterceptor(grpc.ServerInterceptor):
                         if take_request is not None:
                             try:
                                 request = take_request(request, context)
-                            except grpc.RpcError:  # the receive failed: refused by the transport, or the client left
+                            except BaseException:  # no request: refused by the transport, the client left or sent none
+                                # Which one is known when the call ends (on_finished): a client still there gets
+                                # our UNIMPLEMENTED; a call gRPC already ended had its message refused. (gRPC may
+                                # report the refused receive as the end of the messages or as the cancel.)
                                 refused = True
-                                raise  # grpc's own error for this call: re-raised, it ends the call without a log
+                                raise
                         return behavior(request, context)
                 except BaseException:
                     code = _code_name(context) or "UNKNOWN"
