@@ -166,7 +166,7 @@ def _tokenizer(args):
         from tiny_models import build_tokenizer
 
         return build_tokenizer("chatml")
-    from rewardsvc.model.backbone import converted_gguf_dir, embedded_gguf_path, load_tokenizer
+    from rewardsvc.model.backbone_loading import converted_gguf_dir, embedded_gguf_path, load_tokenizer
 
     # The packaged default's tokenizer, from the converted copy the server has just made (no weights loaded).
     return load_tokenizer(str(converted_gguf_dir(embedded_gguf_path())))
