@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import sys
 from pathlib import Path
 
@@ -35,14 +34,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reference conversations, .jsonl or .parquet (default: the packaged reference set)")  # fmt: skip
     parser.add_argument("--chunk-size", type=int, default=64, metavar="N", help="conversations per scorer call (default %(default)s)")
     parser.add_argument("--dry-run", action="store_true", help="measure and print, but do not write calibration.json")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _reference_name(path: Path) -> str:
@@ -85,6 +76,7 @@ def score_all(scorer, conversations: list, chunk_size: int) -> list:
 
 def run(args: argparse.Namespace) -> int:
     from .. import __version__
+    from ..model.backbone_loading import file_sha256
     from ..model.calibration import fingerprint_of, measure, save_calibration
     from .main import load_scorer
 
@@ -95,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     directory = model_directory(args)
     scorer = load_scorer(args)
     results = score_all(scorer, conversations, args.chunk_size)
-    reference = {"path": _reference_name(path), "sha256": _sha256(path), "rows": len(conversations)}
+    reference = {"path": _reference_name(path), "sha256": file_sha256(path), "rows": len(conversations)}
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     calibration, document = measure(results, scorer.attributes, fingerprint_of(scorer), reference, created, __version__)
     print(f"calibration {calibration.calibration_id}: {calibration.count} conversations of {reference['path']}")

@@ -80,14 +80,19 @@ def _file_sha256(resolved: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
+def file_sha256(path: Path) -> str:
+    """Content hash of a file (hashed once per process while its size and mtime stay the same)."""
+    stat = path.stat()
+    return _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
 def gguf_cache_dir(gguf_path: Path) -> Path:
     """Cache directory of a GGUF file's conversion, keyed by the file's content and the transformers version
     (which does the conversion). Keying by content, not location, means every install or clone of the same
     package shares one converted copy (~0.5 GB for the embedded default) instead of adding another."""
     import transformers
 
-    stat = gguf_path.stat()
-    content = _file_sha256(str(gguf_path.resolve()), stat.st_size, stat.st_mtime_ns)
+    content = file_sha256(gguf_path)
     key = hashlib.sha256(f"{content}:transformers-{transformers.__version__}".encode()).hexdigest()[:16]
     return cache_root() / "converted" / f"{gguf_path.stem}-{key}"
 
