@@ -35,7 +35,7 @@ from typing import Any
 
 from ..errors import InvalidInputError
 from ..types import AttributeWeights
-from .batch_io import RawRow
+from .batch_io import INPUT_HASH_FIELD, RawRow, input_sha256
 
 # Columns of the table the CLI driver hands to the actors: each input row as JSON text (or its read error) plus
 # its position, so that bad lines become error rows exactly as in the local CLI and the output keeps input order.
@@ -204,7 +204,8 @@ def score_on_ray(inputs: Sequence[RawRow], *, actors: int, batch_size: int, scor
                  cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0, progress: bool = False,
                  scorer_class: type = ScoreBatches) -> list[dict[str, Any]]:  # fmt: skip
     """The output rows of `inputs`, in input order, scored by `actors` Ray actors (Ray must be initialised).
-    `scorer_class` is ScoreBatches or a subclass of it."""
+    `scorer_class` is ScoreBatches or a subclass of it. Each row carries its input's content hash, as the local
+    CLI's file output does, so the two outputs have the same columns."""
     import ray
 
     if not inputs:
@@ -221,7 +222,7 @@ def score_on_ray(inputs: Sequence[RawRow], *, actors: int, batch_size: int, scor
         for order, text in zip(batch[ORDER_COLUMN].to_pylist(), batch[OUTPUT_COLUMN].to_pylist()):
             if out[order] is not None:
                 raise RuntimeError(f"Ray returned input row {order} twice")  # never expected: guards the claim
-            out[order] = json.loads(text)
+            out[order] = {**json.loads(text), INPUT_HASH_FIELD: input_sha256(inputs[order])}
             seen += 1
     if seen != len(inputs):
         raise RuntimeError(f"Ray returned {seen} of {len(inputs)} rows")
