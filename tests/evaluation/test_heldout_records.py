@@ -33,6 +33,19 @@ def test_records_file_is_the_one_its_summary_describes():
     assert last["recipe"]["max_tokens"] == 1024
 
 
+def test_the_complete_records_give_the_model_cards_headline():
+    """The records cover every held-out pair, and counting wins in them (a tie is half a win, as in
+    rewardsvc.evaluation.report) gives the accuracy the shipped model's own provenance states."""
+    records = [json.loads(line) for line in RECORDS.read_text(encoding="utf-8").splitlines()]
+    card = json.loads((ROOT / "rewardsvc" / "default_model" / "rewardsvc.json").read_text())
+    overall = card["provenance"]["metrics"]["eval"]["after_debiasing"]["overall"]
+    assert json.loads(SUMMARY.read_text(encoding="utf-8").splitlines()[-1])["complete"] is True
+    assert len(records) == len({r["id"] for r in records}) == overall["n"] == 1492
+    wins = sum(1.0 if r["chosen_score"] > r["rejected_score"] else 0.5 if r["chosen_score"] == r["rejected_score"]
+               else 0.0 for r in records)  # fmt: skip
+    assert wins / len(records) == pytest.approx(overall["accuracy"], abs=1e-12)
+
+
 @pytest.mark.slow
 @pytest.mark.needs_data
 def test_a_fixed_sample_of_the_committed_records_rescores_to_1e_4():
