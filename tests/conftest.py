@@ -57,6 +57,15 @@ def embedded_scorer():
     return Scorer.load()
 
 
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir, tmp_path_factory):
+    """A Scorer over the tiny random Llama with the default ScorerConfig, one per test module (each module's
+    server owns its own): the backend of the HTTP, client and reliability tests."""
+    from tiny_service import load_tiny_scorer
+
+    return load_tiny_scorer(save_tiny_heads(tmp_path_factory.mktemp("tiny-heads"), tiny_llama_dir))
+
+
 @pytest.fixture(scope="session")
 def tiny_scorer(tiny_llama_dir, tmp_path_factory):
     """A real Scorer over the tiny random Llama (hidden 32, attributes tiny_models.TINY_ATTRIBUTES): the small

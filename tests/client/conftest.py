@@ -6,12 +6,6 @@ from __future__ import annotations
 import pytest
 
 from service_fixtures import start_server
-from tiny_service import load_tiny_scorer, save_tiny_heads
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_llama_dir, tmp_path_factory):
-    return load_tiny_scorer(save_tiny_heads(tmp_path_factory.mktemp("tiny-heads"), tiny_llama_dir))
 
 
 @pytest.fixture(scope="module")

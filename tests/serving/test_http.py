@@ -20,7 +20,7 @@ from rewardsvc.serving.config import ServerConfig
 from rewardsvc.types import AttributeWeights
 from service_fixtures import metric_value, start_server, wait_until
 from tiny_models import build_tokenizer
-from tiny_service import ATTRS, SlowScorer, load_tiny_scorer, save_tiny_heads
+from tiny_service import ATTRS, SlowScorer
 
 TOL = 1e-5
 CONVERSATIONS = [
@@ -28,11 +28,6 @@ CONVERSATIONS = [
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
      {"role": "user", "content": "Name a number."}, {"role": "assistant", "content": "Seven."}],
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_llama_dir, tmp_path_factory):
-    return load_tiny_scorer(save_tiny_heads(tmp_path_factory.mktemp("tiny-heads"), tiny_llama_dir))
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import pytest
 
 from service_fixtures import metric_value, start_server, wait_until
 from tiny_models import build_tokenizer
-from tiny_service import load_tiny_scorer, save_tiny_heads
 
 CONVERSATION = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Red."}]
 
@@ -36,11 +35,6 @@ class GatedScorer:
         self.entered.set()
         assert self.gate.wait(60), "the test never opened the gate"
         return self._scorer.score_encoded(encoded, weights)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_llama_dir, tmp_path_factory):
-    return load_tiny_scorer(save_tiny_heads(tmp_path_factory.mktemp("tiny-heads"), tiny_llama_dir))
 
 
 @pytest.fixture()

@@ -28,7 +28,7 @@ from rewardsvc.integrations.openrlhf import ScoresMapping, reply
 from rewardsvc.types import AttributeWeights
 from service_fixtures import start_server
 from tiny_models import build_tokenizer
-from tiny_service import ATTRS, load_tiny_scorer, save_tiny_heads
+from tiny_service import ATTRS
 
 # Prompts of several lengths and shapes (a system turn, several turns), so that a max_prompt_length cut falls in
 # a user turn, a system turn and an earlier assistant turn.
@@ -45,11 +45,6 @@ CONVERSATIONS = [
 ]  # fmt: skip
 TOL = 1e-3  # the "Done when" tolerance; the uncut samples agree to ~1e-6
 # (Contents carry no edge whitespace: the Llama-3 template trims it, so the policy never saw it either.)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_llama_dir, tmp_path_factory):
-    return load_tiny_scorer(save_tiny_heads(tmp_path_factory.mktemp("tiny-heads"), tiny_llama_dir))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import pytest
 from rewardsvc.client import RewardClient
 from service_fixtures import start_server
 from tiny_models import build_tokenizer
-from tiny_service import load_tiny_scorer, save_tiny_heads
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Red."}],
@@ -22,11 +21,6 @@ CONVERSATIONS = [
      {"role": "user", "content": "Name a number."}, {"role": "assistant", "content": "Seven."}],
 ]  # fmt: skip
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_llama_dir, tmp_path_factory):
-    return load_tiny_scorer(save_tiny_heads(tmp_path_factory.mktemp("tiny-heads"), tiny_llama_dir))
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -19,14 +17,9 @@ from rewardsvc.serving.metrics import ServiceMetrics
 from rewardsvc.serving.interceptors import ActiveCalls, ObservingInterceptor
 from rewardsvc.wire import SERVICE_NAME
 from service_fixtures import metric_value, score_request, short_conversation, start_server, wait_until
-from tiny_service import SlowScorer, load_tiny_scorer, save_tiny_heads
+from tiny_service import SlowScorer
 
 PROMPT = [pb.Message(role="user", content="Name a colour.")]
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_llama_dir, tmp_path_factory):
-    return load_tiny_scorer(save_tiny_heads(tmp_path_factory.mktemp("tiny-heads"), tiny_llama_dir))
 
 
 @pytest.fixture()
