@@ -116,6 +116,16 @@ def test_number_parsing():
     assert shown_in(53.4, 0.05, [0.53351]) and not shown_in(53.4, 0.05, [0.5346])
 
 
+def marked_table_problems(doc: str, line: int, target: str, found) -> list[str]:
+    """What is wrong with a table marked `<!-- results: target -->`: a missing file, or figures not in it."""
+    path = ROOT / target
+    if not path.is_file():
+        return [f"{doc}:{line}: results file {target} does not exist"]
+    values = results_values(path)
+    return [f"{doc}:{line}: {cell!r} ({value:g}) is not in {target}"
+            for cell, value, half in found if not shown_in(value, half, values)]  # fmt: skip
+
+
 def test_performance_tables_name_their_results_and_every_figure_is_in_it():
     problems = []
     for line, target, body in tables(PERFORMANCE.read_text(encoding="utf-8").splitlines()):
@@ -125,15 +135,8 @@ def test_performance_tables_name_their_results_and_every_figure_is_in_it():
                 problems.append(f"docs/PERFORMANCE.md:{line}: a table with figures ({found[0][0]!r}, ...) and no "
                                 f"`<!-- results: FILE -->` marker")  # fmt: skip
             continue
-        if target.startswith("none"):
-            continue
-        path = ROOT / target
-        if not path.is_file():
-            problems.append(f"docs/PERFORMANCE.md:{line}: results file {target} does not exist")
-            continue
-        values = results_values(path)
-        problems += [f"docs/PERFORMANCE.md:{line}: {cell!r} ({value:g}) is not in {target}"
-                     for cell, value, half in found if not shown_in(value, half, values)]  # fmt: skip
+        if not target.startswith("none"):
+            problems += marked_table_problems("docs/PERFORMANCE.md", line, target, found)
     assert not problems, "\n".join(problems)
 
 
@@ -143,15 +146,8 @@ def test_marked_tables_elsewhere_match_their_results(doc):
     """Other docs need no marker on every table, but a table that has one is checked the same way."""
     problems = []
     for line, target, body in tables((ROOT / doc).read_text(encoding="utf-8").splitlines()):
-        if target is None or target.startswith("none"):
-            continue
-        path = ROOT / target
-        if not path.is_file():
-            problems.append(f"{doc}:{line}: results file {target} does not exist")
-            continue
-        values = results_values(path)
-        problems += [f"{doc}:{line}: {cell!r} ({value:g}) is not in {target}"
-                     for cell, value, half in figures(body) if not shown_in(value, half, values)]  # fmt: skip
+        if target is not None and not target.startswith("none"):
+            problems += marked_table_problems(doc, line, target, figures(body))
     assert not problems, "\n".join(problems)
 
 
