@@ -30,6 +30,7 @@ def block(result: dict | None) -> dict | None:
     return {"overall": result["overall"]["accuracy"], "n": result["overall"]["n"],
             "categories": {k: v["accuracy"] for k, v in result.get("categories", {}).items()},
             "verbosity_spearman": result.get("verbosity_spearman"),
+            "verbosity_spearman_by_category": result.get("verbosity_spearman_by_category"),
             "length_baseline": result.get("length_baseline", {}).get("overall", {}).get("accuracy"),
             "length_baseline_categories": {k: v["accuracy"] for k, v in result.get("length_baseline", {}).get("categories", {}).items()}}  # fmt: skip
 

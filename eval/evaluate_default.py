@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "n": summary["overall"]["n"], "correct": correct, "accuracy": summary["overall"]["accuracy"],
         "categories": summary["categories"], "length_baseline": summary["length_baseline"]["overall"],
         "verbosity_spearman": summary["verbosity_spearman"],
+        "verbosity_spearman_by_category": summary["verbosity_spearman_by_category"],
         "records": records_path.relative_to(REPO).as_posix() if records_path.is_relative_to(REPO) else str(records_path),
         "records_sha256": hashlib.sha256(text.encode()).hexdigest(), "card": card,
         "wall_s": round(time.perf_counter() - started, 1),

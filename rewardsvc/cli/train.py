@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-budget", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation on the held-out mix")
+    parser.add_argument("--length-calibration", choices=("pairwise", "balanced-spearman", "chat-spearman", "none"),
+                        default="chat-spearman", help="how the length offset is chosen after stage 2 (every method is "
+                        "also fit and recorded in the provenance; docs/TRAINING.md)")  # fmt: skip
 
 
 def scaled_caps(scale: float) -> dict[str, int | None]:
@@ -82,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         backbone=BackboneConfig(model=args.backbone, adapter=args.adapter, device_map=args.device_map),
         name=args.name, max_tokens=args.max_tokens, token_budget=args.token_budget, max_chars=args.max_chars,
         caps=scaled_caps(args.caps_scale) if args.caps_scale != 1.0 else None, seed=args.seed, evaluate=not args.no_eval,
-        layers=_layers(args.layers), embed=args.embed,
+        layers=_layers(args.layers), embed=args.embed, length_calibration=args.length_calibration,
     )  # fmt: skip
     provenance = run_training(config)
     print(json.dumps({"out": args.out, "data": provenance["data"], "metrics": provenance["metrics"],

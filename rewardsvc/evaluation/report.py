@@ -79,10 +79,12 @@ def evaluate_pairs(records: Iterable[Any]) -> dict:
          "subsets": {name: {"accuracy", "n"}},
          "length_baseline": {"overall", "categories", "subsets"}  (same shapes),
          "verbosity_spearman": float,
+         "verbosity_spearman_by_category": {category: float | None},
          "gating_by_category": {category: {attribute: mean weight}}  (only when every record has `gating`)}
     Ties count 0.5 (scores and lengths alike). "overall" is the mean over pairs (micro).
     Missing category/subset -> "uncategorized". verbosity_spearman pools every scored response
-    (chosen and rejected); it is None only when undefined (a constant score or length).
+    (chosen and rejected); it is None only when undefined (a constant score or length). Per category the same
+    over that category's responses: a mix can be flat in length while each category is not.
     Raises ValueError on no records or a missing / non-finite score or length.
     """
     records = list(records)
@@ -100,9 +102,20 @@ def evaluate_pairs(records: Iterable[Any]) -> dict:
     result = _accuracy_block(model, categories, subsets)
     result["length_baseline"] = _accuracy_block(longer, categories, subsets)
     result["verbosity_spearman"] = _spearman(chosen + rejected, chosen_len + rejected_len)
+    result["verbosity_spearman_by_category"] = {
+        c: _spearman([chosen[i] for i in idx] + [rejected[i] for i in idx], [chosen_len[i] for i in idx] + [rejected_len[i] for i in idx])
+        for c, idx in sorted(_indices_by(categories).items())
+    }  # fmt: skip
     if all(_get(r, "gating") for r in records):
         result["gating_by_category"] = mean_gating_by_category(records, categories)
     return result
+
+
+def _indices_by(keys: Sequence[str]) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, key in enumerate(keys):
+        groups[key].append(i)
+    return groups
 
 
 def mean_gating_by_category(records: Sequence[Any], categories: Sequence[str]) -> dict[str, dict[str, float]]:

@@ -21,14 +21,15 @@ from .data.attributes import VERBOSITY
 from .data.schema import PreferencePair, RatedConversation
 from .data.splits import unit_hash
 from .debias import fit_verbosity_penalties
-from .length_calibration import calibrate_length
+from .length_calibration import apply_length_calibration, fit_length_calibration
 from .pair_split import PairSplit
 from .preference_heads import fit_preference_head
 from .stage1 import fit_stage1
 from .stage2 import PreferencePairs, balanced_weights, standardize_gating_input, train_gating
-from .train_config import TrainConfig
+from .train_config import LENGTH_CALIBRATIONS, TrainConfig
 
 PREFERENCE_PREFIX = "preference_"
+LENGTH_VARIANT_PREFIX = "length_calibration:"  # Candidate.variants key of each calibration method
 
 
 @dataclass
@@ -168,22 +169,31 @@ def fit_candidate(config: TrainConfig, layer: int, i: int, preference: bool, sta
         heads, chosen = max(tried, key=lambda hs: (hs[1]["val_balanced_accuracy"], hs[1]["best_val_accuracy"]))
         report["stage2"][variant] = {**chosen, "lrs_tried": [s for _, s in tried]}
         variants[variant] = heads
-    chosen = report["stage2"]["after_debiasing"]
-    report["val_balanced_accuracy"], report["val_categories"] = chosen["val_balanced_accuracy"], chosen["val_categories"]
-    if config.length_reference:  # the candidates then compete on their calibrated validation accuracy
-        heads = variants["after_debiasing"]
-        offset = calibrate_length(heads, (train, val), i, config.length_reference, attributes.index(VERBOSITY))
-        calibrated = validation_accuracy(heads, val, val_pairs)
-        offset["val_categories"] = calibrated["val_categories"]
-        report["length_offset"] = offset
-        report.update(calibrated)
+    # Length calibration: every method is fit on this gating and recorded (validation figures included); the
+    # configured one is applied, and the candidates then compete on their calibrated validation accuracy.
+    verbosity_index = attributes.index(VERBOSITY)
+    uncalibrated = variants["after_debiasing"]
+    alternatives = {}
+    for method in LENGTH_CALIBRATIONS:
+        fit = fit_length_calibration(method, uncalibrated, train, val, i, verbosity_index, train_rewards)
+        heads = copy.deepcopy(uncalibrated)
+        apply_length_calibration(heads, verbosity_index, fit["delta"])
+        alternatives[method] = {**fit, **validation_accuracy(heads, val, val_pairs)}
+        variants[LENGTH_VARIANT_PREFIX + method] = heads
+    chosen_fit = alternatives[config.length_calibration]
+    report["length_offset"] = {**chosen_fit, "alternatives": alternatives}
+    report.update({k: chosen_fit[k] for k in ("val_balanced_accuracy", "val_categories", "val_spearman")})
+    variants["after_debiasing"] = variants[LENGTH_VARIANT_PREFIX + config.length_calibration]
     return Candidate(layer, preference, variants["after_debiasing"], variants, report)
 
 
 def validation_accuracy(heads: ArmoHeads, val: PairSplit, val_pairs: PreferencePairs) -> dict[str, Any]:
-    """Validation accuracy per category and its category-balanced mean (what ranks gatings and candidates)."""
-    categories = {c: v["accuracy"] for c, v in evaluate_pairs(pair_records(heads, val.pairs, val_pairs))["categories"].items()}
-    return {"val_balanced_accuracy": sum(categories.values()) / len(categories), "val_categories": categories}
+    """Validation accuracy per category and its category-balanced mean (what ranks gatings and candidates), and
+    Spearman(score, length) over all validation responses and per category."""
+    result = evaluate_pairs(pair_records(heads, val.pairs, val_pairs))
+    categories = {c: v["accuracy"] for c, v in result["categories"].items()}
+    return {"val_balanced_accuracy": sum(categories.values()) / len(categories), "val_categories": categories,
+            "val_spearman": {"all": result["verbosity_spearman"], **result["verbosity_spearman_by_category"]}}
 
 
 @torch.inference_mode()

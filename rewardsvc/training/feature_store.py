@@ -151,6 +151,14 @@ class FeatureStore:
         return Features(response=response, prompt=prompt, num_tokens=num_tokens, layers=self.layers)
 
 
+def stored_layers(directory: str | os.PathLike) -> tuple[int, ...] | None:
+    """The layers a store directory holds, or None where there is no store yet."""
+    manifest = Path(directory) / MANIFEST
+    if not manifest.exists():
+        return None
+    return tuple(int(x) for x in json.loads(manifest.read_text()).get("layers", ()))
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     tmp.write_bytes(data)

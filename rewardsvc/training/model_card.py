@@ -61,11 +61,7 @@ def render(config: dict[str, Any]) -> str:
               "| attribute | lambda | Spearman with verbosity before | after |", "|---|---|---|---|"]  # fmt: skip
     for name, r in debias.get("report", {}).items():
         lines.append(f"| {name} | {r.get('lambda')} | {_num(r.get('spearman_at_zero'))} | {_num(r.get('spearman'))} |")
-    offset = m.get("length_offset")
-    if offset:
-        lines += ["", f"After stage 2 every lambda was raised by **{offset['delta']:+.2f}**, so that Spearman(score, length) "
-                  f"is {_num(offset['spearman'])} (from {_num(offset['spearman_at_zero'])}) on the "
-                  f"{offset['responses']} {offset['reference']}."]  # fmt: skip
+    lines += _length_offset(m.get("length_offset"), m.get("eval", {}).get("length_calibrations"))
     lines += ["", "## Stage 2 (gating, Bradley-Terry) and evaluation on the held-out mix", ""]
     evaluation = m.get("eval", {})
     variants = [v for v in ("before_debiasing", "after_debiasing") if v in evaluation]
@@ -83,6 +79,13 @@ def render(config: dict[str, Any]) -> str:
         base = evaluation[variants[-1]]["length_baseline"]
         lines.append("| length baseline (longer wins) | " + " | ".join(
             [_pct(base["overall"]["accuracy"])] + [_pct(base["categories"][c]["accuracy"]) for c in categories] + ["", ""]) + " |")
+    spearman_rows = [(v, evaluation[v]["verbosity_spearman_by_category"]) for v in variants
+                     if "verbosity_spearman_by_category" in evaluation[v]]  # fmt: skip
+    if spearman_rows:
+        categories = sorted(spearman_rows[-1][1])
+        lines += ["", "Spearman(score, response length in characters) per held-out category:", "",
+                  "| | " + " | ".join(categories) + " |", "|---" * (len(categories) + 1) + "|"]  # fmt: skip
+        lines += [f"| {v.replace('_', ' ')} | " + " | ".join(_num(rho.get(c)) for c in categories) + " |" for v, rho in spearman_rows]
     gating = evaluation.get("after_debiasing", {}).get("gating_by_category")
     if gating:
         lines += ["", "## Gating: mean weight per held-out category (the three largest)", "",
@@ -163,6 +166,46 @@ def _chosen(config: dict[str, Any], m: dict[str, Any]) -> list[str]:
         lines.append(f"| {c['layer']} | {'yes' if c['preference_heads'] else 'no'} | {_num(c.get('stage1_mean_val_pearson'))} "
                      f"| {_pct(val)} | {_pct(held)} |")  # fmt: skip
     return lines + [""]
+
+
+def _length_offset(offset: dict[str, Any] | None, held_out: dict[str, Any] | None) -> list[str]:
+    """The length calibration: what was applied, and every method fit on the same gating (validation and held-out)."""
+    if not offset:
+        return []  # checkpoints fit before the calibration existed
+    if "method" not in offset:  # checkpoints before the choice of method (chat responses only)
+        return ["", f"After stage 2 every lambda was raised by **{offset['delta']:+.2f}**, so that Spearman(score, length) "
+                f"is {_num(offset['spearman'])} (from {_num(offset['spearman_at_zero'])}) on the "
+                f"{offset['responses']} {offset['reference']}."]  # fmt: skip
+    method = offset["method"]
+    text = f"After stage 2 every lambda was raised by **{offset['delta']:+.3f}** (length calibration `{method}`"
+    if "a" in offset:
+        text += (f": Bradley-Terry on {offset['pairs']} {offset.get('reference', 'pairs')} gives the score difference the "
+                 f"weight a = {_num(offset['a'])} and the length-penalty difference b = {_num(offset['b'])}; delta = -b / a)")  # fmt: skip
+    elif isinstance(offset.get("spearman"), dict):
+        where = ", ".join(f"{k} {_num(v)}" for k, v in offset["spearman"].items())
+        text += f": Spearman(score, length) {where} on the {offset['responses']} {offset['reference']})"
+    else:
+        text += ")"
+    lines = ["", text + "."]
+    alternatives = offset.get("alternatives")
+    if not alternatives:
+        return lines
+    categories = sorted({c for a in alternatives.values() for c in a.get("val_spearman", {}) if c != "all"})
+    held_categories = sorted({c for h in (held_out or {}).values() for c in h.get("verbosity_spearman_by_category", {})})
+    lines += ["", "Every calibration method on this gating (val: stage-2 validation; Spearman = Spearman(score, length)):", "",
+              "| method | delta | val balanced acc | " + " | ".join(f"val Spearman {c}" for c in ["all", *categories])
+              + (" | held-out acc | " + " | ".join(f"held-out Spearman {c}" for c in ["all", *held_categories]) if held_out else "")
+              + " |", "|---" * (3 + len(categories) + 1 + ((2 + len(held_categories)) if held_out else 0)) + "|"]  # fmt: skip
+    for name, a in alternatives.items():
+        row = [f"{a['delta']:+.3f}", _pct(a.get("val_balanced_accuracy"))]
+        row += [_num(a.get("val_spearman", {}).get(c)) for c in ["all", *categories]]
+        if held_out:
+            h = held_out.get(name, {})
+            rho = h.get("verbosity_spearman_by_category", {})
+            row += [_pct(h.get("overall", {}).get("accuracy")), _num(h.get("verbosity_spearman"))]
+            row += [_num(rho.get(c)) for c in held_categories]
+        lines.append(f"| {name}{' (applied)' if name == method else ''} | " + " | ".join(row) + " |")
+    return lines
 
 
 def write_model_card(directory: str | Path) -> Path:

@@ -36,11 +36,11 @@ from ..model.backbone_loading import load_backbone
 from ..model.batch_plan import plan_padded_batches
 from ..model.checkpoint import HeadsCheckpoint, save_heads
 from ..model.encoding import ChatEncoder, EncodedConversation
-from .candidates import fit_candidate, out_of_fold_stage1, pair_records
+from .candidates import LENGTH_VARIANT_PREFIX, fit_candidate, out_of_fold_stage1, pair_records
 from .data.attributes import ATTRIBUTE_NAMES
 from .data.build import TrainingSets, build_training_sets, conversation_key, round_robin
 from .data.schema import PreferencePair, RatedConversation
-from .feature_store import FeatureStore, extract_features, feature_key
+from .feature_store import FeatureStore, extract_features, feature_key, stored_layers
 from .model_card import write_model_card
 from .pair_split import PairSplit
 from .stage1 import fit_stage1
@@ -157,13 +157,18 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     depth = int(backbone.model.config.num_hidden_layers)
     if max(config.layers) > depth:
         raise InvalidInputError(f"layers {config.layers} go deeper than the backbone's {depth} blocks", field="layers")
-    layers = tuple(sorted(config.layers))
+    candidate_layers = tuple(sorted(config.layers))
     # Features are keyed by the whole backbone's id: layer l's feature does not depend on where the pass stops.
     backbone_id = backbone.model_id
-    truncate_backbone(backbone, max(layers))  # the blocks after the deepest candidate never matter
-    encoder = ChatEncoder(backbone.tokenizer, config.max_tokens, "error")
     # One store per backbone: a stage-0 adapter changes every feature, so its features live beside the plain ones.
     store_dir = work / ("features" if not config.backbone.adapter else "features-" + hashlib.sha256(backbone_id.encode()).hexdigest()[:12])
+    # A store holding more layers than the candidates (e.g. `--layers 16` on the default 8, 12, 16) is used as it is.
+    stored = stored_layers(store_dir)
+    layers = stored if stored and set(candidate_layers) <= set(stored) else candidate_layers
+    if max(layers) > depth:
+        raise InvalidInputError(f"the store's layers {layers} go deeper than the backbone's {depth} blocks", field="layers")
+    truncate_backbone(backbone, max(layers))  # the blocks after the deepest stored layer never matter
+    encoder = ChatEncoder(backbone.tokenizer, config.max_tokens, "error")
     store = FeatureStore(store_dir, backbone_id, layers, backbone.hidden_size)
     features = _Features(store)
     ordered = _in_embedding_order(sets, config.seed)
@@ -196,7 +201,8 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     # ---- candidates: every layer, without and with preference heads; the best on stage-2 validation wins ----
     t = time.perf_counter()
     candidates, stage1_by_layer, skipped = [], {}, []
-    for i, layer in enumerate(layers):
+    for layer in candidate_layers:
+        i = layers.index(layer)  # where the layer sits in the store
         stage1 = fit_stage1(x_train[:, i], y_train, x_val[:, i], y_val, attributes, fit_intercept=True)
         stage1_by_layer[layer] = stage1
         stage1_oof = out_of_fold_stage1(x_train[:, i], y_train, x_val[:, i], y_val, s1_train, train, i, config.seed,
@@ -232,6 +238,11 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
             c.report["eval_accuracy"] = result["overall"]
             if c is best:
                 eval_records["after_debiasing"], evaluation["after_debiasing"] = records, result
+        # Every length calibration of the chosen candidate, for the record (the configured one is "after_debiasing").
+        evaluation["length_calibrations"] = {
+            name[len(LENGTH_VARIANT_PREFIX):]: _summary(evaluate_pairs(pair_records(heads, held_out.pairs, held_out.at(layers.index(best.layer)))))
+            for name, heads in best.variants.items() if name.startswith(LENGTH_VARIANT_PREFIX)
+        }  # fmt: skip
 
     heads = best.heads
     timings["total_s"] = time.perf_counter() - started
@@ -265,6 +276,11 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     write_model_card(config.out_dir)
     (work / "eval_records.json").write_text(json.dumps(eval_records))
     return provenance
+
+
+def _summary(result: dict[str, Any]) -> dict[str, Any]:
+    """An evaluate_pairs result without the per-subset and gating detail."""
+    return {k: result[k] for k in ("overall", "categories", "verbosity_spearman", "verbosity_spearman_by_category")}
 
 
 def _mean_pearson(metrics: dict[str, dict[str, float]]) -> float | None:

@@ -9,6 +9,9 @@ from ..errors import InvalidInputError
 from .stage2 import Stage2Config
 
 EMBED_MODES = ("all", "stored")
+LENGTH_CALIBRATIONS = ("pairwise", "balanced-spearman", "chat-spearman", "none")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run of the default recipe."""
@@ -40,11 +43,13 @@ class TrainConfig:
     gating_n_hidden: int = 3
     gating_temperature: float = 10.0
     debias_threshold: float = 0.03
-    length_reference: tuple[str, ...] = ("chat",)
-    """After stage 2, every lambda_j is raised by one delta so that the score's Spearman with response length is ~0
-    on the stage-2 responses (training and validation) of these categories (debias.fit_length_offset); () skips
-    it. Safety responses are left out: their length is set by refusing or complying, which is what the safety
-    heads must judge. Without it the held-out Spearman was -0.134; docs/TRAINING.md has the measurements."""
+    length_calibration: str = "chat-spearman"
+    """How the common offset on the verbosity penalties is chosen after stage 2 (training.length_calibration):
+    "pairwise" (Bradley-Terry on the training pairs with the length penalty as a regressor), "balanced-spearman"
+    (smallest worst |Spearman(score, length)| over the categories of the training responses), "chat-spearman"
+    (Spearman ~0 on the chat responses of training and validation: how the shipped default was made) or "none".
+    Every one of them is also fit on the chosen candidate and recorded in the provenance with its validation and
+    held-out figures; docs/TRAINING.md has the measurements."""
     stage2: Stage2Config = field(default_factory=lambda: Stage2Config(lr=1e-3, weight_decay=1e-3, patience=30, max_epochs=300))
     stage2_lrs: tuple[float, ...] = (1e-3, 3e-4, 1e-4)
     """Stage-2 learning rates tried (each replaces `stage2.lr`); the gating best on category-balanced validation
@@ -61,6 +66,8 @@ class TrainConfig:
         object.__setattr__(self, "stage2_lrs", tuple(float(x) for x in self.stage2_lrs))
         if not self.stage2_lrs or not all(x > 0 for x in self.stage2_lrs):
             raise InvalidInputError(f"stage2_lrs must be learning rates > 0, got {self.stage2_lrs}", field="stage2_lrs")
-        object.__setattr__(self, "length_reference", tuple(str(x) for x in self.length_reference))
+        if self.length_calibration not in LENGTH_CALIBRATIONS:
+            raise InvalidInputError(f"length_calibration must be one of {LENGTH_CALIBRATIONS}, got {self.length_calibration!r}",
+                                    field="length_calibration")  # fmt: skip
         if self.embed not in EMBED_MODES:
             raise InvalidInputError(f"embed must be one of {EMBED_MODES}, got {self.embed!r}", field="embed")

@@ -41,7 +41,8 @@ def test_accuracy_by_hand():
     assert base["categories"]["chat"]["accuracy"] == pytest.approx(1.5 / 3)
     assert base["categories"]["safety"]["accuracy"] == pytest.approx(0.25)
     assert base["subsets"]["b1"] == {"accuracy": pytest.approx(0.25), "n": 2}
-    assert set(result) == {"overall", "categories", "subsets", "length_baseline", "verbosity_spearman"}
+    assert set(result) == {"overall", "categories", "subsets", "length_baseline", "verbosity_spearman",
+                           "verbosity_spearman_by_category"}
     assert set(base) == {"overall", "categories", "subsets"}
     json.dumps(result)  # JSON-able
 
@@ -67,6 +68,10 @@ def test_against_an_independent_computation():
     assert result["length_baseline"]["overall"]["accuracy"] == pytest.approx(base)
     rho = stats.spearmanr(np.concatenate([cs, rs]), np.concatenate([cl, rl])).statistic
     assert result["verbosity_spearman"] == pytest.approx(rho)
+    for c in "xyz":  # within each category, over its chosen and rejected responses
+        m = cats == c
+        rho = stats.spearmanr(np.concatenate([cs[m], rs[m]]), np.concatenate([cl[m], rl[m]])).statistic
+        assert result["verbosity_spearman_by_category"][c] == pytest.approx(rho)
 
 
 def test_objects_and_errors():
@@ -83,6 +88,7 @@ def test_objects_and_errors():
     constant = [dict(category="c", chosen_score=1.0, rejected_score=1.0, chosen_length=i, rejected_length=i + 1)
                 for i in range(3)]
     assert evaluate_pairs(constant)["verbosity_spearman"] is None
+    assert evaluate_pairs(constant)["verbosity_spearman_by_category"] == {"c": None}
 
 
 def test_attribute_correlations():

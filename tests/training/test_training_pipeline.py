@@ -23,6 +23,7 @@ from rewardsvc.model.scorer import Scorer
 from rewardsvc.training.data.attributes import ATTRIBUTE_NAMES, VERBOSITY
 from rewardsvc.training.pipeline import TrainConfig, run_training
 from rewardsvc.training.stage2 import Stage2Config
+from rewardsvc.training.train_config import LENGTH_CALIBRATIONS
 from synthetic_training import synthetic_sets
 
 CAPS = {
@@ -73,9 +74,16 @@ def test_checkpoint_is_trained_and_loadable(trained):
     torch.testing.assert_close(T[off], torch.eye(len(names))[off])
     assert T[v, v] == 0
     lambdas = provenance["metrics"]["debiasing"]["lambdas"]
-    # Every lambda is raised by the one length offset calibrated on the chat responses after stage 2.
+    # Every lambda is raised by the one length offset of the configured method.
     offset = provenance["metrics"]["length_offset"]
-    assert offset["responses"] > 0 and abs(offset["spearman"]) <= abs(offset["spearman_at_zero"]) + 1e-9
+    assert offset["method"] == config.length_calibration
+    assert offset["alternatives"]["pairwise"]["pairs"] == provenance["data"]["stage2_train"]
+    assert set(offset["alternatives"]) == set(LENGTH_CALIBRATIONS)
+    chat = offset["alternatives"]["chat-spearman"]
+    assert abs(chat["spearman"]["chat"]) <= abs(chat["spearman_at_zero"]["chat"]) + 1e-9
+    balanced = offset["alternatives"]["balanced-spearman"]
+    assert max(map(abs, balanced["spearman"].values())) <= max(map(abs, balanced["spearman_at_zero"].values())) + 1e-9
+    assert offset["alternatives"]["none"]["delta"] == 0
     assert [-float(T[v, j]) for j, a in enumerate(names) if a != VERBOSITY] == pytest.approx(
         [lambdas[a] + offset["delta"] for a in names if a != VERBOSITY], abs=1e-6
     )
@@ -100,6 +108,14 @@ def test_metrics_and_evaluation_are_recorded(trained):
         assert [t["lr"] for t in tried] == list(provenance["recipe"]["stage2_lrs"])
         best = max(tried, key=lambda t: (t["val_balanced_accuracy"], t["best_val_accuracy"]))
         assert metrics["stage2"][variant]["lr"] == best["lr"]
+    # Every length calibration of the chosen candidate is evaluated on the held-out mix; the applied one is the
+    # after-debiasing figure, per category too.
+    by_method = metrics["eval"]["length_calibrations"]
+    assert set(by_method) == set(LENGTH_CALIBRATIONS)
+    applied = metrics["eval"]["after_debiasing"]
+    assert by_method[metrics["length_offset"]["method"]]["overall"] == applied["overall"]
+    assert by_method[metrics["length_offset"]["method"]]["verbosity_spearman_by_category"] == applied["verbosity_spearman_by_category"]
+    assert set(applied["verbosity_spearman_by_category"]) == set(applied["categories"])
     candidates = metrics["candidates"]
     assert {(c["layer"], c["preference_heads"]) for c in candidates} == {(1, False), (1, True), (2, False), (2, True)}
     best = max(candidates, key=lambda c: c["val_balanced_accuracy"])
@@ -117,6 +133,20 @@ def test_rerun_reuses_the_cached_embeddings(trained, monkeypatch):
     monkeypatch.setattr(pipeline, "features_at_layers", lambda *args: no_backbone_pass)
     provenance = run_training(replace(config, preference_heads=(False,)))
     assert provenance["data"]["stage1_train"] > 0
+
+
+def test_a_subset_of_the_stored_layers_fits_from_the_store(trained, monkeypatch, tmp_path):
+    """`--layers 2` on a store of layers 1 and 2 reads layer 2 from it: no backbone pass, one layer's candidates."""
+    config, _ = trained
+
+    def no_backbone_pass(*args, **kwargs):
+        raise AssertionError("every conversation is stored: nothing to embed")
+
+    monkeypatch.setattr(pipeline, "features_at_layers", lambda *args: no_backbone_pass)
+    provenance = run_training(replace(config, layers=(2,), out_dir=str(tmp_path / "heads"), preference_heads=(False,),
+                                      length_calibration="balanced-spearman"))  # fmt: skip
+    assert [c["layer"] for c in provenance["metrics"]["candidates"]] == [2]
+    assert provenance["metrics"]["length_offset"]["method"] == "balanced-spearman"
 
 
 def test_a_partial_store_trains_on_what_is_stored(trained, tmp_path, monkeypatch):
@@ -142,3 +172,17 @@ def test_without_evaluation_no_held_out_conversation_is_embedded(trained, tmp_pa
     wanted = quick["data"]["features"]["conversations_wanted"]
     assert wanted < provenance["data"]["features"]["conversations_wanted"]
     assert quick["data"]["features"]["conversations_stored"] == wanted and not quick["metrics"]["eval"]
+
+
+def test_the_card_shows_every_length_calibration_and_the_spearman_per_category(trained):
+    """The card (rendered from rewardsvc.json) lists each method's delta, validation and held-out figures, and every
+    number in its tables is in the provenance it was rendered from (the docs lint's rule)."""
+    from test_docs_figures import figures, results_values, shown_in, tables
+
+    config, _ = trained
+    card = (Path(config.out_dir) / "MODEL_CARD.md").read_text()
+    assert "Spearman(score, response length in characters) per held-out category" in card
+    assert all(f"| {m}" in card for m in LENGTH_CALIBRATIONS) and f"| {config.length_calibration} (applied) |" in card
+    values = results_values(Path(config.out_dir) / "rewardsvc.json")
+    found = [f for _, _, body in tables(card.splitlines()) for f in figures(body)]
+    assert len(found) > 50 and [f for f in found if not shown_in(f[1], f[2], values)] == []
