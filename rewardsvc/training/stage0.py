@@ -105,9 +105,10 @@ class BTRewardModel(torch.nn.Module):
         return self.head(Backbone.gather_positions(hidden, index)[:, 0].float()).squeeze(-1)
 
 
-def build_model(backbone: BackboneConfig, config: Stage0Config, adapter_dir: Path | None = None):
+def build_model(backbone: BackboneConfig, config: Stage0Config, adapter_dir: Path | None = None, blocks: range | None = None):
     """(BTRewardModel, tokenizer, backbone_id): the causal-LM class (so adapter keys match what
-    `load_backbone(adapter=...)` applies), LoRA on the first feature_layer blocks, blocks after them dropped."""
+    `load_backbone(adapter=...)` applies), LoRA on `blocks` (default: the first feature_layer blocks; stage 0
+    from a state cache adapts only the top ones), blocks after the feature layer dropped."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -124,7 +125,7 @@ def build_model(backbone: BackboneConfig, config: Stage0Config, adapter_dir: Pat
     else:
         lora = LoraConfig(
             r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, target_modules=list(config.target_modules),
-            layers_to_transform=list(range(config.feature_layer)), bias="none",
+            layers_to_transform=list(blocks if blocks is not None else range(config.feature_layer)), bias="none",
         )  # fmt: skip
         peft_model = get_peft_model(model, lora)
     peft_model.peft_config["default"].base_model_name_or_path = backbone_id  # provenance, not a local cache path
@@ -174,14 +175,25 @@ def pair_accuracy(model: BTRewardModel, pairs: Sequence[tuple], batch_pairs: int
     return right / max(len(pairs), 1)
 
 
-def _read_state(directory: Path) -> Stage0State | None:
+def learning_rate_at(step: int, learning_rate: float, total_steps: int) -> float:
+    """Linear warm-up over 5 % of the schedule, then cosine decay to 10 %: a function of the step alone, so a
+    resumed run continues the very schedule of an uninterrupted one."""
+    warmup = max(1, total_steps // 20)
+    if step < warmup:
+        return learning_rate * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return learning_rate * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def read_state(directory: Path, state_type: type = Stage0State):
+    """The saved state (a `state_type`) of a stage-0 directory, or None before its first save."""
     path = directory / STATE_FILE
     if not path.is_file():
         return None
-    return Stage0State(**json.loads(path.read_text()))
+    return state_type(**json.loads(path.read_text()))
 
 
-def _save(directory: Path, model: BTRewardModel, optimizer, state: Stage0State) -> None:
+def save_checkpoint(directory: Path, model: BTRewardModel, optimizer, state) -> None:
     """Write everything to a fresh directory, then swap it in: a kill leaves the old or the new, never half."""
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -218,11 +230,14 @@ def train_stage0(
     (checked between steps), whichever comes first, and saves. Resuming with a different config is an error.
     """
     directory = Path(work_dir) / "stage0"
-    state = _read_state(directory)
+    state = read_state(directory)
     if state is not None and state.config != json.loads(json.dumps(asdict(config))):
         raise InvalidInputError(
             f"{directory} was trained with another stage-0 config {state.config}; use a new work dir", field="stage0"
         )
+    # LoRA's A matrices are drawn from torch's global generator: seed it, or the initial adapter (and so the
+    # whole run) depends on whatever ran before in the process.
+    torch.manual_seed(config.seed)
     model, tokenizer, backbone_id = build_model(backbone, config, directory / ADAPTER_DIR if state else None)
     if state is None:
         state = Stage0State(config=json.loads(json.dumps(asdict(config))), backbone_id=backbone_id)
@@ -238,15 +253,6 @@ def train_stage0(
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     if (directory / OPTIMIZER_FILE).is_file():
         optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, weights_only=True))
-    # Linear warm-up over 5 % of the schedule, then cosine decay to 10 %; a function of the step alone.
-    warmup = max(1, config.total_steps // 20)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return config.learning_rate * (step + 1) / warmup
-        progress = (step - warmup) / max(1, config.total_steps - warmup)
-        return config.learning_rate * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
-
     order = pair_order(len(train), config.seed, config.total_steps * config.pairs_per_step)
     torch.manual_seed(config.seed + state.step)
     stop = config.total_steps if max_steps is None else min(config.total_steps, state.step + max_steps)
@@ -258,7 +264,7 @@ def train_stage0(
         rewards = model([c for c, _ in batch] + [r for _, r in batch])
         loss = -torch.nn.functional.logsigmoid(rewards[: len(batch)] - rewards[len(batch) :]).mean()
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(state.step)
+            group["lr"] = learning_rate_at(state.step, config.learning_rate, config.total_steps)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -271,7 +277,7 @@ def train_stage0(
             started = time.perf_counter()
             if val:
                 state.validation.append({"step": state.step, "accuracy": pair_accuracy(model, val), "pairs": len(val)})
-            _save(directory, model, optimizer, state)
+            save_checkpoint(directory, model, optimizer, state)
             log.info("stage0: step %d loss %.4f %s", state.step, float(loss.detach()), state.validation[-1:] or "")
         if out_of_time:
             break
