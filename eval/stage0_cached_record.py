@@ -1,0 +1,82 @@
+"""Record stage 0 from a state cache (`rewardsvc train-backbone --top-blocks K`): one JSON line per trained k.
+
+    python eval/stage0_cached_record.py --work-dir W --cache-dir C [--cache-summary cache.out] \
+        [--out eval/results/stage0-cached-<date>.jsonl] [--note TEXT]
+
+Reads W/stage0-top<K>/state.json (written by the training run: losses, validation accuracy and training
+seconds at each save, the frozen and adapted probes) and the cache directory, and writes per k: the training
+pairs, steps done of the schedule, training seconds, seconds per epoch (training seconds / steps x steps per
+epoch: measured, not extrapolated, once an epoch is done), the mean online loss of each epoch, the stage-0
+head's validation accuracy at each epoch end and at the last save, the frozen- and adapted-feature probes'
+validation accuracy, and the cache's size. With --cache-summary (the JSON the caching run printed), the caching
+pass's tokens and seconds. docs/TRAINING.md quotes this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from _common import stamp  # noqa: E402
+
+
+def epoch_rows(state: dict, pairs_per_step: int) -> list[dict]:
+    steps_per_epoch = math.ceil(state["train_pairs"] / pairs_per_step)
+    by_step = {v["step"]: v for v in state["validation"]}
+    rows = []
+    for epoch in range(math.ceil(state["step"] / steps_per_epoch)):
+        lo, hi = epoch * steps_per_epoch, min(state["step"], (epoch + 1) * steps_per_epoch)
+        losses = state["losses"][lo:hi]
+        end = by_step.get(hi)
+        rows.append({"epoch": epoch + 1, "steps": f"{lo + 1}-{hi}", "complete": hi == (epoch + 1) * steps_per_epoch,
+                     "mean_loss": round(sum(losses) / len(losses), 4),
+                     "val_accuracy_at_end": end["accuracy"] if end else None})  # fmt: skip
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work-dir", required=True)
+    parser.add_argument("--cache-dir", required=True)
+    parser.add_argument("--cache-summary", help="the JSON printed by the caching run (train-backbone --cache-only)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--note", default="", help="the conditions of the run (machine load, threads)")
+    args = parser.parse_args()
+    cache = Path(args.cache_dir)
+    parts = sorted(cache.glob("part-*.safetensors"))
+    cache_row = {"dir": str(cache), "parts": len(parts), "bytes": sum(p.stat().st_size for p in parts),
+                 "manifest": json.loads((cache / "cache.json").read_text())}  # fmt: skip
+    if args.cache_summary:
+        text = Path(args.cache_summary).read_text()
+        cache_row["pass"] = json.loads(text[text.index("{") :])["cache"]
+    stamped = stamp()
+    with open(args.out, "a") as out:
+        for directory in sorted(Path(args.work_dir).glob("stage0-top*")):
+            state = json.loads((directory / "state.json").read_text())
+            config = state["config"]
+            steps_per_epoch = math.ceil(state["train_pairs"] / config["pairs_per_step"])
+            last = state["validation"][-1] if state["validation"] else None
+            row = {
+                "script": "eval/stage0_cached_record.py", **stamped, "note": args.note,
+                "feature_layer": config["feature_layer"], "top_blocks": config["top_blocks"], "config": config,
+                "backbone_id": state["backbone_id"], "train_pairs": state["train_pairs"],
+                "val_pairs": last["pairs"] if last else 0, "step": state["step"], "total_steps": state["total_steps"],
+                "steps_per_epoch": steps_per_epoch, "train_seconds": state["seconds"],
+                "seconds_per_step": round(state["seconds"] / state["step"], 3) if state["step"] else None,
+                "seconds_per_epoch": round(state["seconds"] / state["step"] * steps_per_epoch, 1) if state["step"] else None,
+                "epochs": epoch_rows(state, config["pairs_per_step"]), "head_val_accuracy_last": last,
+                "frozen_probe": state.get("frozen_probe") or None, "adapted_probe": state.get("adapted_probe") or None,
+                "cache": cache_row,
+            }  # fmt: skip
+            line = json.dumps(row)
+            print(line)
+            out.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
