@@ -26,6 +26,8 @@ from rewardsvc.training.stage2 import Stage2Config
 from rewardsvc.training.train_config import LENGTH_CALIBRATIONS
 from synthetic_training import synthetic_sets
 
+ROOT = Path(__file__).resolve().parents[2]
+
 CAPS = {
     "stage1/just-eval": 150, "stage1/just-eval-safety": 150, "stage1/prometheus-mt-bench": 60,
     "stage1/prometheus-vicuna": 60, "stage1/xstest": 100, "stage1/ultrafeedback": 60,
@@ -186,3 +188,21 @@ def test_the_card_shows_every_length_calibration_and_the_spearman_per_category(t
     values = results_values(Path(config.out_dir) / "rewardsvc.json")
     found = [f for _, _, body in tables(card.splitlines()) for f in figures(body)]
     assert len(found) > 50 and [f for f in found if not shown_in(f[1], f[2], values)] == []
+
+
+def test_the_length_calibration_results_line_is_the_runs_provenance(trained):
+    """eval/length_calibration_results.py collects each method's figures from the run's rewardsvc.json as they are."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("length_calibration_results", ROOT / "eval" / "length_calibration_results.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    config, provenance = trained
+    row = script.run_row(Path(config.out_dir))
+    assert {"machine", "date", "commit"} <= set(row) and row["applied"] == config.length_calibration
+    metrics = provenance["metrics"]
+    for name, m in row["methods"].items():
+        assert m["delta"] == metrics["length_offset"]["alternatives"][name]["delta"]
+        held_out = metrics["eval"]["length_calibrations"][name]
+        assert m["heldout_accuracy"] == held_out["overall"]["accuracy"]
+        assert m["heldout_spearman_by_category"] == held_out["verbosity_spearman_by_category"]
