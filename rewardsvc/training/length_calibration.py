@@ -15,8 +15,12 @@ Why not zero correlation on chat alone: the offset did not transfer. It gave -0.
 but +0.28 on pairs measured outside the repository, and -0.23 within the held-out safety category. Both reference
 methods fit on training pairs only, so validation judges them (docs/TRAINING.md has the measurements).
 
-The training pairs' rewards are the out-of-fold ones the gating learned from where given (`train_rewards`):
-in-sample preference heads separate their own pairs too well and would inflate the score's coefficient.
+Which rewards: "pairwise" uses the out-of-fold rewards of the training pairs that the gating learned from, where
+given (`train_rewards`): in-sample preference heads separate their own pairs too well and would inflate the
+score's coefficient a. "balanced-spearman" uses the served heads' rewards: what it controls is how the served
+score relates to length, and the out-of-fold heads (each fit on half the rows) relate to length differently (on a
+13 % store, Spearman at delta 0 on the chat training responses was -0.03 with out-of-fold rewards, -0.30 with the
+served heads', and -0.35 on the validation chat responses).
 """
 
 from __future__ import annotations
@@ -48,15 +52,16 @@ def fit_length_calibration(method: str, heads: ArmoHeads, train: PairSplit, val:
         return {"method": method, "delta": 0.0}
     if method == "chat-spearman":
         return {"method": method, **_chat_spearman(heads, (train, val), i, verbosity_index)}
-    score, penalty = _score_and_penalty(heads, train, i, verbosity_index, train_rewards)  # (2, N) each: chosen, rejected
     categories = [p.category for p in train.pairs]
     sources = [p.source for p in train.pairs]
     if method == "balanced-spearman":
+        score, penalty = _score_and_penalty(heads, train, i, verbosity_index, None)  # (2, N) each: chosen, rejected
         lengths = [len(p.chosen) for p in train.pairs] + [len(p.rejected) for p in train.pairs]
         fit = fit_offset_minimax(score.reshape(-1), penalty.reshape(-1), lengths, categories * 2,
                                  balanced_response_weights(categories * 2, sources * 2), DEFAULT_OFFSET_GRID)  # fmt: skip
         return {"method": method, **fit, "responses": len(lengths),
                 "reference": "stage-2 training responses of every category, each category and source weighted the same"}  # fmt: skip
+    score, penalty = _score_and_penalty(heads, train, i, verbosity_index, train_rewards)
     fit = fit_offset_pairwise(score[0] - score[1], penalty[0] - penalty[1],
                               balanced_weights(list(zip(categories, sources))).numpy())  # fmt: skip
     if fit["delta"] is None:
