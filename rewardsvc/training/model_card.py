@@ -118,6 +118,11 @@ def _limitations(config: dict[str, Any], evaluation: dict[str, Any]) -> list[str
         if rho is not None and abs(rho) > LENGTH_SPEARMAN_LIMIT:
             items.append(f"- The score still correlates with response length on the held-out mix: Spearman(score, length) = {rho:.3f} "
                          f"(|rho| > {LENGTH_SPEARMAN_LIMIT}); the debiasing is calibrated on the training responses, not on this mix.")  # fmt: skip
+        by_category = shipped.get("verbosity_spearman_by_category") or {}
+        over = [f"{c} ({rho:+.3f})" for c, rho in sorted(by_category.items()) if rho is not None and abs(rho) > LENGTH_SPEARMAN_LIMIT]
+        if over:
+            items.append(f"- Within held-out categories the score correlates with length beyond |rho| {LENGTH_SPEARMAN_LIMIT}: "
+                         + ", ".join(over) + ".")  # fmt: skip
     features = config.get("provenance", {}).get("data", {}).get("features") or {}
     stored, wanted = features.get("conversations_stored"), features.get("conversations_wanted")
     if stored is not None and wanted and stored < wanted:

@@ -55,3 +55,11 @@ def test_the_card_states_the_length_offset_and_where_it_was_calibrated():
     assert f"raised by **{offset['delta']:+.2f}**" in text and offset["reference"] in text
     del config["provenance"]["metrics"]["length_offset"]
     assert "raised by" not in render(config)  # checkpoints fit before the calibration existed still render
+
+
+def test_limitations_name_every_category_whose_length_correlation_is_over_the_bound():
+    config = copy.deepcopy(_packaged())
+    shipped = config["provenance"]["metrics"]["eval"]["after_debiasing"]
+    shipped["verbosity_spearman_by_category"] = {"chat": 0.05, "honesty": 0.21, "safety": -0.228, "tiny": None}
+    line = next(x for x in render(config).split("## Limitations")[1].splitlines() if x.startswith("- Within held-out"))
+    assert "honesty (+0.210)" in line and "safety (-0.228)" in line and "chat (" not in line and "tiny" not in line
