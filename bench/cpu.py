@@ -14,7 +14,15 @@ unchanged. Candidates (those that do not apply here are reported as skipped, wit
   Linear, per-channel keeping the first and last blocks fp32, per-channel on the MLP only;
 - torchao (if installed; pip install torchao): int8 dynamic activations + int8 per-channel weights, and
   int8 weight-only, on the decoder blocks' Linears;
-- bf16 (only where the CPU has AVX512-bf16 or AMX; elsewhere it is emulated and slow).
+- bf16 one-per-forward (`bf16`) and padded (`bf16_padded`), and the mixed precision of model/precision.py
+  (bf16 lower blocks, fp32 top quarter and heads) one-per-forward and padded (`mixed_one_per_forward`,
+  `mixed_padded`); only where the CPU has AVX512-bf16 or AMX (elsewhere bf16 is emulated and slow).
+
+Before the candidates it runs what `auto` runs at model load on a CPU (model/plan_measurement.py: the short
+measurement on the packaged samples, not cached here) and prints its decision (`"auto_decision"` row); after
+them, per candidate, whether it meets auto's criteria on this bench subset (`admissible`: >= 99 % of
+preferences, max deviation <= 5 % of the fp32 score std), and the plan auto's rule picks from this run's own
+figures (`"auto_rule_on_bench"` row).
 
     python bench/cpu.py [--pairs 100] [--max-tokens 320] [--chunk 20] [--tiny] [--out FILE]
 """
@@ -25,6 +33,7 @@ import argparse
 import copy
 import hashlib
 import math
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -117,10 +126,17 @@ def candidates(scorer, flags: set[str], depth: int):
         tq.quantize_(q, getattr(tq, config_name)(), filter_fn=lambda mod, fqn: isinstance(mod, torch.nn.Linear) and ".layers." in f".{fqn}")
         return with_model(q)
 
-    def bf16():
+    def lower_precision(precision, batch_plan):
+        from rewardsvc.model.precision import precision_copy
+
         if not flags & {"avx512_bf16", "amx_bf16"}:
             raise Skip("the CPU has neither avx512_bf16 nor amx_bf16: bf16 matmuls are emulated")
-        return with_model(copy.deepcopy(m).to(torch.bfloat16))
+        if batch_plan == "one-per-forward":
+            clone = variant(scorer, batch_invariant=True)
+        else:
+            clone = variant(scorer, batch_plan=batch_plan, share_prompts=False)
+        clone.backbone = precision_copy(scorer.backbone, precision)
+        return clone
 
     yield "fp32_one_per_forward", lambda: variant(scorer, batch_invariant=True)
     yield "fp32_padded", lambda: variant(scorer, batch_plan="padded", share_prompts=False)
@@ -132,7 +148,29 @@ def candidates(scorer, flags: set[str], depth: int):
     yield "int8_per_channel_mlp_only", lambda: with_model(quantized(m, "per_channel", mlp_only=True))
     yield "torchao_int8_dyn_act_int8_weight", lambda: torchao("Int8DynamicActivationInt8WeightConfig")
     yield "torchao_int8_weight_only", lambda: torchao("Int8WeightOnlyConfig")
-    yield "bf16", bf16
+    yield "bf16", lambda: lower_precision("bfloat16", "one-per-forward")
+    yield "bf16_padded", lambda: lower_precision("bfloat16", "padded")
+    yield "mixed_one_per_forward", lambda: lower_precision("mixed", "one-per-forward")
+    yield "mixed_padded", lambda: lower_precision("mixed", "padded")
+
+
+# The candidates that are scoring plans `auto` chooses between (model/scoring_plan.ScoringPlan names).
+PLAN_OF_CANDIDATE = {
+    "fp32_padded": "float32/padded", "fp32_packed": "float32/packed", "fp32_one_per_forward": "float32/one-per-forward",
+    "bf16": "bfloat16/one-per-forward", "bf16_padded": "bfloat16/padded",
+    "mixed_one_per_forward": "mixed/one-per-forward", "mixed_padded": "mixed/padded",
+}  # fmt: skip
+
+
+def auto_decision(scorer, out):
+    """What `auto` decides at load on this machine (measured now, not read from the cache)."""
+    from rewardsvc.model.plan_measurement import measure_and_choose
+    from rewardsvc.model.scoring_plan import PLAN_BATCH_PLANS, PLAN_PRECISIONS
+
+    decision = measure_and_choose(scorer, list(PLAN_BATCH_PLANS), list(PLAN_PRECISIONS))
+    emit({"bench": "cpu", "auto_decision": decision.plan.name, "model": scorer.model_id, **decision.as_dict(),
+          "cpu_flags_bf16": sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_tile"}), **machine()}, out)  # fmt: skip
+    return decision
 
 
 class Skip(Exception):
@@ -147,9 +185,12 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated candidate names (default: all)")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model and synthetic pairs (seconds)")
     parser.add_argument("--out", help="also append the JSON lines to this file")
+    parser.add_argument("--no-auto", action="store_true", help="skip the auto decision's own measurement")
     args = parser.parse_args()
 
+    os.environ["REWARDSVC_AUTO_PLAN"] = "device"  # the candidates start from fp32 padded; auto is measured below
     scorer = load_scorer(args.tiny)
+    decision = None if args.no_auto else auto_decision(scorer, args.out)
     pairs = tiny_pairs(args.pairs) if args.tiny else held_out_pairs(scorer, args.pairs, args.max_tokens)
     conversations = [side for _, sides in pairs for side in sides]  # chosen, rejected, chosen, ...
     tokens = [scorer.encode(c).num_tokens for c in conversations]
@@ -179,6 +220,9 @@ def main() -> None:
     std = math.sqrt(sum((s - mean) ** 2 for s in ref) / len(ref))
     total = sum(tokens)
     base_rate = total / seconds["fp32_one_per_forward"]
+    from rewardsvc.model.scoring_plan import CandidateMeasurement, PlanCriteria, ScoringPlan, choose_plan
+
+    criteria, on_bench = PlanCriteria(), []
     for name in active:
         s = scores[name]
         dev = max(abs(a - b) for a, b in zip(s, ref))
@@ -188,12 +232,28 @@ def main() -> None:
         cov = sum((a - sm) * (b - mean) for a, b in zip(s, ref))
         corr = cov / math.sqrt(sum((a - sm) ** 2 for a in s) * sum((b - mean) ** 2 for b in ref) or 1.0)
         rate = total / seconds[name]
-        emit({"bench": "cpu", "candidate": name, "model": scorer.model_id, "pairs": len(pairs), "tokens": total,
+        extra = {}
+        if name in PLAN_OF_CANDIDATE:
+            precision, batch_plan = PLAN_OF_CANDIDATE[name].split("/")
+            measured = CandidateMeasurement(ScoringPlan(batch_plan, precision), seconds[name], agree, dev / std if std else math.inf)
+            on_bench.append(measured)
+            extra = {"plan": PLAN_OF_CANDIDATE[name], "admissible": criteria.admits(measured),
+                     "auto_decision": decision.plan.name if decision else None}  # fmt: skip
+        emit({"bench": "cpu", "candidate": name, **extra, "model": scorer.model_id, "pairs": len(pairs), "tokens": total,
               "seconds": round(seconds[name], 2), "tokens_per_s": round(rate, 1),
               "ratio_vs_fp32_one_per_forward": round(rate / base_rate, 3), "max_score_deviation": round(dev, 6),
               "deviation_over_std": round(dev / std, 4) if std else None, "score_std": round(std, 4),
               "correlation": round(corr, 5), "preferences_unchanged": round(agree, 4),
               "accuracy": round(accuracy, 4), **info}, args.out)  # fmt: skip
+    default = ScoringPlan("padded", "float32")
+    if any(x.plan == default for x in on_bench):
+        plan, reason = choose_plan(on_bench, default, criteria)
+        chosen = next((x for x in on_bench if x.plan == plan), None)
+        emit({"bench": "cpu", "auto_rule_on_bench": plan.name, "reason": reason,
+              "auto_decision": decision.plan.name if decision else None,
+              "auto_decision_admissible_on_bench": (criteria.admits(next(x for x in on_bench if x.plan == decision.plan))
+                                                    if decision and any(x.plan == decision.plan for x in on_bench) else None),
+              "chosen_seconds": round(chosen.seconds, 2) if chosen else None, **info}, args.out)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from .errors import InvalidInputError
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "mixed")
 QUANTIZATIONS = (None, "8bit", "4bit")
-BATCH_PLANS = ("auto", "padded", "packed")
+BATCH_PLANS = ("auto", "padded", "packed", "one-per-forward")
 TRUNCATION_POLICIES = ("error", "left")
 EMBEDDED_DEFAULT_BACKBONE = "embedded:smollm2-135m-instruct"
 
@@ -22,7 +22,9 @@ class BackboneConfig:
     gguf_file: str | None = None
     """GGUF file name inside `model` (a directory or hub repo), when the weights come as GGUF."""
     dtype: str = "auto"
-    """Compute dtype: `auto` = float32 on CPU, bfloat16 on CUDA."""
+    """Compute dtype: `auto` = bfloat16 on CUDA; on a CPU float32, or bfloat16 / mixed where a short measurement
+    at load shows them faster and close enough to float32 (model/plan_measurement.py). `mixed` = bfloat16 for
+    the lower blocks, float32 for the top quarter of the blocks and the heads (model/precision.py)."""
     device: str = "auto"
     """`auto` = cuda if available else cpu; or any torch device string."""
     quantization: str | None = None
@@ -167,7 +169,9 @@ class ScorerConfig:
     """Most conversations in one forward pass."""
     batch_plan: str = "auto"
     """How conversations share a forward pass: `padded` (length-sorted, right-padded), `packed` (concatenated,
-    no padding, per-sequence position ids), or `auto` (packed on CUDA, padded on CPU: measured fastest there)."""
+    no padding, per-sequence position ids), `one-per-forward` (each conversation alone, no shared prompts), or
+    `auto`: packed on CUDA; on a CPU the fastest by a short measurement at load, cached on disk
+    (model/plan_measurement.py; REWARDSVC_AUTO_PLAN=device keeps padded without measuring)."""
     share_prompts: bool = True
     """Conversations in one call whose tokens start with the same prompt (a ScoreGroup, a Compare pair) run
     that prompt once and continue from its key/value cache (equal to the flat path up to rounding)."""

@@ -165,6 +165,7 @@ def model_info_from_pb(info) -> dict[str, Any]:
         ],  # fmt: skip
         "calibration": struct_to_python(info.calibration),
         "default_normalization": normalization_from_pb(info.default_normalization) or Normalization(mode="none"),
+        "scoring_plan": struct_to_python(info.scoring_plan),
     }
 
 
@@ -280,6 +281,7 @@ def model_info_to_pb(info: dict[str, Any]):
         models=[pb.ServedModel(**m) for m in info.get("models", [])],
         calibration=_struct(info.get("calibration")),
         default_normalization=normalization_to_pb(info.get("default_normalization")),
+        scoring_plan=_struct(info.get("scoring_plan")),
     )
 
 

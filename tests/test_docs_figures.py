@@ -10,6 +10,9 @@ Convention (written at the top of docs/PERFORMANCE.md, for whoever adds figures 
   0.5335 (a fraction shown as a percentage), 1.1e-05 matches 1.09e-05, 28,576 matches 28576, and a range
   "0.80-1.17" is two numbers. A cell "-" holds none;
 - a table whose numbers are not measurements (targets, settings) is preceded by `<!-- results: none (why) -->`;
+- a table of figures measured elsewhere and reported to us (another machine, an earlier session), which no
+  results file here holds, is preceded by `<!-- results: reported (who, where, when; no results file in this
+  repo) -->`: the marker must say those words, so a reader (and the lint) can tell it from a measurement here;
 - a table with numbers and no marker fails the lint.
 The model card (rewardsvc/default_model/MODEL_CARD.md) is generated from rewardsvc.json beside it (the training
 run's results, written by training/train_default.py): every number in its tables must be in that file.
@@ -116,8 +119,15 @@ def test_number_parsing():
     assert shown_in(53.4, 0.05, [0.53351]) and not shown_in(53.4, 0.05, [0.5346])
 
 
+REPORTED_NOTE = "no results file in this repo"
+
+
 def marked_table_problems(doc: str, line: int, target: str, found) -> list[str]:
-    """What is wrong with a table marked `<!-- results: target -->`: a missing file, or figures not in it."""
+    """What is wrong with a table marked `<!-- results: target -->`: a missing file, or figures not in it; a
+    `reported (...)` marker that does not say it has no results file here."""
+    if target.startswith("reported"):
+        ok = target.startswith("reported (") and target.endswith(")") and REPORTED_NOTE in target
+        return [] if ok else [f"{doc}:{line}: a `reported` marker must read `reported (source; {REPORTED_NOTE})`, got {target!r}"]
     path = ROOT / target
     if not path.is_file():
         return [f"{doc}:{line}: results file {target} does not exist"]
@@ -173,3 +183,10 @@ def test_the_lint_catches_a_figure_that_is_not_in_its_file(tmp_path):
     assert [(c, v) for c, v, h in figures(body) if not shown_in(v, h, values)] == [("98.5", 98.5)]
     [(_, target, _)] = tables(["<!-- results: x -->", "text between", "| a | b |", "|---|---|", "| x | 1 |"])
     assert target is None  # a marker applies to the table right after it only
+
+
+def test_reported_figures_need_the_words_that_say_so():
+    found = [("1.71", 1.71, 0.005)]
+    assert marked_table_problems("d.md", 1, "reported (an earlier session, Intel AMX; no results file in this repo)", found) == []
+    [problem] = marked_table_problems("d.md", 1, "reported (an earlier session)", found)
+    assert "no results file in this repo" in problem

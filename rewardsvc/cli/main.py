@@ -12,7 +12,7 @@ import logging
 import sys
 
 from .. import __version__
-from ..config import BackboneConfig, ScoreMix, ScorerConfig
+from ..config import BATCH_PLANS, BackboneConfig, ScoreMix, ScorerConfig
 from ..errors import InvalidInputError, RewardError
 from ..types import AttributeWeights
 
@@ -38,15 +38,19 @@ def add_model_arguments(parser: argparse.ArgumentParser, multiple_models: bool =
     group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     group.add_argument("--device-map", help='spread a backbone over several GPUs: auto, balanced, sequential, or JSON '
                                             '{module: device} (accelerate; see docs/DEPLOY.md)')  # fmt: skip
-    group.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
+    group.add_argument("--dtype", default="auto",
+                       help="auto (bfloat16 on GPU; on CPU float32, or bfloat16 / mixed where a short measurement at "
+                            "load finds them faster and within 5%% of the float32 score std), float32, bfloat16, float16, "
+                            "mixed (bfloat16 lower blocks, float32 top quarter and heads)")  # fmt: skip
     group.add_argument("--quantization", choices=["8bit", "4bit"], help="bitsandbytes quantization (CUDA only)")
     group.add_argument("--adapter", help="PEFT (LoRA) adapter directory, merged into the backbone")
     group.add_argument("--max-tokens", type=int, default=ScorerConfig.max_tokens, help="most tokens per conversation")
     group.add_argument("--truncation", choices=["error", "left"], default="error",
                        help="error: reject over-long conversations; left: cut the prompt from the left")  # fmt: skip
     group.add_argument("--token-budget", type=int, default=ScorerConfig.token_budget, help="padded tokens per forward pass")
-    group.add_argument("--batch-plan", choices=["auto", "padded", "packed"], default=ScorerConfig.batch_plan,
-                       help="padded or packed (padding-free) forward passes; auto: packed on CUDA, padded on CPU")
+    group.add_argument("--batch-plan", choices=list(BATCH_PLANS), default=ScorerConfig.batch_plan,
+                       help="padded, packed (padding-free) or one-per-forward passes; auto: packed on CUDA, on CPU the "
+                            "fastest by a short measurement at load, cached on disk (REWARDSVC_AUTO_PLAN=device: padded)")
     group.add_argument("--batch-invariant", action="store_true",
                        help="a conversation's score is bitwise the same whatever its batch neighbours (one per forward)")
     group.add_argument("--no-share-prompts", dest="share_prompts", action="store_false",

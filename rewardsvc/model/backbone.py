@@ -27,6 +27,7 @@ class Backbone:
     device: torch.device
     dtype: torch.dtype
     full_depth: int | None = None  # blocks before truncate_backbone dropped some; None = never truncated
+    fp32_top_blocks: int = 0  # mixed precision (model/precision.py): the top blocks kept in fp32; 0 = one dtype
 
     @property
     def hidden_size(self) -> int:
@@ -212,6 +213,8 @@ def truncate_backbone(backbone: Backbone, num_blocks: int) -> None:
         )
     if num_blocks == depth:
         return
+    if backbone.fp32_top_blocks:  # its fp32 blocks are the top ones: truncating would drop them
+        raise BackboneError("truncate the backbone before converting it to mixed precision (model/precision.py)")
     decoder.layers = blocks[:num_blocks]
     config = decoder.config
     config.num_hidden_layers = num_blocks

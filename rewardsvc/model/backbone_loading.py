@@ -43,8 +43,12 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The dtype the weights load in. `mixed` loads float32: Scorer.load converts the lower blocks after early
+    exit has truncated the backbone (model/precision.py)."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype == "mixed":
+        return torch.float32
     return getattr(torch, dtype)
 
 

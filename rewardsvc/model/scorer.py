@@ -26,6 +26,8 @@ from .conversation import as_prompt, validate_conversation, validate_prompt, wit
 from .embedding import Embeddings, embed_encoded
 from .encoding import ChatEncoder, EncodedConversation
 from .hub import looks_like_hub_id, resolve_model_path
+from .plan_measurement import resolve_auto_plan
+from .precision import apply_precision, precision_name
 from .reward_heads import RewardHeads
 from .seqcls import is_sequence_classification_checkpoint, load_sequence_classification
 
@@ -70,11 +72,27 @@ class Scorer:
         # Normalization statistics stored with the model (model/calibration.py); None until attach_calibration.
         self.calibration: Calibration | None = None
         self.calibration_note = "no calibration loaded"
+        # The plan `auto` settled on at load (model/scoring_plan.PlanDecision); None off CPU or before load ends.
+        self.plan_decision = None
 
     # ---- loading -----------------------------------------------------------------------------------
 
     @classmethod
     def load(
+        cls, model: str | Path | None = None, *, backbone: BackboneConfig | None = None, config: ScorerConfig = ScorerConfig(),
+        score_mix: ScoreMix | None = None, shared_backbones: dict | None = None,
+    ) -> "Scorer":
+        """Load a model (see _load_model for what `model` may be) and settle its scoring plan: `--dtype mixed`
+        converts the (truncated) backbone, and what the flags leave `auto` on a CPU is chosen by a short
+        measurement, cached on disk (model/plan_measurement.py); `plan_decision` records the choice."""
+        scorer = cls._load_model(model, backbone=backbone, config=config, score_mix=score_mix, shared_backbones=shared_backbones)
+        requested_dtype = backbone.dtype if backbone is not None else "auto"
+        if requested_dtype == "mixed":
+            apply_precision(scorer.backbone, "mixed")
+        return resolve_auto_plan(scorer, requested_dtype)
+
+    @classmethod
+    def _load_model(
         cls, model: str | Path | None = None, *, backbone: BackboneConfig | None = None, config: ScorerConfig = ScorerConfig(),
         score_mix: ScoreMix | None = None, shared_backbones: dict | None = None,
     ) -> "Scorer":
@@ -184,9 +202,10 @@ class Scorer:
     def embed(self, encoded: Sequence[EncodedConversation]) -> Embeddings:
         """Response and prompt embeddings (N, H), in input order, from length-sorted padded batches."""
         c = self.config
+        alone = c.batch_invariant or c.batch_plan == "one-per-forward"
         return embed_encoded(
             self.backbone, encoded, c.token_budget, c.max_batch_size,
-            share_prompts=c.share_prompts and not c.batch_invariant, batch_invariant=c.batch_invariant,
+            share_prompts=c.share_prompts and not alone, batch_invariant=alone,
             packed=c.batch_plan == "packed" or (c.batch_plan == "auto" and self.backbone.device.type == "cuda"),
         )  # fmt: skip
 
@@ -284,8 +303,9 @@ class Scorer:
             "attributes": list(self.attributes),
             "backbone": self.backbone_description(),
             "feature_layer": self.heads.feature_layer,
-            "dtype": str(self.backbone.dtype).replace("torch.", ""),
+            "dtype": precision_name(self.backbone),
             "device": str(self.backbone.device),
+            "scoring_plan": self.plan_decision.as_dict() if self.plan_decision is not None else {},
             "max_tokens": self.config.max_tokens,
             "truncation": self.config.truncation,
             "label_scales": self.label_scales,

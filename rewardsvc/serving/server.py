@@ -144,7 +144,8 @@ class RunningServer:
             self._set_health(health_pb2.HealthCheckResponse.SERVING)
             self._ready.set()
             log.info(log_line("serve.ready", address=self.address, model_id=models.get(None).model_id, models=",".join(models.names),
-                        load_s=f"{time.monotonic() - started:.1f}", trained=all(b.trained for _, b in models.items())))  # fmt: skip
+                        load_s=f"{time.monotonic() - started:.1f}", trained=all(b.trained for _, b in models.items()),
+                        plan=_plan_summary(models.get(None))))  # fmt: skip
         except BaseException as exc:
             self.load_error = exc
             # An expected failure (bad checkpoint, missing directory, bad limits) is one line; anything else
@@ -201,6 +202,13 @@ class RunningServer:
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         return self._server.wait_for_termination(timeout)
+
+
+def _plan_summary(backend) -> str:
+    """The default model's scoring plan for serve.ready: `float32/padded(measured)`, or "-" for a backend that
+    has none (off CPU, a test double)."""
+    decision = getattr(backend, "plan_decision", None)
+    return "-" if decision is None else f"{decision.plan.name}({decision.source})"
 
 
 def build_server(scorer: ScorerOrLoader, config: ServerConfig = ServerConfig(), *, wait_ready: bool = True) -> RunningServer:

@@ -33,14 +33,24 @@ def test_gpu_bench_tiny():
 
 
 def test_cpu_bench_tiny():
-    rows = run("cpu.py", "--pairs", "4", "--chunk", "2", "--only", "fp32_padded,int8_per_channel_all")
-    by_name = {r["candidate"]: r for r in rows if r.get("bench") == "cpu"}
+    rows = run("cpu.py", "--pairs", "4", "--chunk", "2", "--only", "fp32_padded,int8_per_channel_all,mixed_padded")
+    by_name = {r["candidate"]: r for r in rows if r.get("bench") == "cpu" and "candidate" in r}
     base = by_name["fp32_one_per_forward"]
     assert base["ratio_vs_fp32_one_per_forward"] == 1.0 and base["max_score_deviation"] == 0.0
     assert base["preferences_unchanged"] == 1.0
     assert by_name["fp32_padded"]["max_score_deviation"] <= 1e-5
     quant = by_name["int8_per_channel_all"]
     assert quant["tokens_per_s"] > 0 and 0 <= quant["preferences_unchanged"] <= 1 and quant["pairs"] == 4
+    # auto's own decision (the load-time measurement) and the rule applied to this run's figures; the plans
+    # depend on timing, so only their form is checked.
+    [auto] = [r for r in rows if "auto_decision" in r and "candidate" not in r and "auto_rule_on_bench" not in r]
+    assert auto["source"] == "measured" and auto["batch_plan"] in ("padded", "packed", "one-per-forward")
+    assert {m["plan"] for m in auto["measurements"] if m["stage"] == 1} == {
+        "float32/padded", "float32/packed", "float32/one-per-forward"}
+    [rule] = [r for r in rows if "auto_rule_on_bench" in r]
+    assert rule["auto_rule_on_bench"].split("/")[0] in ("float32", "bfloat16", "mixed")
+    assert by_name["fp32_padded"]["admissible"] is True and by_name["fp32_padded"]["plan"] == "float32/padded"
+    assert "skipped" in by_name["mixed_padded"] or by_name["mixed_padded"]["plan"] == "mixed/padded"
 
 
 def test_groups_bench_tiny():

@@ -353,7 +353,7 @@ class ServerLimits(_message.Message):
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_conversations_per_request: _Optional[int] = ..., max_tokens_per_conversation: _Optional[int] = ..., max_group_size: _Optional[int] = ..., max_tokens_in_flight: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "attributes", "backbone", "dtype", "device", "max_tokens", "truncation", "trained", "provenance", "metrics", "label_scales", "server_version", "limits", "name", "models", "calibration", "default_normalization")
+    __slots__ = ("model_id", "attributes", "backbone", "dtype", "device", "max_tokens", "truncation", "trained", "provenance", "metrics", "label_scales", "server_version", "limits", "name", "models", "calibration", "default_normalization", "scoring_plan")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
@@ -371,6 +371,7 @@ class ModelInfo(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
+    SCORING_PLAN_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     attributes: _containers.RepeatedScalarFieldContainer[str]
     backbone: str
@@ -388,4 +389,5 @@ class ModelInfo(_message.Message):
     models: _containers.RepeatedCompositeFieldContainer[ServedModel]
     calibration: _struct_pb2.Struct
     default_normalization: Normalization
-    def __init__(self, model_id: _Optional[str] = ..., attributes: _Optional[_Iterable[str]] = ..., backbone: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_tokens: _Optional[int] = ..., truncation: _Optional[str] = ..., trained: bool = ..., provenance: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., metrics: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., label_scales: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., server_version: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., name: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ServedModel, _Mapping]]] = ..., calibration: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., default_normalization: _Optional[_Union[Normalization, _Mapping]] = ...) -> None: ...
+    scoring_plan: _struct_pb2.Struct
+    def __init__(self, model_id: _Optional[str] = ..., attributes: _Optional[_Iterable[str]] = ..., backbone: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_tokens: _Optional[int] = ..., truncation: _Optional[str] = ..., trained: bool = ..., provenance: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., metrics: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., label_scales: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., server_version: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., name: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ServedModel, _Mapping]]] = ..., calibration: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., default_normalization: _Optional[_Union[Normalization, _Mapping]] = ..., scoring_plan: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
