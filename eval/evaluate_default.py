@@ -124,10 +124,10 @@ def score_resumable(scorer, pairs, encoded, partial: Path, recipe: dict[str, Any
 
 def load_recipe_scorer(model: str | None, recipe_overrides: dict[str, Any] | None = None):
     """The model with the scorer settings of its training run's feature pass, and that recipe."""
-    from rewardsvc.config import ScorerConfig
+    from rewardsvc.config import BackboneConfig, ScorerConfig
     from rewardsvc.model.checkpoint import load_heads
     from rewardsvc.model.hub import resolve_model_path
-    from rewardsvc.model.scorer import DEFAULT_MODEL_DIR, Scorer
+    from rewardsvc.model.scorer import DEFAULT_MODEL_DIR, Scorer, shipped_backbone_config
 
     directory = resolve_model_path(model, "--model") if model else DEFAULT_MODEL_DIR
     recipe = {**recipe_of(load_heads(directory).provenance), **(recipe_overrides or {})}
@@ -136,7 +136,10 @@ def load_recipe_scorer(model: str | None, recipe_overrides: dict[str, Any] | Non
     # less backbone work on this mix).
     config = ScorerConfig(max_tokens=recipe["max_tokens"], token_budget=recipe["token_budget"], batch_plan="padded",
                           share_prompts=True)  # fmt: skip
-    return Scorer.load(directory, config=config), recipe
+    # float32 explicitly: `auto` on a CPU may measure bf16 / mixed faster (model/plan_measurement.py), and the
+    # card's figure was computed in float32.
+    backbone = BackboneConfig(**{**shipped_backbone_config(directory), "dtype": "float32"})
+    return Scorer.load(directory, config=config, backbone=backbone), recipe
 
 
 def main(argv: list[str] | None = None) -> int:
