@@ -239,3 +239,13 @@ def test_measure_and_choose_on_a_tiny_model_returns_a_valid_plan(tiny_scorer, mo
 def test_backbone_config_accepts_mixed_and_one_per_forward():
     assert BackboneConfig(dtype="mixed").dtype == "mixed"
     assert ScorerConfig(batch_plan="one-per-forward").batch_plan == "one-per-forward"
+
+
+def test_past_the_time_budget_only_the_reference_runs_and_the_default_is_kept(tiny_scorer, monkeypatch):
+    full = measurement_set
+    monkeypatch.setattr(plan_measurement, "measurement_set", lambda s: (full(s)[0][:2], [(0, 1)]))
+    decision = measure_and_choose(fresh(tiny_scorer), list(PLAN_BATCH_PLANS), list(PLAN_PRECISIONS), budget_s=0.0, rounds=2)
+    assert decision.plan == PADDED and "precisions not measured" in decision.reason
+    [ref, *rest] = decision.measurements
+    assert ref.plan == PADDED and ref.error is None and math.isfinite(ref.seconds)
+    assert [x.plan for x in rest] == [PACKED, ONE] and all("time budget" in x.error for x in rest)
