@@ -49,6 +49,9 @@ def test_rated_counts_match_source_md(rated, dropped):
     assert counts["xstest"] == 2250  # 5 files x 450
     # both responses of 1,200 pairs, less 7 empty or duplicated responses
     assert counts["ultrafeedback"] + dropped["ultrafeedback rated: empty or duplicate response"] == 2400
+    # 16 x 300 grades, less 40 null grades and the documented drops (tests/training/test_data_arena_bench.py)
+    arena_dropped = sum(v for k, v in dropped.items() if k.startswith("arena-bench rated:"))
+    assert counts["arena-bench"] + arena_dropped == 4800
 
 
 def test_pair_counts_match_source_md(pairs, dropped):
@@ -102,6 +105,7 @@ def test_each_source_rates_its_documented_attributes(rated):
         "prometheus-vicuna": {"prometheus_score"},
         "xstest": {"appropriate"},
         "ultrafeedback": {"ultrafeedback_overall"},
+        "arena-bench": {"correctness"},
     }
     seen: dict[str, set] = {s: set() for s in expect}
     for row in rated:
@@ -137,7 +141,8 @@ def test_messages_are_valid(rated, pairs):
         assert pair.prompt[-1]["role"] == "user" and pair.prompt[0]["role"] == "user", pair.id
         assert pair.chosen.strip() and pair.rejected.strip(), pair.id
         assert pair.chosen != pair.rejected, pair.id
-        assert pair.category in {"chat", "chat-hard", "safety", "honesty", "helpfulness"}, pair.id
+        # the eval categories, and `reasoning` (arena-bench: training only, never in the eval mix)
+        assert pair.category in {"chat", "chat-hard", "safety", "honesty", "helpfulness", "reasoning"}, pair.id
 
 
 def test_prometheus_mt_bench_is_a_parsed_second_turn(rated):

@@ -56,6 +56,18 @@ def test_round_robin_spreads_over_groups():
     assert sorted(p.id for p in round_robin(items, seed=1)) == sorted(p.id for p in items)
 
 
+def test_round_robin_per_group_keeps_the_first_of_each_group():
+    def pair(i, group):
+        return PreferencePair(f"p{i}", "s", [{"role": "user", "content": group}], "a", "b", "x", "chat", group)
+
+    items = [pair(i, "g1") for i in range(5)] + [pair(10 + i, "g2") for i in range(3)] + [pair(20, "g3")]
+    capped = round_robin(items, seed=0, per_group=2)
+    assert Counter(p.group for p in capped) == {"g1": 2, "g2": 2, "g3": 1}
+    full = round_robin(items, seed=0)
+    for group in ("g1", "g2"):  # the same two a cap of the whole list would reach first in that group
+        assert [p.id for p in capped if p.group == group] == [p.id for p in full if p.group == group][:2]
+
+
 def test_caps_are_validated():
     assert resolve_caps({"eval/hh-harmless": 10})["eval/hh-harmless"] == 10
     with pytest.raises(InvalidInputError):
@@ -147,9 +159,10 @@ def test_eval_mix(sets):
 def test_training_sizes_limits_and_val(sets):
     stage1 = sets.stage1_train + sets.stage1_val
     stage2 = sets.stage2_train + sets.stage2_val
-    # Training sources are uncapped (every row within the length limit); measured 6,842 and 3,131 on 2026-11-30.
-    assert 6500 <= len(stage1) <= 7200
-    assert 2900 <= len(stage2) <= 3300
+    # Training sources are uncapped (every row within the length limit) except arena-bench (2,400 rows, 6 pairs
+    # per question); measured 6,842 and 3,131 on 2026-11-30, plus arena-bench's 2,400 and 1,453 on 2026-12-06.
+    assert 6500 + 2400 <= len(stage1) <= 7200 + 2400
+    assert 2900 + 1400 <= len(stage2) <= 3300 + 1500
     for item in stage1:
         assert sum(len(m["content"]) for m in item.prompt) <= DEFAULT_MAX_CHARS and len(item.response) <= DEFAULT_MAX_CHARS
     for item in stage2:

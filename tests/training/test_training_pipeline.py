@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 CAPS = {
     "stage1/just-eval": 150, "stage1/just-eval-safety": 150, "stage1/prometheus-mt-bench": 60,
-    "stage1/prometheus-vicuna": 60, "stage1/xstest": 100, "stage1/ultrafeedback": 60,
+    "stage1/prometheus-vicuna": 60, "stage1/xstest": 100, "stage1/ultrafeedback": 60, "stage1/arena-bench": 60,
     "stage2/ultrafeedback": 15, "stage2/hh-harmless": 15, "stage2/pandalm": 8, "stage2/mt-bench-human": 5,
-    "stage2/faireval": 5, "stage2/llmeval2": 5, "stage2/xstest": 8,
+    "stage2/faireval": 5, "stage2/llmeval2": 5, "stage2/xstest": 8, "stage2/arena-bench": 16,
     "eval/llmbar": 12, "eval/prometheus-hhh": 12, "eval/ultrafeedback": 6, "eval/pandalm": 6,
     "eval/mt-bench-human": 6, "eval/xstest": 6, "eval/hh-harmless": 6,
 }  # fmt: skip

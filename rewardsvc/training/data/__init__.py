@@ -6,7 +6,7 @@
     print_summary(sets)
 
 One module per dataset (just_eval, prometheus, xstest, ultrafeedback, hh_harmless, pandalm,
-llmbar); schema.py holds the two row types; splits.py the split rules; build.py the budgeted
+llmbar, arena_bench); schema.py holds the two row types; splits.py the split rules; build.py the budgeted
 assembly. See docs/DATA.md.
 """
 

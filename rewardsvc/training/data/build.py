@@ -9,12 +9,14 @@ Order of operations (each step is counted in `TrainingSets.dropped`):
 4. drop over-long rows: training rows whose prompt (all prompt messages together) or any
    response is longer than `max_tokens_chars` characters; eval pairs over `eval_max_chars`;
 5. cap each (stage, source) by a deterministic round-robin over prompt groups (one row of
-   every group before a second row of any), ranked by a hash salted with `seed`; stage 2 is
+   every group before a second row of any), ranked by a hash salted with `seed`, after a
+   per-group cap where DEFAULT_GROUP_CAPS sets one (arena-bench pairs per question); stage 2 is
    capped first and stage-1 caps take conversations stage 2 already embeds first (the
    UltraFeedback and XSTest responses), since embedding is the cost.
 
 Training sources are not capped by default (issue 9: every row is used; the content-addressed feature store
-makes a CPU run resumable instead). Evaluation caps keep the held-out mix at ~1,150 pairs with every category
+makes a CPU run resumable instead), except arena-bench: 6 pairs per question, so that no question dominates,
+and 2,400 stage-1 rows, so that it adds ~1.0 M tokens to embed rather than ~1.2 M. Evaluation caps keep the held-out mix at ~1,150 pairs with every category
 represented; `caps` can still cap any '<stage>/<source>' for a quick run.
 """
 
@@ -50,6 +52,10 @@ DEFAULT_CAPS: dict[str, int | None] = {
     "stage1/prometheus-vicuna": None,
     "stage1/xstest": None,
     "stage1/ultrafeedback": None,
+    # arena-bench: its 2,957 answers within the length limit are ~1.23 M new tokens to embed (code and maths: 3.4
+    # characters per token). 2,400 keeps the new tokens at ~1.0 M: first the 1,846 answers the stage-2 pairs
+    # embed anyway, then 554 more spread over the questions (scripts/new_data_budget.py, docs/DATA.md).
+    "stage1/arena-bench": 2400,
     "stage2/ultrafeedback": None,
     "stage2/hh-harmless": None,
     "stage2/pandalm": None,
@@ -57,6 +63,7 @@ DEFAULT_CAPS: dict[str, int | None] = {
     "stage2/faireval": None,
     "stage2/llmeval2": None,
     "stage2/xstest": None,
+    "stage2/arena-bench": None,         # capped per question instead (DEFAULT_GROUP_CAPS)
     # eval: ~1,150 pairs; every category represented
     "eval/llmbar": None,                # chat-hard: all 419
     "eval/prometheus-hhh": None,        # honesty 61 / helpfulness 102 / safety 58: all 221
@@ -66,6 +73,15 @@ DEFAULT_CAPS: dict[str, int | None] = {
     "eval/xstest": 200,                 # safety
     "eval/hh-harmless": 200,            # safety
 }
+
+DEFAULT_GROUP_CAPS: dict[str, int] = {
+    # 300 questions x 16 graded answers make up to 120 pairs per question: 7,472 within the length limit, over
+    # 261 questions, 25 at the median and up to 79 for the questions the models split on (uncapped, the 30
+    # most split questions would hold 26 % of the pairs). 6 per question: 221 of the 261 reach the cap, so
+    # questions weigh about the same, and the 1,453 pairs still use 1,846 of the 2,796 pairable answers.
+    "stage2/arena-bench": 6,
+}
+"""'<stage>/<source>' -> most rows of one prompt group, applied before the source's cap (same ranking)."""
 
 T = TypeVar("T", RatedConversation, PreferencePair)
 
@@ -146,12 +162,14 @@ def _conversation_keys(item: RatedConversation | PreferencePair) -> list[str]:
     return [conversation_key(item.prompt, item.chosen), conversation_key(item.prompt, item.rejected)]
 
 
-def round_robin(items: Sequence[T], seed: int, prefer: frozenset[str] = frozenset()) -> list[T]:
+def round_robin(items: Sequence[T], seed: int, prefer: frozenset[str] = frozenset(),
+                per_group: int | None = None) -> list[T]:
     """Items ordered for capping: the first item of every group, then the second, ...
 
     Groups are ordered by a seeded hash, items within a group by a seeded hash of their id, so
     a cap spreads over as many prompts as possible. Items whose conversations are all in
-    `prefer` (already embedded for another stage) come first: they cost nothing more.
+    `prefer` (already embedded for another stage) come first: they cost nothing more. With
+    `per_group`, only the first `per_group` items of each group (in that within-group order) are returned.
     """
     salt = f"rewardsvc-subsample-{seed}"
     by_group: dict[str, list[T]] = defaultdict(list)
@@ -161,7 +179,7 @@ def round_robin(items: Sequence[T], seed: int, prefer: frozenset[str] = frozense
     for group, members in by_group.items():
         members.sort(key=lambda it: (unit_hash(it.id, salt), it.id))
         group_rank = unit_hash(group, salt)
-        for k, it in enumerate(members):
+        for k, it in enumerate(members[:per_group]):
             costs_extra = not all(c in prefer for c in _conversation_keys(it))
             keyed.append(((costs_extra, k, group_rank, it.id), it))
     keyed.sort(key=lambda kv: kv[0])
@@ -179,7 +197,10 @@ def _cap_by_source(items: list[T], stage: str, caps: Mapping[str, int | None], s
         by_source[item.source].append(item)
     kept: list[T] = []
     for source in sorted(by_source):
-        ranked = round_robin(by_source[source], seed, prefer)
+        per_group = DEFAULT_GROUP_CAPS.get(f"{stage}/{source}")
+        ranked = round_robin(by_source[source], seed, prefer, per_group)
+        if len(ranked) < len(by_source[source]):
+            dropped[f"{stage}/{source}: over the cap of {per_group} per prompt group"] += len(by_source[source]) - len(ranked)
         cap = caps.get(f"{stage}/{source}")
         if cap is not None and len(ranked) > cap:
             dropped[f"{stage}/{source}: over the cap of {cap}"] += len(ranked) - cap

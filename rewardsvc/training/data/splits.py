@@ -68,6 +68,9 @@ PAIR_SPLIT_RULES: dict[str, PairSplitRule] = {
              "their completions leave stage 1. The 206 prompts without such a pair are always training"),
     "faireval": PairSplitRule(0.0, "66 pairs, not in the eval mix: stage-2 training"),
     "llmeval2": PairSplitRule(0.0, "199 pairs, not in the eval mix: stage-2 training"),
+    "arena-bench": PairSplitRule(
+        0.0, "300 questions, not in the eval mix: stage-2 training. Every pair and stage-1 row of a question has "
+             "the question's prompt group, so the whole question is train or val, never both"),
 }
 
 
