@@ -5,7 +5,8 @@
 The feature store embeds each distinct conversation once (content-addressed), so a source costs only the
 conversations that the default build did not already have. This builds the default training sets twice, with
 the source and with its caps at 0 (`build_training_sets`, default recipe: 2,000 characters, seed 0), and
-tokenizes every training conversation that only the first has with the embedded default backbone's chat
+tokenizes every training conversation that only the first has (once with the default caps, once with the
+source's own caps lifted) with the embedded default backbone's chat
 template (the token count the feature store's pass sees). Conversations over the recipe's `max_tokens` (1,024)
 are counted apart: training drops them ("a conversation could not be encoded"), so they cost nothing.
 
@@ -57,38 +58,40 @@ def main(argv=None) -> int:
         parser.error(f"--source {args.source!r} is not one of {sorted(set(RATED_SOURCES) | set(PAIR_SOURCES))}")
 
     max_tokens = TrainConfig.__dataclass_fields__["max_tokens"].default
-    with_source = build_training_sets(args.data_dir)
-    off = {f"stage1/{args.source}": 0} if args.source in RATED_SOURCES else {}
-    off |= {f"stage2/{args.source}": 0} if args.source in PAIR_SOURCES else {}
-    without = build_training_sets(args.data_dir, caps=off)
-    before = conversations(without)
-    mine = conversations(with_source, args.source)
-    new = {k: v for k, v in conversations(with_source).items() if k not in before}
-
     source, model_id = backbone_source(BackboneConfig())
     encoder = ChatEncoder(load_tokenizer(source), max_tokens, "error")
-    tokens, over, chars = Counter(), Counter(), Counter()
-    count = Counter()
-    for stage, prompt, response in new.values():
-        try:
-            n = encoder.encode([*prompt, {"role": "assistant", "content": response}]).num_tokens
-        except RewardError:
-            over[stage] += 1
-            continue
-        count[stage] += 1
-        tokens[stage] += n
-        chars[stage] += sum(len(m["content"]) for m in prompt) + len(response)
-    src_rows = sum(r.source == args.source for r in with_source.stage1_train + with_source.stage1_val)
-    src_pairs = sum(p.source == args.source for p in with_source.stage2_train + with_source.stage2_val)
+    keys = [f"stage1/{args.source}"] * (args.source in RATED_SOURCES) + [f"stage2/{args.source}"] * (args.source in PAIR_SOURCES)
+    before = conversations(build_training_sets(args.data_dir, caps={k: 0 for k in keys}))
+
+    def measure(caps) -> dict:
+        sets = build_training_sets(args.data_dir, caps=caps)
+        new = {k: v for k, v in conversations(sets).items() if k not in before}
+        tokens, over, chars, count = Counter(), Counter(), Counter(), Counter()
+        for stage, prompt, response in new.values():
+            try:
+                n = encoder.encode([*prompt, {"role": "assistant", "content": response}]).num_tokens
+            except RewardError:
+                over[stage] += 1
+                continue
+            count[stage] += 1
+            tokens[stage] += n
+            chars[stage] += sum(len(m["content"]) for m in prompt) + len(response)
+        return {
+            "stage1_rows": sum(r.source == args.source for r in sets.stage1_train + sets.stage1_val),
+            "stage2_pairs": sum(p.source == args.source for p in sets.stage2_train + sets.stage2_val),
+            "source_conversations": len(conversations(sets, args.source)),
+            "new_conversations": sum(count.values()), "new_tokens": sum(tokens.values()), "new_chars": sum(chars.values()),
+            "new_conversations_by_first_use": dict(count), "new_tokens_by_first_use": dict(tokens),
+            "over_max_tokens_dropped_by_training": dict(over),
+            "chars_per_token": round(sum(chars.values()) / max(1, sum(tokens.values())), 3),
+            "training_conversations_before": len(before), "training_conversations_after": len(before) + len(new),
+        }
+
     emit({
         "script": "scripts/new_data_budget.py", "source": args.source, "backbone": model_id, "max_tokens": max_tokens,
-        "stage1_rows": src_rows, "stage2_pairs": src_pairs,
-        "source_conversations": len(mine),
-        "new_conversations": sum(count.values()), "new_tokens": sum(tokens.values()), "new_chars": sum(chars.values()),
-        "new_conversations_by_first_use": dict(count), "new_tokens_by_first_use": dict(tokens),
-        "over_max_tokens_dropped_by_training": dict(over),
-        "chars_per_token": round(sum(chars.values()) / max(1, sum(tokens.values())), 3),
-        "training_conversations_before": len(before), "training_conversations_after": len(before) + len(new),
+        "default_caps": measure(None),
+        # the source's own caps lifted (a per-group cap in build.DEFAULT_GROUP_CAPS still applies)
+        "source_uncapped": measure({k: None for k in keys}),
     }, args.out)
     return 0
 
