@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("heads_dir", metavar="HEADS_DIR", help="heads checkpoint directory (or hub id)")
     parser.add_argument("out", metavar="OUT", help="directory to write")
     parser.add_argument("--backbone", help="override the checkpoint's backbone: directory, hub id or .gguf file")
-    parser.add_argument("--dtype", choices=[d for d in DTYPES if d != "auto"], default="float32",
+    parser.add_argument("--dtype", choices=[d for d in DTYPES if d not in ("auto", "mixed")], default="float32",
                         help="dtype of the backbone weights written (heads stay float32; default %(default)s)")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
 

@@ -48,6 +48,8 @@ def test_serve_http_port_starts_answers_and_stops_on_sigterm(tiny_llama_dir, cha
     try:
         assert wait_until(lambda: "event=serve.ready" in _read(log_path) or process.poll() is not None, 120, 0.2), _read(log_path)
         http_port = int(re.search(r"http_port=(\d+)", _read(log_path)).group(1))
+        # serve.ready names the scoring plan (the suite's REWARDSVC_AUTO_PLAN=device reaches the subprocess).
+        assert 'plan="float32/padded(device default)"' in _read(log_path), _read(log_path)
         base = f"http://127.0.0.1:{http_port}"
         assert _get(f"{base}/health") == (200, {"status": "SERVING"})
         prompt = chatml_tokenizer.apply_chat_template(CONVERSATION[:1], tokenize=False, add_generation_prompt=True)

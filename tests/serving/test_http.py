@@ -113,6 +113,9 @@ def test_v1_routes_mirror_the_proto_json_mapping(server, tiny):
     assert status == 200 and len(inspected["attributes"]) == 2
     status, info, _ = post(server.http_port, "/v1/model_info", None, method="GET")
     assert status == 200 and info["attributes"] == list(ATTRS) and info["limits"]["max_conversations_per_request"] == 4
+    # The scoring plan the model settled on at load (the suite keeps the per-device rule: REWARDSVC_AUTO_PLAN=device).
+    assert info["scoring_plan"] == {"batch_plan": "padded", "precision": "float32", "source": "device default",
+                                    "reason": "REWARDSVC_AUTO_PLAN=device: no measurement"}  # fmt: skip
 
 
 def test_errors_name_the_field_and_map_to_http_codes(server):
