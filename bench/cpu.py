@@ -162,13 +162,13 @@ PLAN_OF_CANDIDATE = {
 }  # fmt: skip
 
 
-def auto_decision(scorer, out):
+def auto_decision(scorer, out, budget_s):
     """What `auto` decides at load on this machine (measured now, not read from the cache)."""
     from rewardsvc.model.plan_measurement import measure_and_choose
     from rewardsvc.model.scoring_plan import PLAN_BATCH_PLANS, PLAN_PRECISIONS
 
-    decision = measure_and_choose(scorer, list(PLAN_BATCH_PLANS), list(PLAN_PRECISIONS))
-    emit({"bench": "cpu", "auto_decision": decision.plan.name, "model": scorer.model_id, **decision.as_dict(),
+    decision = measure_and_choose(scorer, list(PLAN_BATCH_PLANS), list(PLAN_PRECISIONS), budget_s=budget_s)
+    emit({"bench": "cpu", "auto_decision": decision.plan.name, "model": scorer.model_id, "budget_s": budget_s, **decision.as_dict(),
           "cpu_flags_bf16": sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_tile"}), **machine()}, out)  # fmt: skip
     return decision
 
@@ -186,11 +186,15 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a tiny random model and synthetic pairs (seconds)")
     parser.add_argument("--out", help="also append the JSON lines to this file")
     parser.add_argument("--no-auto", action="store_true", help="skip the auto decision's own measurement")
+    parser.add_argument("--auto-budget-s", type=float, default=None,
+                        help="time budget of that measurement (default: the one used at load, plan_measurement.BUDGET_S)")
     args = parser.parse_args()
 
     os.environ["REWARDSVC_AUTO_PLAN"] = "device"  # the candidates start from fp32 padded; auto is measured below
     scorer = load_scorer(args.tiny)
-    decision = None if args.no_auto else auto_decision(scorer, args.out)
+    from rewardsvc.model.plan_measurement import BUDGET_S
+
+    decision = None if args.no_auto else auto_decision(scorer, args.out, args.auto_budget_s or BUDGET_S)
     pairs = tiny_pairs(args.pairs) if args.tiny else held_out_pairs(scorer, args.pairs, args.max_tokens)
     conversations = [side for _, sides in pairs for side in sides]  # chosen, rejected, chosen, ...
     tokens = [scorer.encode(c).num_tokens for c in conversations]
