@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-budget", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation on the held-out mix")
-    parser.add_argument("--length-calibration", choices=("pairwise", "balanced-spearman", "chat-spearman", "none"),
+    parser.add_argument("--length-calibration", choices=("pairwise", "balanced-spearman", "per-category", "chat-spearman", "none"),
                         default="chat-spearman", help="how the length offset is chosen after stage 2 (every method is "
                         "also fit and recorded in the provenance; docs/TRAINING.md)")  # fmt: skip
 

@@ -177,7 +177,7 @@ def fit_candidate(config: TrainConfig, layer: int, i: int, preference: bool, sta
     for method in LENGTH_CALIBRATIONS:
         fit = fit_length_calibration(method, uncalibrated, train, val, i, verbosity_index, train_rewards)
         heads = copy.deepcopy(uncalibrated)
-        apply_length_calibration(heads, verbosity_index, fit["delta"])
+        apply_length_calibration(heads, verbosity_index, fit)
         alternatives[method] = {**fit, **validation_accuracy(heads, val, val_pairs)}
         variants[LENGTH_VARIANT_PREFIX + method] = heads
     chosen_fit = alternatives[config.length_calibration]

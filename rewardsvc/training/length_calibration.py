@@ -9,6 +9,9 @@ by -delta * p, p = r_v * sum_{j != v} g_j: a length penalty in the score itself,
 - "balanced-spearman": the delta minimising the largest |Spearman(score, length)| over the stage-2 categories and
   all responses pooled, on the training pairs' responses, weighted the same way (length_fit.fit_offset_minimax).
 - "chat-spearman": Spearman ~0 on the chat responses of training AND validation, unweighted (the shipped default's).
+- "per-category": one offset per stage-2 category, spread over the lambdas by where each category's gating goes
+  (a per-attribute offset: the penalty follows the prompt). One common offset cannot bring chat and safety to 0
+  together (docs/TRAINING.md); with the gatings apart, this can, on the categories it has training pairs for.
 - "none": no offset.
 
 Why not zero correlation on chat alone: the offset did not transfer. It gave -0.03 on the responses it was fit on
@@ -34,7 +37,7 @@ import torch
 from ..errors import InvalidInputError
 from ..model.heads import ArmoHeads
 from .debias import DEFAULT_OFFSET_GRID, apply_length_offset, fit_length_offset
-from .length_fit import balanced_response_weights, fit_offset_minimax, fit_offset_pairwise
+from .length_fit import balanced_response_weights, fit_offset_minimax, fit_offset_pairwise, fit_offsets_coordinatewise
 from .pair_split import PairSplit
 from .stage2 import balanced_weights
 from .train_config import LENGTH_CALIBRATIONS
@@ -61,6 +64,8 @@ def fit_length_calibration(method: str, heads: ArmoHeads, train: PairSplit, val:
                                  balanced_response_weights(categories * 2, sources * 2), DEFAULT_OFFSET_GRID)  # fmt: skip
         return {"method": method, **fit, "responses": len(lengths),
                 "reference": "stage-2 training responses of every category, each category and source weighted the same"}  # fmt: skip
+    if method == "per-category":
+        return {"method": method, **_per_category(heads, train, i, verbosity_index, categories, sources)}
     score, penalty = _score_and_penalty(heads, train, i, verbosity_index, train_rewards)
     fit = fit_offset_pairwise(score[0] - score[1], penalty[0] - penalty[1],
                               balanced_weights(list(zip(categories, sources))).numpy())  # fmt: skip
@@ -71,9 +76,42 @@ def fit_length_calibration(method: str, heads: ArmoHeads, train: PairSplit, val:
             "reference": "stage-2 training pairs, each category and source weighted the same (out-of-fold rewards)"}  # fmt: skip
 
 
-def apply_length_calibration(heads: ArmoHeads, verbosity_index: int, delta: float) -> None:
-    """Raise every lambda_j (j != v) of the heads by delta, in place."""
-    heads.reward_transform_matrix.copy_(apply_length_offset(heads.reward_transform_matrix, verbosity_index, delta))
+def apply_length_calibration(heads: ArmoHeads, verbosity_index: int, fit: dict[str, Any]) -> None:
+    """Raise the lambdas of the heads by a fit's offsets, in place: its per-attribute `deltas` where it has them,
+    else one `delta` on every lambda_j (j != v)."""
+    if "deltas" not in fit:
+        heads.reward_transform_matrix.copy_(apply_length_offset(heads.reward_transform_matrix, verbosity_index, fit["delta"]))
+        return
+    for j, name in enumerate(heads.attributes):
+        if j != verbosity_index:
+            heads.reward_transform_matrix[verbosity_index, j] -= float(fit["deltas"][name])
+
+
+@torch.inference_mode()
+def _per_category(heads: ArmoHeads, train: PairSplit, i: int, v: int, categories: list[str], sources: list[str]) -> dict[str, Any]:
+    """One offset d_c per category, spread over the attributes by where the category's gating mass goes:
+    delta_j = sum_c d_c w_cj, w_cj = the share of attribute j's mean gating weight that comes from category c's
+    prompts. A prompt then loses about r_v * sum_j g_j delta_j: its own category's offset where the gatings differ."""
+    gating = heads.gate(train.prompt[:, i]).double()  # (N, K)
+    names = sorted(set(categories))
+    mine = torch.tensor([[c == name for c in categories] for name in names], dtype=torch.float64)  # (C, N)
+    mean = (mine @ gating) / mine.sum(1, keepdim=True)  # (C, K) mean gating per category
+    mean[:, v] = 0.0
+    share = mean / mean.sum(0, keepdim=True).clamp_min(1e-12)  # (C, K) w_cj
+    rewards = torch.stack([heads.rewards(train.chosen[:, i]), heads.rewards(train.rejected[:, i])]).double()  # (2, N, K)
+    penalties = (rewards[..., v, None] * (gating @ share.T)[None]).reshape(-1, len(names))  # (2N, C)
+    score, _ = _score_and_penalty(heads, train, i, v, None)
+    lengths = [len(p.chosen) for p in train.pairs] + [len(p.rejected) for p in train.pairs]
+    fit = fit_offsets_coordinatewise(score.reshape(-1), penalties.numpy(), lengths, categories * 2,
+                                     balanced_response_weights(categories * 2, sources * 2), DEFAULT_OFFSET_GRID)  # fmt: skip
+    offsets = torch.tensor(fit["offsets"], dtype=torch.float64)
+    deltas = offsets @ share  # (K,)
+    effective = (gating @ deltas) / (gating.sum(1) - gating[:, v])  # (N,) each prompt's gating-weighted offset
+    return {"delta": float(effective.mean()), "deltas": {a: float(deltas[j]) for j, a in enumerate(heads.attributes) if j != v},
+            "category_offsets": dict(zip(names, fit["offsets"])), "spearman": fit["spearman"],
+            "spearman_at_zero": fit["spearman_at_zero"], "sweeps": fit["sweeps"], "responses": len(lengths),
+            "reference": "stage-2 training responses of every category, each category and source weighted the same; "
+                         "one offset per category, spread over the attributes by the categories' mean gating"}  # fmt: skip
 
 
 @torch.inference_mode()

@@ -188,6 +188,9 @@ def _length_offset(offset: dict[str, Any] | None, held_out: dict[str, Any] | Non
                  f"weight a = {_num(offset['a'])} and the length-penalty difference b = {_num(offset['b'])}; delta = -b / a)")  # fmt: skip
     elif isinstance(offset.get("spearman"), dict):
         where = ", ".join(f"{k} {_num(v)}" for k, v in offset["spearman"].items())
+        per = offset.get("category_offsets")
+        if per:  # per-category: delta is the mean over the training prompts of each prompt's gating-weighted offset
+            text += ": offsets " + ", ".join(f"{k} {v:+.2f}" for k, v in per.items()) + ", mean effective offset"
         text += f": Spearman(score, length) {where} on the {offset['responses']} {offset['reference']})"
     else:
         text += ")"

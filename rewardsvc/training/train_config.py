@@ -9,7 +9,7 @@ from ..errors import InvalidInputError
 from .stage2 import Stage2Config
 
 EMBED_MODES = ("all", "stored")
-LENGTH_CALIBRATIONS = ("pairwise", "balanced-spearman", "chat-spearman", "none")
+LENGTH_CALIBRATIONS = ("pairwise", "balanced-spearman", "per-category", "chat-spearman", "none")
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,8 @@ class TrainConfig:
     length_calibration: str = "chat-spearman"
     """How the common offset on the verbosity penalties is chosen after stage 2 (training.length_calibration):
     "pairwise" (Bradley-Terry on the training pairs with the length penalty as a regressor), "balanced-spearman"
-    (smallest worst |Spearman(score, length)| over the categories of the training responses), "chat-spearman"
+    (smallest worst |Spearman(score, length)| over the categories of the training responses), "per-category" (one
+    offset per category, spread over the lambdas by the categories' gating), "chat-spearman"
     (Spearman ~0 on the chat responses of training and validation: how the shipped default was made) or "none".
     Every one of them is also fit on the chosen candidate and recorded in the provenance with its validation and
     held-out figures; docs/TRAINING.md has the measurements."""

@@ -18,7 +18,7 @@ from rewardsvc.model.heads import ArmoHeads
 from rewardsvc.training.data.schema import PreferencePair
 from rewardsvc.training.length_calibration import apply_length_calibration, fit_length_calibration
 from rewardsvc.training.length_fit import (
-    POOLED, balanced_response_weights, fit_offset_minimax, fit_offset_pairwise, weighted_spearman,
+    POOLED, balanced_response_weights, fit_offset_minimax, fit_offset_pairwise, fit_offsets_coordinatewise, weighted_spearman,
 )
 from rewardsvc.training.pair_split import PairSplit
 from rewardsvc.training.stage2 import balanced_weights
@@ -150,7 +150,7 @@ def _heads(h: int = 8) -> ArmoHeads:
     return heads
 
 
-@pytest.mark.parametrize("method", ["pairwise", "balanced-spearman", "chat-spearman", "none"])
+@pytest.mark.parametrize("method", ["pairwise", "balanced-spearman", "per-category", "chat-spearman", "none"])
 def test_every_method_fits_an_offset_that_moves_only_row_v(method):
     rng = np.random.default_rng(6)
     train, val = _split(120, rng), _split(30, rng)
@@ -158,9 +158,11 @@ def test_every_method_fits_an_offset_that_moves_only_row_v(method):
     before = heads.reward_transform_matrix.clone()
     fit = fit_length_calibration(method, heads, train, val, 0, V)
     assert torch.equal(heads.reward_transform_matrix, before)  # fitting does not apply
-    apply_length_calibration(heads, V, fit["delta"])
+    apply_length_calibration(heads, V, fit)
     expected = before.clone()
-    expected[V, [j for j in range(len(ATTRS)) if j != V]] -= fit["delta"]
+    for j, name in enumerate(ATTRS):
+        if j != V:
+            expected[V, j] -= fit["deltas"][name] if "deltas" in fit else fit["delta"]
     torch.testing.assert_close(heads.reward_transform_matrix, expected)
     assert fit["method"] == method
 
@@ -175,7 +177,7 @@ def test_the_pairwise_fit_is_on_the_score_differences_that_the_served_heads_give
 
     def diffs(delta):
         h = copy.deepcopy(heads)
-        apply_length_calibration(h, V, delta)
+        apply_length_calibration(h, V, {"delta": delta})
         with torch.no_grad():
             g = h.gate(train.prompt[:, 0])
             sc, sr = (h.combine(h.rewards(x[:, 0]), g).score.double().numpy() for x in (train.chosen, train.rejected))
@@ -203,3 +205,43 @@ def test_the_train_command_offers_exactly_the_configs_methods_with_its_default()
     with pytest.raises(InvalidInputError) as exc:
         TrainConfig("o", "w", length_calibration="zero")
     assert exc.value.field == "length_calibration"
+
+
+def test_one_offset_per_category_reaches_what_one_common_offset_cannot():
+    """Two categories whose penalties are separate columns want 0.2 and 0.6: one common offset leaves both off,
+    the coordinatewise fit brings each near 0 (checked with scipy on the final scores)."""
+    rng = np.random.default_rng(8)
+    a, b = _planted(500, 0.2, rng), _planted(500, 0.6, rng)
+    score, penalty, length = (np.concatenate([x, y]) for x, y in zip(a, b))
+    categories = ["chat"] * 500 + ["safety"] * 500
+    columns = np.zeros((1000, 2))
+    columns[:500, 0], columns[500:, 1] = penalty[:500], penalty[500:]
+    w = balanced_response_weights(categories, categories)
+    common = fit_offset_minimax(score, penalty, length, categories, w, GRID)
+    fit = fit_offsets_coordinatewise(score, columns, length, categories, w, GRID)
+    assert fit["offsets"] == pytest.approx([0.2, 0.6], abs=0.03)
+    final = score - columns @ np.array(fit["offsets"])
+    for name, part in (("chat", slice(0, 500)), ("safety", slice(500, None))):
+        assert fit["spearman"][name] == pytest.approx(stats.spearmanr(final[part], length[part]).statistic, abs=1e-9)
+    assert max(map(abs, fit["spearman"].values())) < 0.05 < max(map(abs, common["spearman"].values()))
+
+
+def test_per_category_offsets_follow_the_gating_in_the_served_heads():
+    """Independent path: after applying the fit, score the training responses through ArmoHeads.combine and check
+    the reported Spearman per category with the weighted Spearman of those scores."""
+    rng = np.random.default_rng(9)
+    train = _split(150, rng)
+    heads = _heads()
+    fit = fit_length_calibration("per-category", heads, train, train, 0, V)
+    assert set(fit["category_offsets"]) == {"chat", "safety"} and set(fit["deltas"]) == set(ATTRS) - {"verbosity"}
+    apply_length_calibration(heads, V, fit)
+    with torch.no_grad():
+        g = heads.gate(train.prompt[:, 0])
+        scores = np.concatenate([heads.combine(heads.rewards(x[:, 0]), g).score.double().numpy() for x in (train.chosen, train.rejected)])
+    categories = np.array([p.category for p in train.pairs] * 2)
+    sources = [p.source for p in train.pairs] * 2
+    lengths = np.array([len(p.chosen) for p in train.pairs] + [len(p.rejected) for p in train.pairs])
+    w = balanced_response_weights(list(categories), sources)
+    for name in ("chat", "safety"):
+        m = categories == name
+        assert fit["spearman"][name] == pytest.approx(weighted_spearman(scores[m], lengths[m], w[m]), abs=1e-5)
