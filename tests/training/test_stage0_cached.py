@@ -204,3 +204,32 @@ def test_the_cli_checks_every_k_of_a_list():
         _top_blocks("2,17", 16)
     with pytest.raises(InvalidInputError, match="--top-blocks must be integers"):
         _top_blocks("two", 16)
+
+
+def test_the_cli_caches_once_trains_each_k_and_compares_with_the_frozen_probe(tmp_path, causal_dir, monkeypatch, capsys):
+    """`train-backbone --top-blocks 1,2`: one caching pass for both k, then each k in its own directory; the
+    printed report carries each k's validation and frozen probe. A second run resumes: nothing new is cached."""
+    import json as json_
+
+    import rewardsvc.training.data.build as build
+    from rewardsvc.cli.main import main
+    from synthetic_training import synthetic_sets
+
+    sets = synthetic_sets(n_pairs=12)
+    monkeypatch.setattr(build, "build_training_sets", lambda *args, **kwargs: sets)
+    argv = ["train-backbone", "--backbone", str(causal_dir), "--work-dir", str(tmp_path / "work"), "--data-dir", str(tmp_path),
+            "--cache-dir", str(tmp_path / "cache"), "--layer", str(LAYER), "--top-blocks", "2,1", "--epochs", "1",
+            "--max-tokens", "2048", "--val-pairs", "4", "--learning-rate", "1e-2"]  # fmt: skip
+    assert main(argv) == 0
+    report = json_.loads(capsys.readouterr().out)
+    assert report["cache"]["embedded"] == report["cache"]["conversations"] > 0 and report["cache"]["done"]
+    assert [run["top_blocks"] for run in report["runs"]] == [1, 2]
+    for run in report["runs"]:
+        assert run["step"] == run["of"] and (tmp_path / "work" / f"stage0-top{run['top_blocks']}" / "adapter" / "adapter_config.json").is_file()
+        assert 1 <= run["validation"]["pairs"] <= 4 and 0 <= run["frozen_probe"]["val_accuracy"] <= 1
+    assert main(argv) == 0
+    assert json_.loads(capsys.readouterr().out)["cache"]["embedded"] == 0
+    bad = list(argv)
+    bad[bad.index("--top-blocks") + 1] = "0"
+    assert main(bad) == 2
+    assert "--top-blocks must each be in 1..3" in capsys.readouterr().err
