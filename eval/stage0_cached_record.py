@@ -1,15 +1,15 @@
 """Record stage 0 from a state cache (`rewardsvc train-backbone --top-blocks K`): one JSON line per trained k.
 
     python eval/stage0_cached_record.py --work-dir W --cache-dir C [--cache-summary cache.out] \
-        [--out eval/results/stage0-cached-<date>.jsonl] [--note TEXT]
+        [--cache-summary FILE ...] --out eval/results/stage0-cached-<date>.jsonl [--note TEXT]
 
 Reads W/stage0-top<K>/state.json (written by the training run: losses, validation accuracy and training
 seconds at each save, the frozen and adapted probes) and the cache directory, and writes per k: the training
 pairs, steps done of the schedule, training seconds, seconds per epoch (training seconds / steps x steps per
 epoch: measured, not extrapolated, once an epoch is done), the mean online loss of each epoch, the stage-0
 head's validation accuracy at each epoch end and at the last save, the frozen- and adapted-feature probes'
-validation accuracy, and the cache's size. With --cache-summary (the JSON the caching run printed), the caching
-pass's tokens and seconds. docs/TRAINING.md quotes this file.
+validation accuracy, and the cache's size. With --cache-summary (the JSON each caching process printed), the
+caching passes' conversations, tokens and seconds. docs/TRAINING.md quotes this file.
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work-dir", required=True)
     parser.add_argument("--cache-dir", required=True)
-    parser.add_argument("--cache-summary", help="the JSON printed by the caching run (train-backbone --cache-only)")
+    parser.add_argument("--cache-summary", action="append", default=[],
+                        help="the JSON a caching run printed (train-backbone --top-blocks ... --cache-only, or fill_cache's "
+                        "summary); repeat for a pass split over several processes")
     parser.add_argument("--out", required=True)
     parser.add_argument("--note", default="", help="the conditions of the run (machine load, threads)")
     args = parser.parse_args()
@@ -50,9 +52,13 @@ def main() -> int:
     parts = sorted(cache.glob("part-*.safetensors"))
     cache_row = {"dir": str(cache), "parts": len(parts), "bytes": sum(p.stat().st_size for p in parts),
                  "manifest": json.loads((cache / "cache.json").read_text())}  # fmt: skip
-    if args.cache_summary:
-        text = Path(args.cache_summary).read_text()
-        cache_row["pass"] = json.loads(text[text.index("{") :])["cache"]
+    passes = []
+    for summary in args.cache_summary:
+        text = Path(summary).read_text()
+        data = json.loads(text[text.index("{") :])
+        passes.append({"file": Path(summary).name, **data.get("cache", data)})  # the CLI's report, or fill_cache's own
+    if passes:
+        cache_row["passes"] = passes
     stamped = stamp()
     with open(args.out, "a") as out:
         for directory in sorted(Path(args.work_dir).glob("stage0-top*")):
