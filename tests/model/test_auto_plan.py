@@ -214,7 +214,9 @@ def test_the_real_measurement_returns_a_valid_plan_and_caches_it(tiny_llama_dir,
     assert decision.source == "measured" and decision.plan.batch_plan in PLAN_BATCH_PLANS
     assert decision.plan.precision in PLAN_PRECISIONS
     assert {x.plan for x in decision.measurements if x.stage == 1} == {ScoringPlan(b, "float32") for b in PLAN_BATCH_PLANS}
-    assert all(x.error is None for x in decision.measurements)
+    # On a loaded machine the time budget may stop the measurement early: those candidates say so, no other error.
+    assert all(x.error is None or "time budget" in x.error for x in decision.measurements)
+    assert decision.measurements[0].error is None  # the reference always runs
     assert scorer.config.batch_plan == decision.plan.batch_plan
     assert len(list((tmp_path / "cache" / "plans").glob("*.json"))) == 1
     again = Scorer.load(heads)
@@ -228,7 +230,7 @@ def test_measure_and_choose_on_a_tiny_model_returns_a_valid_plan(tiny_scorer, mo
     # depends on the timing, so only its validity is checked.
     full = measurement_set
     monkeypatch.setattr(plan_measurement, "measurement_set", lambda s: (full(s)[0][:4], [(0, 1), (2, 3)]))
-    decision = measure_and_choose(fresh(tiny_scorer), ["padded", "one-per-forward"], ["float32", "mixed"], rounds=1)
+    decision = measure_and_choose(fresh(tiny_scorer), ["padded", "one-per-forward"], ["float32", "mixed"], rounds=1, budget_s=600)
     assert decision.plan in {ScoringPlan(b, p) for b in ("padded", "one-per-forward") for p in ("float32", "mixed")}
     assert [x.plan.name for x in decision.measurements] == [
         "float32/padded", "float32/one-per-forward", f"float32/{decision.measurements[2].plan.batch_plan}",
