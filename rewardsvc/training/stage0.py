@@ -51,6 +51,16 @@ OPTIMIZER_FILE = "optimizer.pt"
 LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def check_stage0_fields(config, integer_fields: tuple[str, ...]) -> None:
+    """Each of `integer_fields` an integer >= 1 and learning_rate finite and > 0 (both stage-0 configs)."""
+    for name in integer_fields:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidInputError(f"stage0.{name} must be an integer >= 1, got {value!r}", field=f"stage0.{name}")
+    if not (config.learning_rate > 0 and math.isfinite(config.learning_rate)):
+        raise InvalidInputError(f"stage0.learning_rate must be finite and > 0, got {config.learning_rate}", field="stage0.learning_rate")
+
+
 @dataclass(frozen=True)
 class Stage0Config:
     """What stage 0 trains and how. Fields that change the result are checked on resume."""
@@ -69,12 +79,7 @@ class Stage0Config:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("feature_layer", "rank", "alpha", "pairs_per_step", "total_steps", "max_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidInputError(f"stage0.{name} must be an integer >= 1, got {value!r}", field=f"stage0.{name}")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise InvalidInputError(f"stage0.learning_rate must be finite and > 0, got {self.learning_rate}", field="stage0.learning_rate")
+        check_stage0_fields(self, ("feature_layer", "rank", "alpha", "pairs_per_step", "total_steps", "max_tokens"))
 
 
 @dataclass

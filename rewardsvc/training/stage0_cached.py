@@ -52,6 +52,7 @@ from .stage0 import (
     Stage0Config,
     Stage0State,
     build_model,
+    check_stage0_fields,
     encode_pairs,
     learning_rate_at,
     pair_order,
@@ -84,18 +85,13 @@ class CachedStage0Config:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("feature_layer", "rank", "alpha", "pairs_per_step", "epochs", "max_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidInputError(f"stage0.{name} must be an integer >= 1, got {value!r}", field=f"stage0.{name}")
+        check_stage0_fields(self, ("feature_layer", "rank", "alpha", "pairs_per_step", "epochs", "max_tokens"))
         k = self.top_blocks
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.feature_layer:
             raise InvalidInputError(
                 f"--top-blocks must be an integer in 1..{self.feature_layer} (the feature layer --layer {self.feature_layer}), got {k!r}",
                 field="top_blocks",
             )  # fmt: skip
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise InvalidInputError(f"stage0.learning_rate must be finite and > 0, got {self.learning_rate}", field="stage0.learning_rate")
 
     @property
     def cache_block(self) -> int:
