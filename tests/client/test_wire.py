@@ -84,6 +84,7 @@ def test_model_info_round_trip():
             {"name": "ab", "model_id": "m2", "backbone": "bb", "attributes": ["a"], "trained": False, "is_default": False},
         ],
         "calibration": {"available": True, "calibration_id": "cal-1"}, "default_normalization": Normalization(clip=2.5),
+        "scoring_plan": {"source": "measured", "batch_plan": "padded", "dtype": "float32"},
     }  # fmt: skip
     back = model_info_from_pb(model_info_to_pb(info))
     assert back == {**info, "limits": asdict(Limits(max_group_size=7))}

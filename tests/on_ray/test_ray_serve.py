@@ -1,7 +1,8 @@
 """The Ray Serve deployment (rewardsvc.serving.ray_serve) on a local Ray (ray.init(num_cpus=2), once for the
 module), tiny random Llama: /v1/score and /get_reward (as OpenRLHF posts it) through Ray Serve's HTTP ingress,
 Score through Ray Serve's gRPC proxy, scores equal to the library's own; an in-flight call survives the
-application's deletion (the replica drains) and the route is gone after it."""
+application's deletion (the replica drains) and the route is gone after it; a caller that hangs up cancels its
+call in the replica."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from rewardsvc._proto.rewardsvc.v1 import reward_pb2_grpc as pb_grpc  # noqa: E4
 from rewardsvc.config import ScorerConfig  # noqa: E402
 from rewardsvc.model.scorer import Scorer  # noqa: E402
 from rewardsvc.serving.ray_serve import GRPC_SERVICER_FUNCTIONS, reward_app  # noqa: E402
-from service_fixtures import score_request  # noqa: E402
+from service_fixtures import metric_value, score_request, wait_until  # noqa: E402
 from tiny_models import build_tokenizer, save_tiny_heads  # noqa: E402
 
 pytestmark = pytest.mark.ray
@@ -134,6 +135,29 @@ def in_progress(port: int) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith('rewardsvc_requests_in_progress{method="HTTP/v1/score"}'))  # fmt: skip
+
+
+def test_a_caller_that_hangs_up_cancels_the_call_in_the_replica(ports):
+    """Ray Serve's proxy cancels the replica's handler when its client disconnects; the forward then closes its
+    loopback connection, so the replica's own server cancels the call (as for a caller of `rewardsvc serve`).
+
+    The hang-up must reach the replica within the batcher's wait (WAIT_MS, at most the server's 1 s limit). On a
+    heavily loaded machine one try can miss that window and the call ends OK, so up to five tries: the claim is
+    that a hang-up propagates at all, and a call never ends any other way."""
+    labels = {code: {"method": "HTTP/v1/score", "code": code} for code in ("OK", "CANCELLED")}
+    before = {code: metric_value(ports[0], "rewardsvc_requests_total", l) for code, l in labels.items()}
+    raw = json.dumps({"conversations": [{"messages": CONVERSATIONS[1]}]}).encode()
+    for attempt in range(1, 6):
+        with socket.create_connection(("127.0.0.1", ports[0]), timeout=10) as leaver:
+            leaver.sendall(f"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           f"Content-Length: {len(raw)}\r\n\r\n".encode() + raw)  # fmt: skip
+            assert wait_until(lambda: in_progress(ports[0]) >= 1, 60, 0.02), "the call never reached the replica"
+        # closed while the batcher still waits for company; the call then ends, one way or the other
+        ended = lambda: sum(metric_value(ports[0], "rewardsvc_requests_total", l) for l in labels.values())  # noqa: E731
+        assert wait_until(lambda: ended() == sum(before.values()) + attempt and in_progress(ports[0]) == 0, 60, 0.1)
+        if metric_value(ports[0], "rewardsvc_requests_total", labels["CANCELLED"]) > before["CANCELLED"]:
+            break
+    assert metric_value(ports[0], "rewardsvc_requests_total", labels["CANCELLED"]) == before["CANCELLED"] + 1, attempt
 
 
 def test_deleting_the_app_drains_the_call_in_flight(ports, offline):
