@@ -13,9 +13,8 @@ endpoint on 127.0.0.1 of the replica's own host (ephemeral ports). The deploymen
 ingresses receive to them unchanged, so every route behaves as on `rewardsvc serve`:
 - HTTP ingress -> the replica's HTTP endpoint (serving/http.py): POST /get_reward, /v1/score, /v1/score_group,
   /v1/compare, /v1/inspect_weights, /classify, /pooling, GET /v1/models, /v1/model_info, /health; plus GET /metrics
-  (this replica's Prometheus page). Not verified: whether a caller that hangs up on the ingress cancels the
-  forwarded call. A first test (2026-12-06, one run on a loaded machine) saw the call counted but never as
-  CANCELLED; until that is diagnosed, assume its queued work still runs (docs/DEPLOY.md).
+  (this replica's Prometheus page). A caller that hangs up cancels the forwarded call and so its queued work
+  (tests/on_ray/test_ray_serve.py).
 - gRPC proxy (serve.start(grpc_options=...GRPC_SERVICER_FUNCTIONS)) -> the replica's gRPC server: Score,
   ScoreGroup, Compare, InspectWeights, GetModelInfo with their status codes and trailers (ScoreStream is not
   offered: the proxy streams server-side only).
