@@ -79,16 +79,7 @@ class FeatureStore:
         self.hidden_size = int(hidden_size)
         self.directory.mkdir(parents=True, exist_ok=True)
         wanted = {"format": FORMAT, "backbone_id": backbone_id, "layers": list(self.layers), "hidden_size": self.hidden_size}
-        manifest = self.directory / MANIFEST
-        if manifest.exists():
-            existing = json.loads(manifest.read_text())
-            if existing != wanted:
-                raise CheckpointError(
-                    f"{self.directory} holds features {existing}, not the requested {wanted}; "
-                    "use another directory for another backbone or layer set"
-                )
-        else:
-            _write_atomic(manifest, json.dumps(wanted, indent=1).encode())
+        check_or_write_manifest(self.directory, MANIFEST, wanted, "features", "backbone or layer set")
         self._where: dict[str, tuple[Path, int]] = {}
         for part in sorted(self.directory.glob(_PART_GLOB)):
             with safe_open(str(part), framework="pt") as f:
@@ -157,6 +148,21 @@ def stored_layers(directory: str | os.PathLike) -> tuple[int, ...] | None:
     if not manifest.exists():
         return None
     return tuple(int(x) for x in json.loads(manifest.read_text()).get("layers", ()))
+
+
+def check_or_write_manifest(directory: Path, name: str, wanted: Mapping, holds: str, differs_by: str) -> None:
+    """A store directory's manifest `name` must say `wanted` (what the caller is about to read or add); where there
+    is none yet it is written, atomically. A directory made for something else is refused, naming both."""
+    manifest = directory / name
+    if manifest.exists():
+        existing = json.loads(manifest.read_text())
+        if existing != wanted:
+            raise CheckpointError(
+                f"{directory} holds {holds} {existing}, not the requested {wanted}; "
+                f"use another directory for another {differs_by}"
+            )
+    else:
+        _write_atomic(manifest, json.dumps(wanted, indent=1).encode())
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

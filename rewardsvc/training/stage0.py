@@ -254,10 +254,7 @@ def train_stage0(
     val, _ = encode_pairs(tokenizer, val_pairs, config.max_tokens)
     if not train:
         raise InvalidInputError("stage 0 has no training pair that fits max_tokens", field="train_pairs")
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    if (directory / OPTIMIZER_FILE).is_file():
-        optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, weights_only=True))
+    params, optimizer = resume_optimizer(model, config, directory)
     order = pair_order(len(train), config.seed, config.total_steps * config.pairs_per_step)
     torch.manual_seed(config.seed + state.step)
     stop = config.total_steps if max_steps is None else min(config.total_steps, state.step + max_steps)
@@ -266,14 +263,8 @@ def train_stage0(
     while state.step < stop:
         model.train()
         batch = [train[i] for i in order[state.step * config.pairs_per_step : (state.step + 1) * config.pairs_per_step]]
-        rewards = model([c for c, _ in batch] + [r for _, r in batch])
-        loss = -torch.nn.functional.logsigmoid(rewards[: len(batch)] - rewards[len(batch) :]).mean()
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate_at(state.step, config.learning_rate, config.total_steps)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        loss = bradley_terry_step(model, batch, optimizer, params,
+                                  learning_rate_at(state.step, config.learning_rate, config.total_steps))  # fmt: skip
         state.step += 1
         state.losses.append(round(float(loss.detach()), 6))
         out_of_time = max_seconds is not None and time.perf_counter() - run_started >= max_seconds
@@ -287,6 +278,31 @@ def train_stage0(
         if out_of_time:
             break
     return state
+
+
+def resume_optimizer(model: torch.nn.Module, config, directory: Path) -> tuple[list[torch.nn.Parameter], torch.optim.AdamW]:
+    """AdamW over the model's trainable parameters (config.learning_rate, config.weight_decay), with the state a
+    previous run saved in `directory` when there is one."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    if (directory / OPTIMIZER_FILE).is_file():
+        optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, weights_only=True))
+    return params, optimizer
+
+
+def bradley_terry_step(rewards_of, batch, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
+                       learning_rate: float) -> torch.Tensor:  # fmt: skip
+    """One optimizer step on `batch`, (chosen, rejected) pairs scored by `rewards_of` (all chosen, then all
+    rejected): loss -log sigmoid(r_chosen - r_rejected), gradient norm clipped at 1. Returns the loss."""
+    rewards = rewards_of([c for c, _ in batch] + [r for _, r in batch])
+    loss = -torch.nn.functional.logsigmoid(rewards[: len(batch)] - rewards[len(batch) :]).mean()
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    return loss
 
 
 def adapter_dir(work_dir: str | os.PathLike) -> Path:

@@ -47,16 +47,17 @@ from .stage0 import (
     ADAPTER_DIR,
     HEAD_FILE,
     LLAMA_LINEAR_MODULES,
-    OPTIMIZER_FILE,
     BTRewardModel,
     Stage0Config,
     Stage0State,
+    bradley_terry_step,
     build_model,
     check_stage0_fields,
     encode_pairs,
     learning_rate_at,
     pair_order,
     read_state,
+    resume_optimizer,
     save_checkpoint,
 )
 from .state_cache import StateCache, cache_states, state_key
@@ -280,10 +281,7 @@ def train_stage0_cached(
     cache = StateCache(cache_dir, backbone_id, int(model.backbone.hidden_size))
     rewards = CachedRewards(model, cache, config, backbone_id)
     rewards.require([e for pair in [*train, *val] for e in pair])
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    if (directory / OPTIMIZER_FILE).is_file():
-        optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, weights_only=True))
+    params, optimizer = resume_optimizer(model, config, directory)
     if probes and val and not state.frozen_probe:
         state.frozen_probe = probe(rewards, train, val, frozen=True)
         log.info("stage0: frozen block-%d probe %s", config.feature_layer, state.frozen_probe)
@@ -296,14 +294,7 @@ def train_stage0_cached(
     while state.step < stop:
         model.train()
         batch = [train[i] for i in order[state.step * config.pairs_per_step : (state.step + 1) * config.pairs_per_step]]
-        r = rewards([c for c, _ in batch] + [r for _, r in batch])
-        loss = -torch.nn.functional.logsigmoid(r[: len(batch)] - r[len(batch) :]).mean()
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate_at(state.step, config.learning_rate, total_steps)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        loss = bradley_terry_step(rewards, batch, optimizer, params, learning_rate_at(state.step, config.learning_rate, total_steps))
         state.step += 1
         state.losses.append(round(float(loss.detach()), 6))
         out_of_time = max_seconds is not None and time.perf_counter() - run_started >= max_seconds

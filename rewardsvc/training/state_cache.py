@@ -35,6 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import CheckpointError, InvalidInputError
+from .feature_store import check_or_write_manifest
 
 FORMAT = "rewardsvc.state-cache.v1"
 MANIFEST = "cache.json"
@@ -66,17 +67,7 @@ class StateCache:
         self.dtype = dtype
         self.directory.mkdir(parents=True, exist_ok=True)
         wanted = {"format": FORMAT, "backbone_id": backbone_id, "hidden_size": self.hidden_size, "dtype": dtype}
-        if manifest.exists():
-            existing = json.loads(manifest.read_text())
-            if existing != wanted:
-                raise CheckpointError(
-                    f"{self.directory} holds states {existing}, not the requested {wanted}; "
-                    "use another directory for another backbone or dtype"
-                )
-        else:
-            tmp = manifest.with_name(f"{MANIFEST}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(wanted, indent=1) + "\n")
-            os.replace(tmp, manifest)
+        check_or_write_manifest(self.directory, MANIFEST, wanted, "states", "backbone or dtype")
         self._where: dict[str, tuple[Path, int, int]] = {}  # key -> (part, start row, end row)
         self._open: dict[Path, object] = {}  # safe_open handles, kept for the cache's life (memory-mapped reads)
         for part in sorted(self.directory.glob(_PART_GLOB)):
