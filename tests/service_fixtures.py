@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 import re
+import subprocess
+import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -22,6 +26,8 @@ from rewardsvc._proto.rewardsvc.v1 import reward_pb2 as pb
 from rewardsvc._proto.rewardsvc.v1 import reward_pb2_grpc as pb_grpc
 from rewardsvc.serving.config import ServerConfig
 from rewardsvc.serving.server import RunningServer, build_server
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def long_conversation(i: int) -> list[dict[str, str]]:
@@ -98,6 +104,43 @@ def has_metric(metrics_port: int, name: str) -> bool:
     """Whether the /metrics page has at least one sample named `name` (metric_value is 0 for a missing one)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     return any(re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})?\s", line) for line in text.splitlines())
+
+
+class ServeProcess:
+    """A running `rewardsvc serve` process; its stdout and stderr go to a log file the test reads."""
+
+    def __init__(self, process: subprocess.Popen, log_path: Path):
+        self.process = process
+        self.log_path = log_path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def logged_port(self, key: str) -> int:
+        """A port the process logged: `address` (gRPC, from serve.listening), `metrics_port` or `http_port`."""
+        pattern = r"event=serve.listening address=127\.0\.0\.1:(\d+)" if key == "address" else rf"{key}=(\d+)"
+        found = re.search(pattern, self.log())
+        assert found, f"no {key} in the log:\n{self.log()}"
+        return int(found.group(1))
+
+
+@contextmanager
+def serve_process(args: list[str], log_path: Path, env: dict[str, str] | None = None, ready_timeout: float = 300):
+    """Start `python -m rewardsvc.cli.serve ARGS` offline, wait for serve.ready (a process that exits first fails
+    with its log), yield it, and kill it on the way out if the test left it running."""
+    env = {**(os.environ if env is None else env), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "rewardsvc.cli.serve", *args]
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    served = ServeProcess(process, log_path)
+    try:
+        assert wait_until(lambda: "event=serve.ready" in served.log() or process.poll() is not None, ready_timeout, 0.2), served.log()
+        assert "event=serve.ready" in served.log(), served.log()
+        yield served
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
 
 
 def wait_until(predicate, timeout: float = 60.0, interval: float = 0.01) -> bool:

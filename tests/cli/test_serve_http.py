@@ -4,28 +4,18 @@ OpenRLHF's /get_reward, and closes with it on SIGTERM (exit 0)."""
 from __future__ import annotations
 
 import json
-import os
-import re
 import signal
-import subprocess
-import sys
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from service_fixtures import wait_until
+from service_fixtures import serve_process
 from tiny_service import load_tiny_scorer, save_tiny_heads
 
 # A whole `serve` process (imports torch and transformers, loads, warms up): tens of seconds on a shared CPU.
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
 CONVERSATION = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Red."}]
-
-
-def _read(path: Path) -> str:
-    return path.read_text(errors="replace") if path.exists() else ""
 
 
 def _get(url: str, body: dict | None = None) -> tuple[int, dict]:
@@ -39,29 +29,19 @@ def _get(url: str, body: dict | None = None) -> tuple[int, dict]:
 
 def test_serve_http_port_starts_answers_and_stops_on_sigterm(tiny_llama_dir, chatml_tokenizer, tmp_path):
     heads = save_tiny_heads(tmp_path / "heads", tiny_llama_dir)
-    log_path = tmp_path / "serve.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "rewardsvc.cli.serve", "--model", str(heads), "--port", "0", "--http-port", "0",
-               "--max-tokens", "256", "--grace", "10"]  # fmt: skip
-    with open(log_path, "w") as log_file:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    try:
-        assert wait_until(lambda: "event=serve.ready" in _read(log_path) or process.poll() is not None, 120, 0.2), _read(log_path)
-        http_port = int(re.search(r"http_port=(\d+)", _read(log_path)).group(1))
+    args = ["--model", str(heads), "--port", "0", "--http-port", "0", "--max-tokens", "256", "--grace", "10"]
+    with serve_process(args, tmp_path / "serve.log") as served:
+        http_port = served.logged_port("http_port")
         # serve.ready names the scoring plan (the suite's REWARDSVC_AUTO_PLAN=device reaches the subprocess).
-        assert 'plan="float32/padded(device default)"' in _read(log_path), _read(log_path)
+        assert 'plan="float32/padded(device default)"' in served.log(), served.log()
         base = f"http://127.0.0.1:{http_port}"
         assert _get(f"{base}/health") == (200, {"status": "SERVING"})
         prompt = chatml_tokenizer.apply_chat_template(CONVERSATION[:1], tokenize=False, add_generation_prompt=True)
         status, body = _get(f"{base}/get_reward", {"query": [prompt + "Red." + chatml_tokenizer.eos_token], "prompts": [prompt]})
         want = load_tiny_scorer(heads).score([CONVERSATION])[0].score
         assert status == 200 and body["rewards"] == pytest.approx([want], abs=1e-5)
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(60) == 0, _read(log_path)
+        served.process.send_signal(signal.SIGTERM)
+        assert served.process.wait(60) == 0, served.log()
         with pytest.raises(urllib.error.URLError):  # closed with the gRPC server
             urllib.request.urlopen(f"{base}/health", timeout=5)
-        assert "event=serve.stopped" in _read(log_path)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(30)
+        assert "event=serve.stopped" in served.log()

@@ -8,13 +8,9 @@ protocol an OpenTelemetry Collector's otlp receiver speaks); it records what arr
 from __future__ import annotations
 
 import os
-import re
 import signal
-import subprocess
-import sys
 import threading
 from concurrent import futures
-from pathlib import Path
 
 import grpc
 import pytest
@@ -25,12 +21,11 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 
 from rewardsvc import tracing  # noqa: E402
 from rewardsvc._proto.rewardsvc.v1 import reward_pb2_grpc as pb_grpc  # noqa: E402
-from service_fixtures import score_request, wait_until  # noqa: E402
+from service_fixtures import score_request, serve_process  # noqa: E402
 from tiny_service import save_tiny_heads  # noqa: E402
 
 # A whole `serve` process (imports torch and transformers, loads, warms up): tens of seconds on a shared CPU.
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 TRACEPARENT = f"00-{TRACE_ID}-b7ad6b7169203331-01"
 CONVERSATION = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Red."}]
@@ -67,39 +62,26 @@ def collector():
     server.stop(0)
 
 
-def _read(path: Path) -> str:
-    return path.read_text(errors="replace") if path.exists() else ""
-
-
 def test_serve_exports_the_call_over_otlp_and_flushes_on_sigterm(tiny_llama_dir, collector, tmp_path):
     servicer, collector_port = collector
     heads = save_tiny_heads(tmp_path / "heads", tiny_llama_dir)
-    log_path = tmp_path / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     env.update({
-        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector_port}", "OTEL_EXPORTER_OTLP_INSECURE": "true",
         "OTEL_SERVICE_NAME": "rewardsvc-under-test",
         # An hour between scheduled exports: whatever arrives was flushed by the shutdown, not by the timer.
         "OTEL_BSP_SCHEDULE_DELAY": "3600000",
     })  # fmt: skip
-    command = [sys.executable, "-m", "rewardsvc.cli.serve", "--model", str(heads), "--host", "127.0.0.1", "--port", "0", "--grace", "10"]
-    with open(log_path, "w") as log_file:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    try:
-        assert wait_until(lambda: "event=serve.ready" in _read(log_path) or process.poll() is not None, 300, 0.2), _read(log_path)
-        assert "event=tracing.installed exporters=otlp" in _read(log_path)
-        port = int(re.search(r"event=serve.listening address=127\.0\.0\.1:(\d+)", _read(log_path)).group(1))
+    args = ["--model", str(heads), "--host", "127.0.0.1", "--port", "0", "--grace", "10"]
+    with serve_process(args, tmp_path / "serve.log", env=env) as served:
+        assert "event=tracing.installed exporters=otlp" in served.log()
+        port = served.logged_port("address")
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             reply = pb_grpc.RewardServiceStub(channel).Score(score_request([CONVERSATION]), metadata=(("traceparent", TRACEPARENT),))
         assert len(reply.results) == 1
         assert servicer.of_trace(TRACE_ID) == []  # nothing exported yet: the schedule is an hour away
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(120) == 0, _read(log_path)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(30)
+        served.process.send_signal(signal.SIGTERM)
+        assert served.process.wait(120) == 0, served.log()
     exported = servicer.of_trace(TRACE_ID)
     assert {service for service, _ in exported} == {"rewardsvc-under-test"}
     spans = sorted((s for _, s in exported), key=lambda s: s.start_time_unix_nano)

@@ -3,23 +3,17 @@
 
 from __future__ import annotations
 
-import os
-import re
 import signal
-import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rewardsvc._proto.rewardsvc.v1 import reward_pb2_grpc as pb_grpc
-from service_fixtures import metric_value, score_request, short_conversation, start_server, wait_until
+from service_fixtures import metric_value, score_request, serve_process, short_conversation, start_server, wait_until
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-5
 
 
@@ -57,62 +51,37 @@ def test_stop_turns_health_not_serving_and_finishes_in_flight_work(embedded_scor
     assert seen[0] == "SERVING" and seen[-1] == "NOT_SERVING"
 
 
-def _read(path: Path) -> str:
-    return path.read_text(errors="replace") if path.exists() else ""
-
-
 def test_sigterm_during_load_loses_no_accepted_request(embedded_scorer, tmp_path):
     kinds = [short_conversation(i) for i in range(6)]
     offline = [r.score for r in embedded_scorer.score(kinds)]
-    log_path = tmp_path / "serve.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "rewardsvc.cli.serve", "--port", "0", "--metrics-port", "0", "--grace", "120"]
-    with open(log_path, "w") as log_file:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    try:
-        assert wait_until(lambda: "event=serve.ready" in _read(log_path) or process.poll() is not None, 300, 0.2), _read(log_path)
-        text = _read(log_path)
-        assert "event=serve.ready" in text, text
-        port = int(re.search(r"event=serve.listening address=127\.0\.0\.1:(\d+)", text).group(1))
-        metrics_port = int(re.search(r"metrics_port=(\d+)", text).group(1))
+    with serve_process(["--port", "0", "--metrics-port", "0", "--grace", "120"], tmp_path / "serve.log") as served:
+        port, metrics_port = served.logged_port("address"), served.logged_port("metrics_port")
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             s = pb_grpc.RewardServiceStub(channel)
             futures = [s.Score.future(score_request([c]), timeout=300) for c in kinds]
             # Every call has reached its handler (accepted) before the signal.
             assert wait_until(lambda: metric_value(metrics_port, "rewardsvc_requests_in_progress") == len(kinds), 60, 0.02)
-            process.send_signal(signal.SIGTERM)
-            assert wait_until(lambda: "event=serve.draining" in _read(log_path), 30, 0.02), _read(log_path)
+            served.process.send_signal(signal.SIGTERM)
+            assert wait_until(lambda: "event=serve.draining" in served.log(), 30, 0.02), served.log()
             with pytest.raises(grpc.RpcError) as info:  # no new work once shutting down
                 s.Score(score_request([kinds[0]]), timeout=10)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             for future, want in zip(futures, offline):
                 assert future.result().results[0].score == pytest.approx(want, abs=TOL)
-        assert process.wait(150) == 0
-        text = _read(log_path)
+        assert served.process.wait(150) == 0
+        text = served.log()
         assert "event=serve.signal signal=SIGTERM" in text
         assert "event=serve.stopped" in text and "drained=True" in text, text
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
 
 
 def test_grace_expiry_while_the_model_computes_exits_zero(tmp_path):
     """Past --grace the calls left get UNAVAILABLE, the batcher thread is joined after its scorer call, and
     the process exits 0 (it aborted with SIGABRT, rc -6, when the interpreter exited with that thread
     inside torch)."""
-    log_path = tmp_path / "serve.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     # --device cpu: on a GPU the whole load below takes a fraction of a second and would drain within the grace.
-    command = [sys.executable, "-m", "rewardsvc.cli.serve", "--port", "0", "--metrics-port", "0", "--grace", "0.5",
-               "--device", "cpu"]  # fmt: skip
-    with open(log_path, "w") as log_file:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    try:
-        assert wait_until(lambda: "event=serve.ready" in _read(log_path) or process.poll() is not None, 300, 0.2), _read(log_path)
-        text = _read(log_path)
-        port = int(re.search(r"event=serve.listening address=127\.0\.0\.1:(\d+)", text).group(1))
-        metrics_port = int(re.search(r"metrics_port=(\d+)", text).group(1))
+    args = ["--port", "0", "--metrics-port", "0", "--grace", "0.5", "--device", "cpu"]
+    with serve_process(args, tmp_path / "serve.log") as served:
+        port, metrics_port = served.logged_port("address"), served.logged_port("metrics_port")
         # ~38k tokens in all: 64 conversations of ~600 tokens, every one distinct (its own prompt and response),
         # so that none is computed once for several (identical conversations and shared prompts are), and this
         # is many seconds of compute on any CPU: the 0.5 s grace always expires with work left, whatever the
@@ -126,7 +95,7 @@ def test_grace_expiry_while_the_model_computes_exits_zero(tmp_path):
             futures = [s.Score.future(score_request([long(i, j) for j in range(8)]), timeout=300) for i in range(8)]
             # Every call has reached its handler (accepted) before the signal, whatever the machine's speed.
             assert wait_until(lambda: metric_value(metrics_port, "rewardsvc_requests_in_progress") == len(futures), 60, 0.02)
-            process.send_signal(signal.SIGTERM)
+            served.process.send_signal(signal.SIGTERM)
             codes = set()
             for future in futures:
                 try:
@@ -135,9 +104,5 @@ def test_grace_expiry_while_the_model_computes_exits_zero(tmp_path):
                 except grpc.RpcError as exc:
                     codes.add(exc.code().name)
         assert "UNAVAILABLE" in codes and codes <= {"OK", "UNAVAILABLE"}, codes  # the grace expired with work left
-        assert process.wait(200) == 0, _read(log_path)
-        assert "drained=False" in _read(log_path) and "batcher_stopped=True" in _read(log_path)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
+        assert served.process.wait(200) == 0, served.log()
+        assert "drained=False" in served.log() and "batcher_stopped=True" in served.log()
