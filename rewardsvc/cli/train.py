@@ -28,6 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--caps-scale", type=float, default=1.0,
                         help="multiply every per-source cap of rewardsvc.training.data.build.DEFAULT_CAPS (training "
                              "sources are uncapped; this scales the evaluation caps)")  # fmt: skip
+    parser.add_argument("--cap", action="append", default=[], metavar="STAGE/SOURCE=N",
+                        help="set one per-source cap, repeatable (N rows at most; 0 leaves the source out, 'none' "
+                             "uncaps it), e.g. --cap stage1/arena-bench=0 --cap stage2/arena-bench=0 for a run "
+                             "without the correctness data; an attribute whose every source is left out gets no head")  # fmt: skip
     parser.add_argument("--max-tokens", type=int, default=1024, help="conversations longer than this are left out (counted)")
     parser.add_argument("--layers", default="8,12,16",
                         help="candidate feature layers (backbone blocks), comma-separated; the best on validation is served")  # fmt: skip
@@ -48,6 +52,23 @@ def scaled_caps(scale: float) -> dict[str, int | None]:
     from ..training.data.build import DEFAULT_CAPS  # here, not at the top: it costs --help about 0.4 s
 
     return {k: None if v is None else max(1, round(v * scale)) for k, v in DEFAULT_CAPS.items()}
+
+
+def caps_from(args: argparse.Namespace) -> dict[str, int | None] | None:
+    """--caps-scale, then each --cap on top; None when neither changes the defaults."""
+    from ..errors import InvalidInputError
+
+    caps = scaled_caps(args.caps_scale) if args.caps_scale != 1.0 else {}
+    for item in args.cap:
+        key, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            caps[key.strip()] = None if value.strip().lower() == "none" else int(value)
+        except ValueError:
+            raise InvalidInputError(f"--cap: expected STAGE/SOURCE=N (N an integer or 'none'), got {item!r}",
+                                    field="cap") from None  # fmt: skip
+    return caps or None
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -75,6 +96,7 @@ def existing_data_dir(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     existing_data_dir(args)
+    caps = caps_from(args)
     from ..training.pipeline import TrainConfig, run_training  # torch and transformers: only past the checks
     from .main import quiet_transformers
 
@@ -84,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         out_dir=args.out, work_dir=args.work_dir, data_dir=args.data_dir,
         backbone=BackboneConfig(model=args.backbone, adapter=args.adapter, device_map=args.device_map),
         name=args.name, max_tokens=args.max_tokens, token_budget=args.token_budget, max_chars=args.max_chars,
-        caps=scaled_caps(args.caps_scale) if args.caps_scale != 1.0 else None, seed=args.seed, evaluate=not args.no_eval,
+        caps=caps, seed=args.seed, evaluate=not args.no_eval,
         layers=_layers(args.layers), embed=args.embed, length_calibration=args.length_calibration,
     )  # fmt: skip
     provenance = run_training(config)

@@ -37,8 +37,8 @@ from ..model.batch_plan import plan_padded_batches
 from ..model.checkpoint import HeadsCheckpoint, save_heads
 from ..model.encoding import ChatEncoder, EncodedConversation
 from .candidates import LENGTH_VARIANT_PREFIX, fit_candidate, out_of_fold_stage1, pair_records
-from .data.attributes import ATTRIBUTE_NAMES
-from .data.build import TrainingSets, build_training_sets, conversation_key, round_robin
+from .data.attributes import ATTRIBUTE_NAMES, attributes_with_sources
+from .data.build import TrainingSets, build_training_sets, conversation_key, resolve_caps, round_robin
 from .data.schema import PreferencePair, RatedConversation
 from .feature_store import FeatureStore, extract_features, feature_key, stored_layers
 from .model_card import write_model_card
@@ -195,7 +195,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     val = _pair_split(usable(sets.stage2_val, "stage2 val pair"), features)
     x_train = store.get(features.keys((r.prompt, r.response) for r in s1_train)).response  # (N, L, H)
     x_val = store.get(features.keys((r.prompt, r.response) for r in s1_val)).response
-    attributes = tuple(ATTRIBUTE_NAMES)
+    attributes = attributes_with_sources(resolve_caps(config.caps))
     y_train, y_val = _labels(s1_train, attributes), _labels(s1_val, attributes)
 
     # ---- candidates: every layer, without and with preference heads; the best on stage-2 validation wins ----
@@ -256,6 +256,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
             "stage1_train": len(s1_train), "stage1_val": len(s1_val), "stage2_train": len(train.pairs),
             "stage2_val": len(val.pairs), "eval_pairs": len(eval_records.get("after_debiasing", [])),
             "features": coverage, "dropped": dropped,
+            "attributes_left_out": [a for a in ATTRIBUTE_NAMES if a not in attributes],
         },  # fmt: skip
         "metrics": {
             "chosen": {"layer": best.layer, "backbone_blocks": depth, "preference_heads": best.preference},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -44,3 +45,25 @@ def test_serve_with_a_bad_model_is_one_clear_line(tmp_path, capsys):
 def test_train_without_data_names_the_flag(tmp_path):
     proc = run("rewardsvc.cli", "train", "--out", str(tmp_path / "heads"), "--data-dir", str(tmp_path / "no-data"))
     assert proc.returncode == 2 and "--data-dir" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_train_cap_must_name_a_source_and_a_number(tmp_path, capsys):
+    """--cap is parsed before torch loads; a value that is not STAGE/SOURCE=N is one line naming the flag."""
+    for bad in ("stage1/arena-bench", "stage1/arena-bench=few"):
+        assert cli.main(["train", "--out", str(tmp_path / "heads"), "--data-dir", str(tmp_path), "--cap", bad]) == 2
+        stderr = capsys.readouterr().err
+        assert "--cap: expected STAGE/SOURCE=N" in stderr and repr(bad) in stderr and "Traceback" not in stderr, stderr
+
+
+def test_train_caps_combine_the_scale_and_each_cap():
+    from rewardsvc.cli.train import add_arguments, caps_from
+    from rewardsvc.training.data.build import DEFAULT_CAPS
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    plain = parser.parse_args(["--out", "x"])
+    assert caps_from(plain) is None  # the defaults, untouched
+    ablation = parser.parse_args(["--out", "x", "--cap", "stage1/arena-bench=0", "--cap", "eval/xstest=none"])
+    assert caps_from(ablation) == {"stage1/arena-bench": 0, "eval/xstest": None}
+    scaled = caps_from(parser.parse_args(["--out", "x", "--caps-scale", "0.5", "--cap", "eval/pandalm=7"]))
+    assert scaled["eval/pandalm"] == 7 and scaled["eval/hh-harmless"] == round(DEFAULT_CAPS["eval/hh-harmless"] * 0.5)

@@ -249,3 +249,15 @@ def test_json_round_trip(rated, pairs):
                                       "rejected": "b"})
     assert loose.prompt == [{"role": "user", "content": "q?"}] and loose.chosen == "a"
     assert loose.category == "uncategorized"
+
+
+def test_an_attribute_keeps_its_head_while_one_of_its_sources_is_in():
+    from rewardsvc.training.data.attributes import ATTRIBUTE_NAMES, attributes_with_sources
+
+    assert attributes_with_sources({}) == ATTRIBUTE_NAMES
+    assert "correctness" not in attributes_with_sources({"stage1/arena-bench": 0})
+    # prometheus_score has two sources: it goes only when both are left out; verbosity is computed, never left out.
+    assert "prometheus_score" in attributes_with_sources({"stage1/prometheus-mt-bench": 0})
+    both = attributes_with_sources({"stage1/prometheus-mt-bench": 0, "stage1/prometheus-vicuna": 0, "stage1/just-eval": 0})
+    assert "prometheus_score" not in both and "helpfulness" not in both and "verbosity" in both
+    assert attributes_with_sources({"stage1/arena-bench": 5, "stage2/arena-bench": 0}) == ATTRIBUTE_NAMES

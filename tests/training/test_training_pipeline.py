@@ -209,3 +209,33 @@ def test_the_length_calibration_results_line_is_the_runs_provenance(trained):
         held_out = metrics["eval"]["length_calibrations"][name]
         assert m["heldout_accuracy"] == held_out["overall"]["accuracy"]
         assert m["heldout_spearman_by_category"] == held_out["verbosity_spearman_by_category"]
+
+
+@pytest.mark.slow
+@pytest.mark.needs_data
+@pytest.mark.parametrize("trained", ["shared-data"], indirect=True)
+def test_a_source_capped_to_zero_is_left_out_with_its_attribute(trained, tmp_path, monkeypatch):
+    """The correctness ablation (`--cap stage1/arena-bench=0 --cap stage2/arena-bench=0`): no arena-bench row in
+    either stage, no `correctness` head (its only source is gone) and no `reasoning` pairs; the rest as before,
+    from the same store (no backbone pass: every conversation left is stored)."""
+    config, provenance = trained
+    assert provenance["data"]["attributes_left_out"] == []
+
+    def no_backbone_pass(*args, **kwargs):
+        raise AssertionError("every conversation left is stored: nothing to embed")
+
+    monkeypatch.setattr(pipeline, "features_at_layers", lambda *args: no_backbone_pass)
+    work = tmp_path / "work"
+    shutil.copytree(Path(config.work_dir) / "features", work / "features")
+    caps = {**config.caps, "stage1/arena-bench": 0, "stage2/arena-bench": 0}
+    ablated = run_training(replace(config, caps=caps, work_dir=str(work), out_dir=str(tmp_path / "heads"),
+                                   preference_heads=(True,)))  # fmt: skip
+    assert ablated["data"]["attributes_left_out"] == ["correctness"]
+    assert ablated["recipe"]["caps"]["stage2/arena-bench"] == 0
+    assert ablated["data"]["stage1_train"] < provenance["data"]["stage1_train"]
+    assert ablated["data"]["stage2_train"] < provenance["data"]["stage2_train"]
+    scorer = Scorer.load(tmp_path / "heads")
+    assert "correctness" not in scorer.attributes and "preference_reasoning" not in scorer.attributes
+    assert scorer.attributes[: len(ATTRIBUTE_NAMES) - 1] == tuple(a for a in ATTRIBUTE_NAMES if a != "correctness")
+    rows = [json.loads(line) for line in (work / "data" / "stage2.jsonl").read_text().splitlines()]
+    assert rows and all(r["source"] != "arena-bench" for r in rows)

@@ -64,6 +64,18 @@ def attribute_spec(name: str) -> AttributeSpec:
         raise InvalidInputError(f"unknown attribute {name!r}; known: {ATTRIBUTE_NAMES}", field=name) from None
 
 
+def attributes_with_sources(stage1_caps: dict[str, int | None]) -> tuple[str, ...]:
+    """The attributes that keep at least one stage-1 source under `stage1_caps` ('stage1/<source>' -> cap; 0 leaves
+    the source out). An attribute whose every source is left out has no label to fit, so it gets no head; the
+    caller records which (an ablation such as `--cap stage1/arena-bench=0` is then a model without `correctness`)."""
+    kept = []
+    for spec in ATTRIBUTES:
+        sources = [] if spec.source == "all" else [s.strip() for s in spec.source.split(",")]
+        if not sources or any(stage1_caps.get(f"stage1/{source}", None) != 0 for source in sources):
+            kept.append(spec.name)
+    return tuple(kept)
+
+
 def verbosity_of(response: str) -> float:
     """log of the response length in characters (length floored at 1 so that '' gives 0)."""
     return math.log(max(len(response), 1))
