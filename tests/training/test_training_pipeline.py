@@ -239,3 +239,30 @@ def test_a_source_capped_to_zero_is_left_out_with_its_attribute(trained, tmp_pat
     assert scorer.attributes[: len(ATTRIBUTE_NAMES) - 1] == tuple(a for a in ATTRIBUTE_NAMES if a != "correctness")
     rows = [json.loads(line) for line in (work / "data" / "stage2.jsonl").read_text().splitlines()]
     assert rows and all(r["source"] != "arena-bench" for r in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.needs_data
+@pytest.mark.parametrize("trained", ["shared-data"], indirect=True)
+def test_head_accuracy_rebuilds_the_runs_pairs_and_scores_them_as_training_did(trained, tmp_path, capsys):
+    """eval/head_accuracy.py, from the checkpoint and its store alone: the served score's held-out accuracy per
+    category is the training run's own evaluation, and each head alone is scored on the same pairs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("head_accuracy", ROOT / "eval" / "head_accuracy.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    config, provenance = trained
+    out = tmp_path / "heads.jsonl"
+    assert script.main(["--model", config.out_dir, "--store", str(Path(config.work_dir) / "features"), "--out", str(out)]) == 0
+    rows = {r["split"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {"stage2_val", "heldout"}
+    evaluation = provenance["metrics"]["eval"]["after_debiasing"]
+    heldout = rows["heldout"]["categories"]
+    assert heldout["all"]["n"] == evaluation["overall"]["n"] == rows["heldout"]["pairs"]
+    assert heldout["all"]["score"] == pytest.approx(evaluation["overall"]["accuracy"], abs=1e-9)
+    for category, result in evaluation["categories"].items():
+        assert heldout[category]["score"] == pytest.approx(result["accuracy"], abs=1e-9)
+        assert heldout[category]["longer_wins"] == pytest.approx(evaluation["length_baseline"]["categories"][category]["accuracy"], abs=1e-9)
+        assert set(heldout[category]["heads"]) == set(Scorer.load(config.out_dir).attributes)
+    assert rows["stage2_val"]["pairs"] == provenance["data"]["stage2_val"]
