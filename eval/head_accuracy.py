@@ -53,12 +53,11 @@ def head_accuracy(heads, pairs, chosen, rejected, prompt) -> dict:
 
 def main(argv=None) -> int:
     from rewardsvc.config import BackboneConfig
-    from rewardsvc.errors import RewardError
     from rewardsvc.model.backbone_loading import backbone_source, load_tokenizer
     from rewardsvc.model.checkpoint import load_heads
     from rewardsvc.model.encoding import ChatEncoder
     from rewardsvc.training.data.build import build_training_sets
-    from rewardsvc.training.feature_store import FeatureStore, feature_key, stored_layers
+    from rewardsvc.training.feature_store import FeatureStore, stored_key, stored_layers
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a trained heads checkpoint directory (rewardsvc train --out)")
@@ -82,12 +81,7 @@ def main(argv=None) -> int:
     encoder = ChatEncoder(load_tokenizer(source), recipe.get("max_tokens", 1024), "error")
 
     def key(prompt, response) -> str | None:
-        try:
-            e = encoder.encode([*prompt, {"role": "assistant", "content": response}])
-        except RewardError:
-            return None
-        k = feature_key(backbone_id, e.input_ids, e.prompt_anchor)
-        return k if k in store else None
+        return stored_key(store, encoder, backbone_id, prompt, response)
 
     sets = build_training_sets(args.data_dir, max_tokens_chars=recipe.get("max_chars", 2000), caps=recipe.get("caps"),
                                seed=recipe.get("seed", 0))  # fmt: skip

@@ -49,6 +49,11 @@ def run_row(directory: Path) -> dict:
         "trained": provenance.get("created"), "trained_on": provenance.get("machine"),
         "applied": offset.get("method"), "chosen": metrics.get("chosen"),
         "data": {k: v for k, v in provenance.get("data", {}).items() if k != "dropped"},
+        "caps": provenance.get("recipe", {}).get("caps"),  # None: the default caps (every training source)
+        "stage1_val_pearson": {a: m.get("pearson") for a, m in metrics.get("stage1_validation", {}).items()},
+        "candidates": [{"layer": c.get("layer"), "preference_heads": c.get("preference_heads"),
+                        "val_balanced": c.get("val_balanced_accuracy"), "heldout": (c.get("eval_accuracy") or {}).get("accuracy")}
+                       for c in metrics.get("candidates", []) if "skipped" not in c],
         "length_baseline": {"overall": baseline.get("overall", {}).get("accuracy"),
                             "categories": {c: v["accuracy"] for c, v in baseline.get("categories", {}).items()}},
         "methods": methods, "timings_s": provenance.get("timings_s"),

@@ -32,12 +32,11 @@ from _common import emit  # noqa: E402  (machine, date, commit: the same stamp a
 
 def main(argv=None) -> int:
     from rewardsvc.config import BackboneConfig
-    from rewardsvc.errors import RewardError
     from rewardsvc.model.backbone_loading import backbone_source, load_tokenizer
     from rewardsvc.model.encoding import ChatEncoder
     from rewardsvc.training.data.attributes import attribute_spec
     from rewardsvc.training.data.build import build_training_sets
-    from rewardsvc.training.feature_store import FeatureStore, feature_key, stored_layers
+    from rewardsvc.training.feature_store import FeatureStore, stored_key, stored_layers
     from rewardsvc.training.stage1 import fit_stage1
     from rewardsvc.training.train_config import TrainConfig
 
@@ -60,12 +59,7 @@ def main(argv=None) -> int:
     store = FeatureStore(args.store, backbone_id, layers, manifest["hidden_size"])  # read only: store.json exists
 
     def key(prompt, response) -> str | None:
-        try:
-            e = encoder.encode([*prompt, {"role": "assistant", "content": response}])
-        except RewardError:
-            return None
-        k = feature_key(backbone_id, e.input_ids, e.prompt_anchor)
-        return k if k in store else None
+        return stored_key(store, encoder, backbone_id, prompt, response)
 
     sets = build_training_sets(args.data_dir, max_tokens_chars=defaults["max_chars"].default, seed=defaults["seed"].default)
     rows = {split: [r for r in items if r.labels.get(args.attribute) is not None]

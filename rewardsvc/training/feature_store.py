@@ -34,8 +34,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..errors import CheckpointError, InvalidInputError
-from ..model.encoding import EncodedConversation
+from ..errors import CheckpointError, InvalidInputError, RewardError
+from ..model.encoding import ChatEncoder, EncodedConversation
 
 FORMAT = "rewardsvc.features.v2"
 MANIFEST = "store.json"
@@ -140,6 +140,17 @@ class FeatureStore:
                 prompt[dest] = f.get_tensor("prompt")[rows]
                 num_tokens[dest] = f.get_tensor("num_tokens")[rows]
         return Features(response=response, prompt=prompt, num_tokens=num_tokens, layers=self.layers)
+
+
+def stored_key(store: "FeatureStore", encoder: ChatEncoder, backbone_id: str, prompt: Sequence[dict], response: str) -> str | None:
+    """The store's key of (prompt, response) when the store holds it; None when it does not, or when the
+    conversation cannot be encoded (over the encoder's token limit: training leaves it out too)."""
+    try:
+        e = encoder.encode([*prompt, {"role": "assistant", "content": response}])
+    except RewardError:
+        return None
+    k = feature_key(backbone_id, e.input_ids, e.prompt_anchor)
+    return k if k in store else None
 
 
 def stored_layers(directory: str | os.PathLike) -> tuple[int, ...] | None:
