@@ -93,8 +93,31 @@ def render(config: dict[str, Any]) -> str:
         for category, weights in gating.items():
             top = sorted(weights.items(), key=lambda kv: -kv[1])[:3]
             lines.append(f"| {category} | " + ", ".join(f"{a} {w:.2f}" for a, w in top) + " |")
+    lines += _correctness(m, data)
     lines += ["", "## Limitations", "", *_limitations(config, evaluation), ""]
     return "\n".join(lines)
+
+
+def _correctness(m: dict[str, Any], data: dict[str, Any]) -> list[str]:
+    """What the correctness data (arena-bench) gave this run, from its provenance; its effect against a run
+    without it takes a second run, so the card says how to make one instead of quoting another run's figures."""
+    pearson = (m.get("stage1_validation", {}).get("correctness") or {}).get("pearson")
+    head = m.get("preference_heads", {}).get("preference_reasoning", {}).get("val_accuracy")
+    reasoning = (m.get("length_offset") or {}).get("val_categories", {}).get("reasoning")
+    if "correctness" in data.get("attributes_left_out", []) or (pearson is None and head is None):
+        return ["", "## Correctness data", "", "Not in this run (no `correctness` attribute, no `reasoning` pairs)."]
+    parts = []
+    if pearson is not None:
+        parts.append(f"`correctness` validation Pearson {_num(pearson)}")
+    if head is not None:
+        parts.append(f"`preference_reasoning` alone {_pct(head)} on the reasoning validation pairs")
+    if reasoning is not None:
+        parts.append(f"the served score {_pct(reasoning)} there")
+    return ["", "## Correctness data", "",
+            "arena-bench-v1 (GPT-4 reference-guided grades; docs/DATA.md): " + "; ".join(parts) + ". Its effect on each "
+            "category is a comparison with a run without it (`--cap stage1/arena-bench=0 --cap stage2/arena-bench=0`); "
+            "docs/TRAINING.md records it for the packaged default, with every length calibration and stage 0's cost per "
+            "epoch."]  # fmt: skip
 
 
 LENGTH_SPEARMAN_LIMIT = 0.1  # issue 9's bound on |Spearman(score, response length)| on held-out pairs

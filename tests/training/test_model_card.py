@@ -52,7 +52,12 @@ def test_the_card_states_the_length_offset_and_where_it_was_calibrated():
     config = _packaged()
     offset = config["provenance"]["metrics"]["length_offset"]
     text = render(config)
-    assert f"raised by **{offset['delta']:+.2f}**" in text and offset["reference"] in text
+    assert f"raised by **{offset['delta']:+.3f}** (length calibration `{offset['method']}`" in text and offset["reference"] in text
+    # A checkpoint from before the choice of method: one reference, Spearman as plain numbers.
+    legacy = {"delta": offset["delta"], "spearman": offset["spearman"]["chat"], "spearman_at_zero": offset["spearman_at_zero"]["chat"],
+              "responses": offset["responses"], "reference": offset["reference"]}  # fmt: skip
+    config["provenance"]["metrics"]["length_offset"] = legacy
+    assert f"raised by **{offset['delta']:+.2f}**, so that Spearman(score, length) is" in render(config)
     del config["provenance"]["metrics"]["length_offset"]
     assert "raised by" not in render(config)  # checkpoints fit before the calibration existed still render
 
