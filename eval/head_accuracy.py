@@ -26,20 +26,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 from _common import emit  # noqa: E402  (machine, date, commit: the same stamp as every results line)
 
-
-def _outcome(margin: torch.Tensor) -> torch.Tensor:
-    """1 where chosen wins, 0.5 on a tie, 0 where it loses (ties count half, as in evaluate_pairs)."""
-    return (margin > 0).double() + 0.5 * (margin == 0).double()
+from rewardsvc.evaluation.report import pair_outcomes  # noqa: E402
 
 
 def head_accuracy(heads, pairs, chosen, rejected, prompt) -> dict:
     """Per category: n, the served score's accuracy, longer-wins, and each attribute's debiased reward alone."""
     with torch.inference_mode():
-        out_c = heads.combine(heads.rewards(chosen), heads.gate(prompt))
-        out_r = heads.combine(heads.rewards(rejected), heads.gate(prompt))
-    score = _outcome(out_c.score - out_r.score)
-    per_head = _outcome(out_c.debiased - out_r.debiased)  # (N, K)
-    longer = _outcome(torch.tensor([float(len(p.chosen) - len(p.rejected)) for p in pairs]))
+        gating = heads.gate(prompt)  # both responses answer the same prompt
+        out_c, out_r = heads.combine(heads.rewards(chosen), gating), heads.combine(heads.rewards(rejected), gating)
+    score = pair_outcomes((out_c.score - out_r.score).numpy())
+    per_head = pair_outcomes((out_c.debiased - out_r.debiased).numpy())  # (N, K)
+    longer = pair_outcomes([len(p.chosen) - len(p.rejected) for p in pairs])
     by_category: dict[str, list[int]] = defaultdict(list)
     for i, p in enumerate(pairs):
         by_category[p.category].append(i)

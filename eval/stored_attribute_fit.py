@@ -22,7 +22,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,6 +31,7 @@ from _common import emit  # noqa: E402  (machine, date, commit: the same stamp a
 
 def main(argv=None) -> int:
     from rewardsvc.config import BackboneConfig
+    from rewardsvc.evaluation.report import pair_outcomes
     from rewardsvc.model.backbone_loading import backbone_source, load_tokenizer
     from rewardsvc.model.encoding import ChatEncoder
     from rewardsvc.training.data.attributes import attribute_spec
@@ -79,8 +79,7 @@ def main(argv=None) -> int:
          for split, items in stored.items()}
     chosen = store.get([kc for _, kc, _ in pairs]).response if pairs else None
     rejected = store.get([kr for _, _, kr in pairs]).response if pairs else None
-    longer = float(np.mean([(len(p.chosen) > len(p.rejected)) + 0.5 * (len(p.chosen) == len(p.rejected))
-                            for p, _, _ in pairs])) if pairs else None  # fmt: skip
+    longer = float(pair_outcomes([len(p.chosen) - len(p.rejected) for p, _, _ in pairs]).mean()) if pairs else None
     for i, layer in enumerate(layers):
         fit = fit_stage1(x["train"][:, i], y["train"], x["val"][:, i], y["val"], (args.attribute,), fit_intercept=True)
         m = fit.metrics[args.attribute]
@@ -94,7 +93,7 @@ def main(argv=None) -> int:
             w, b = fit.weight[0].double(), float(fit.bias[0])
             margin = (chosen[:, i].double() @ w + b) - (rejected[:, i].double() @ w + b)
             row["val_pairs_stored"] = len(pairs)
-            row["val_pair_accuracy"] = float(((margin > 0).double() + 0.5 * (margin == 0).double()).mean())
+            row["val_pair_accuracy"] = float(pair_outcomes(margin.numpy()).mean())
             row["val_pair_longer_wins"] = longer
         emit(row, args.out)
     return 0

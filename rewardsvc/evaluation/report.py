@@ -42,6 +42,13 @@ def pair_outcome(preferred: float, other: float) -> float:
     return 1.0 if preferred > other else 0.5 if preferred == other else 0.0
 
 
+def pair_outcomes(margins) -> np.ndarray:
+    """`pair_outcome` of many pairs at once, from their margins (preferred - other; any array shape): 1 where the
+    margin is positive, 0.5 where it is 0, 0 otherwise."""
+    m = np.asarray(margins, dtype=np.float64)
+    return (m > 0) + 0.5 * (m == 0)
+
+
 def _group_accuracy(outcomes: Sequence[float], keys: Sequence[str]) -> dict[str, dict[str, float | int]]:
     groups: dict[str, list[float]] = defaultdict(list)
     for key, outcome in zip(keys, outcomes):

@@ -19,6 +19,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from ..errors import InvalidInputError
+from ..evaluation.report import pair_outcomes
 
 DEFAULT_CS: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 1, 11))
 """Inverse L2 strengths tried (sklearn's C), on features scaled to unit overall std: 1e-4 .. 10."""
@@ -37,8 +38,7 @@ class PreferenceHead:
 
 
 def _accuracy(w: np.ndarray, diff: np.ndarray) -> float:
-    m = diff @ w
-    return float(((m > 0) + 0.5 * (m == 0)).mean())
+    return float(pair_outcomes(diff @ w).mean())
 
 
 def fit_preference_head(

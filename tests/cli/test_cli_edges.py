@@ -67,3 +67,15 @@ def test_train_caps_combine_the_scale_and_each_cap():
     assert caps_from(ablation) == {"stage1/arena-bench": 0, "eval/xstest": None}
     scaled = caps_from(parser.parse_args(["--out", "x", "--caps-scale", "0.5", "--cap", "eval/pandalm=7"]))
     assert scaled["eval/pandalm"] == 7 and scaled["eval/hh-harmless"] == round(DEFAULT_CAPS["eval/hh-harmless"] * 0.5)
+
+
+def test_train_choices_are_the_configs_own():
+    """The CLI spells out --length-calibration and --embed choices (importing train_config would load torch for
+    every --help); they must stay the ones TrainConfig accepts."""
+    from rewardsvc.cli.train import add_arguments
+    from rewardsvc.training.train_config import EMBED_MODES, LENGTH_CALIBRATIONS
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    choices = {a.dest: tuple(a.choices) for a in parser._actions if a.choices}
+    assert choices["length_calibration"] == LENGTH_CALIBRATIONS and choices["embed"] == EMBED_MODES
