@@ -29,12 +29,18 @@ def epoch_rows(state: dict, pairs_per_step: int) -> list[dict]:
     by_step = {v["step"]: v for v in state["validation"]}
     rows = []
     for epoch in range(math.ceil(state["step"] / steps_per_epoch)):
-        lo, hi = epoch * steps_per_epoch, min(state["step"], (epoch + 1) * steps_per_epoch)
+        # The schedule is epochs x pairs rounded up to whole steps, so the last epoch can be a step or two short
+        # of steps_per_epoch and still hold every pair: it ends with the schedule.
+        epoch_end = min((epoch + 1) * steps_per_epoch, state["total_steps"])
+        lo, hi = epoch * steps_per_epoch, min(state["step"], epoch_end)
         losses = state["losses"][lo:hi]
         end = by_step.get(hi)
-        rows.append({"epoch": epoch + 1, "steps": f"{lo + 1}-{hi}", "complete": hi == (epoch + 1) * steps_per_epoch,
+        saved = [v for v in state["validation"] if lo < v["step"] <= hi]
+        rows.append({"epoch": epoch + 1, "steps": f"{lo + 1}-{hi}", "complete": hi == epoch_end,
                      "mean_loss": round(sum(losses) / len(losses), 4),
-                     "val_accuracy_at_end": end["accuracy"] if end else None})  # fmt: skip
+                     "val_accuracy_at_end": end["accuracy"] if end else None,
+                     # saves every N steps need not fall on an epoch's end: the last one inside it
+                     "last_val_in_epoch": {"step": saved[-1]["step"], "accuracy": saved[-1]["accuracy"]} if saved else None})  # fmt: skip
     return rows
 
 
