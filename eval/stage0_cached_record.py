@@ -16,32 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from _common import stamp  # noqa: E402
 
-
-def epoch_rows(state: dict, pairs_per_step: int) -> list[dict]:
-    steps_per_epoch = math.ceil(state["train_pairs"] / pairs_per_step)
-    by_step = {v["step"]: v for v in state["validation"]}
-    rows = []
-    for epoch in range(math.ceil(state["step"] / steps_per_epoch)):
-        # The schedule is epochs x pairs rounded up to whole steps, so the last epoch can be a step or two short
-        # of steps_per_epoch and still hold every pair: it ends with the schedule.
-        epoch_end = min((epoch + 1) * steps_per_epoch, state["total_steps"])
-        lo, hi = epoch * steps_per_epoch, min(state["step"], epoch_end)
-        losses = state["losses"][lo:hi]
-        end = by_step.get(hi)
-        saved = [v for v in state["validation"] if lo < v["step"] <= hi]
-        rows.append({"epoch": epoch + 1, "steps": f"{lo + 1}-{hi}", "complete": hi == epoch_end,
-                     "mean_loss": round(sum(losses) / len(losses), 4),
-                     "val_accuracy_at_end": end["accuracy"] if end else None,
-                     # saves every N steps need not fall on an epoch's end: the last one inside it
-                     "last_val_in_epoch": {"step": saved[-1]["step"], "accuracy": saved[-1]["accuracy"]} if saved else None})  # fmt: skip
-    return rows
+from rewardsvc.training.stage0_report import stage0_summary  # noqa: E402
 
 
 def main() -> int:
@@ -68,21 +49,17 @@ def main() -> int:
     stamped = stamp()
     with open(args.out, "a") as out:
         for directory in sorted(Path(args.work_dir).glob("stage0-top*")):
-            state = json.loads((directory / "state.json").read_text())
-            config = state["config"]
-            steps_per_epoch = math.ceil(state["train_pairs"] / config["pairs_per_step"])
-            last = state["validation"][-1] if state["validation"] else None
+            summary = stage0_summary(directory / "adapter")  # what a checkpoint fit on this adapter records
+            config, last = summary["config"], summary["validation_last"]
             row = {
                 "script": "eval/stage0_cached_record.py", **stamped, "note": args.note,
                 "feature_layer": config["feature_layer"], "top_blocks": config["top_blocks"], "config": config,
-                "backbone_id": state["backbone_id"], "train_pairs": state["train_pairs"],
-                "val_pairs": last["pairs"] if last else 0, "step": state["step"], "total_steps": state["total_steps"],
-                "steps_per_epoch": steps_per_epoch, "train_seconds": state["seconds"],
-                "seconds_per_step": round(state["seconds"] / state["step"], 3) if state["step"] else None,
-                "seconds_per_epoch": round(state["seconds"] / state["step"] * steps_per_epoch, 1) if state["step"] else None,
-                "epochs": epoch_rows(state, config["pairs_per_step"]), "head_val_accuracy_last": last,
-                "frozen_probe": state.get("frozen_probe") or None, "adapted_probe": state.get("adapted_probe") or None,
-                "cache": cache_row,
+                "backbone_id": summary["backbone_id"], "train_pairs": summary["train_pairs"],
+                "val_pairs": last["pairs"] if last else 0, "step": summary["step"], "total_steps": summary["total_steps"],
+                "steps_per_epoch": summary["steps_per_epoch"], "train_seconds": summary["train_seconds"],
+                "seconds_per_step": round(summary["train_seconds"] / summary["step"], 3) if summary["step"] else None,
+                "seconds_per_epoch": summary["seconds_per_epoch"], "epochs": summary["epochs"], "head_val_accuracy_last": last,
+                "frozen_probe": summary["frozen_probe"], "adapted_probe": summary["adapted_probe"], "cache": cache_row,
             }  # fmt: skip
             line = json.dumps(row)
             print(line)

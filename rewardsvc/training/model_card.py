@@ -31,7 +31,9 @@ def render(config: dict[str, Any]) -> str:
     lines = [
         f"# Model card: {config['name']}",
         "",
-        f"- Backbone: `{p.get('backbone', config['backbone'].get('model'))}` (frozen); heads only in this directory.",
+        f"- Backbone: `{p.get('backbone', config['backbone'].get('model'))}` "
+        + ("(frozen); heads only in this directory." if not config["backbone"].get("adapter") else
+           f"with the stage-0 LoRA adapter in `{config['backbone']['adapter']}/` (merged at load), heads in this directory."),
         f"- Attributes ({len(config['heads']['attributes'])}): {', '.join(config['heads']['attributes'])}; "
         f"verbosity attribute: `{config['heads'].get('verbosity_attribute')}`.",
         f"- Gating: {config['heads']['gating_n_hidden']} hidden ReLU layers of {config['heads']['gating_hidden_dim']}, "
@@ -94,6 +96,7 @@ def render(config: dict[str, Any]) -> str:
             top = sorted(weights.items(), key=lambda kv: -kv[1])[:3]
             lines.append(f"| {category} | " + ", ".join(f"{a} {w:.2f}" for a, w in top) + " |")
     lines += _correctness(m, data)
+    lines += _stage0(p.get("stage0"), config["backbone"].get("adapter"))
     lines += ["", "## Limitations", "", *_limitations(config, evaluation), ""]
     return "\n".join(lines)
 
@@ -118,6 +121,39 @@ def _correctness(m: dict[str, Any], data: dict[str, Any]) -> list[str]:
             "category is a comparison with a run without it (`--cap stage1/arena-bench=0 --cap stage2/arena-bench=0`); "
             "docs/TRAINING.md records it for the packaged default, with every length calibration and stage 0's cost per "
             "epoch."]  # fmt: skip
+
+
+def _stage0(summary: dict[str, Any] | None, adapter: str | None) -> list[str]:
+    """How the shipped adapter was trained (train-backbone's state, recorded in the provenance by the fit)."""
+    if not adapter:
+        return []
+    lines = ["", "## Stage 0: the backbone fine-tuned as a Bradley-Terry reward model", ""]
+    if not summary:
+        return lines + [f"The adapter in `{adapter}/` was not made by this run's stage 0 here: its training is not recorded."]
+    c = summary["config"]
+    layer, k = c["feature_layer"], c.get("top_blocks")
+    where = (f"the top {k} of the {layer} blocks the heads read (blocks {layer - k + 1}-{layer}), trained from a state cache"
+             if k else f"all {layer} blocks the heads read")  # fmt: skip
+    text = (f"LoRA rank {c['rank']} (alpha {c['alpha']}) on {where}; learning rate {c['learning_rate']:g}, "
+            f"{c['pairs_per_step']} pairs a step, pairs of at most {c['max_tokens']} tokens. "
+            f"{summary['step']} of {summary['total_steps']} steps in {summary['train_seconds']:,.0f} s of training")
+    if summary.get("train_pairs"):
+        text += (f" over {summary['train_pairs']} stage-2 training pairs: {summary['seconds_per_epoch']:,.1f} s an epoch "
+                 f"on the training machine")  # fmt: skip
+    lines.append(text + ".")
+    epochs = summary.get("epochs") or []
+    if epochs:
+        lines += ["", "| epoch | mean training loss | stage-0 head validation accuracy (at step) |", "|---|---|---|"]
+        for e in epochs:
+            val = e.get("last_val_in_epoch")
+            shown = f"{_pct(val['accuracy'])} ({val['step']})" if val else "-"
+            lines.append(f"| {e['epoch']} | {e['mean_loss']} | {shown} |")
+    frozen, adapted = summary.get("frozen_probe"), summary.get("adapted_probe")
+    if frozen and adapted:
+        lines += ["", f"A logistic Bradley-Terry probe on the block-{layer} states of the same pairs, validation accuracy on "
+                  f"{frozen['val_pairs']} pairs: {_pct(frozen['val_accuracy'])} on the frozen backbone, "
+                  f"{_pct(adapted['val_accuracy'])} on the adapted one."]  # fmt: skip
+    return lines
 
 
 LENGTH_SPEARMAN_LIMIT = 0.1  # issue 9's bound on |Spearman(score, response length)| on held-out pairs

@@ -43,6 +43,7 @@ from .data.schema import PreferencePair, RatedConversation
 from .feature_store import FeatureStore, extract_features, feature_key, stored_layers
 from .model_card import write_model_card
 from .pair_split import PairSplit
+from .stage0_report import stage0_summary
 from .stage1 import fit_stage1
 from .train_config import TrainConfig
 
@@ -271,6 +272,8 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         },
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
+    if config.backbone.adapter:  # how the adapter was made, while its stage-0 state is at hand (it is not shipped)
+        provenance["stage0"] = stage0_summary(config.backbone.adapter)
     save_heads(config.out_dir, HeadsCheckpoint(heads=heads, backbone=_backbone_reference(config.backbone, config.out_dir),
                                                name=config.name, trained=True, label_scales=stage1.label_scales,
                                                provenance=provenance))  # fmt: skip

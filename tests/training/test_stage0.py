@@ -154,6 +154,7 @@ def test_the_recipe_with_a_stage0_adapter_ships_it_in_the_checkpoint(tmp_path, c
     backbone (their own store), the checkpoint carries the adapter, and it scores the same after a move."""
     import rewardsvc.training.pipeline as pipeline
     from rewardsvc.training.pipeline import TrainConfig, run_training
+    from rewardsvc.training.stage0_report import stage0_summary
     from rewardsvc.training.stage2 import Stage2Config
     from test_training_pipeline import synthetic_sets
 
@@ -169,6 +170,10 @@ def test_the_recipe_with_a_stage0_adapter_ships_it_in_the_checkpoint(tmp_path, c
     run_training(config)
     saved = json.loads((tmp_path / "heads" / "rewardsvc.json").read_text())
     assert saved["backbone"]["adapter"] == "adapter" and (tmp_path / "heads" / "adapter" / "adapter_config.json").is_file()
+    # how the adapter was made travels with it: the stage-0 state's summary, rendered in the model card
+    assert saved["provenance"]["stage0"] == json.loads(json.dumps(stage0_summary(adapter)))
+    assert saved["provenance"]["stage0"]["step"] == saved["provenance"]["stage0"]["total_steps"] == 4
+    assert "4 of 4 steps" in (tmp_path / "heads" / "MODEL_CARD.md").read_text()
     stores = sorted(p.name for p in (tmp_path / "work").iterdir() if p.name.startswith("features"))
     assert len(stores) == 1 and stores[0].startswith("features-")  # not the plain backbone's store
     conversation = [*sets.eval_pairs[0].prompt, {"role": "assistant", "content": sets.eval_pairs[0].chosen}]
