@@ -300,6 +300,7 @@ def _backbone_reference(backbone: BackboneConfig, out_dir: str) -> dict[str, Any
         shipped = Path(out_dir) / SHIPPED_ADAPTER_DIR
         if Path(backbone.adapter).resolve() != shipped.resolve():
             shutil.rmtree(shipped, ignore_errors=True)
-            shutil.copytree(backbone.adapter, shipped)
+            # PEFT's generated README is a template card naming a local cache path: loading needs only the rest
+            shutil.copytree(backbone.adapter, shipped, ignore=shutil.ignore_patterns("README.md"))
         adapter = SHIPPED_ADAPTER_DIR
     return {"model": backbone.model, "gguf_file": backbone.gguf_file, "adapter": adapter}

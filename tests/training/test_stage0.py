@@ -170,6 +170,7 @@ def test_the_recipe_with_a_stage0_adapter_ships_it_in_the_checkpoint(tmp_path, c
     run_training(config)
     saved = json.loads((tmp_path / "heads" / "rewardsvc.json").read_text())
     assert saved["backbone"]["adapter"] == "adapter" and (tmp_path / "heads" / "adapter" / "adapter_config.json").is_file()
+    assert not (tmp_path / "heads" / "adapter" / "README.md").exists()  # PEFT's template card stays behind
     # how the adapter was made travels with it: the stage-0 state's summary, rendered in the model card
     assert saved["provenance"]["stage0"] == json.loads(json.dumps(stage0_summary(adapter)))
     assert saved["provenance"]["stage0"]["step"] == saved["provenance"]["stage0"]["total_steps"] == 4
