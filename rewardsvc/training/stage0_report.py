@@ -20,7 +20,6 @@ def epoch_rows(state: dict[str, Any], pairs_per_step: int) -> list[dict[str, Any
     """Per epoch of a run over `state["train_pairs"]` pairs: its steps, whether it is complete, the mean online
     loss, and the validation saved at its last step (and the last one saved inside it)."""
     steps_per_epoch = math.ceil(state["train_pairs"] / pairs_per_step)
-    by_step = {v["step"]: v for v in state["validation"]}
     rows = []
     for epoch in range(math.ceil(state["step"] / steps_per_epoch)):
         # The schedule is epochs x pairs rounded up to whole steps, so the last epoch can be a step or two short
@@ -28,8 +27,8 @@ def epoch_rows(state: dict[str, Any], pairs_per_step: int) -> list[dict[str, Any
         epoch_end = min((epoch + 1) * steps_per_epoch, state["total_steps"])
         lo, hi = epoch * steps_per_epoch, min(state["step"], epoch_end)
         losses = state["losses"][lo:hi]
-        end = by_step.get(hi)
         saved = [v for v in state["validation"] if lo < v["step"] <= hi]
+        end = saved[-1] if saved and saved[-1]["step"] == hi else None
         rows.append({"epoch": epoch + 1, "steps": f"{lo + 1}-{hi}", "complete": hi == epoch_end,
                      "mean_loss": round(sum(losses) / len(losses), 4),
                      "val_accuracy_at_end": end["accuracy"] if end else None,
