@@ -8,6 +8,8 @@ import os
 
 from ..config import BackboneConfig
 
+STAGE2_PAIRS = ("unseen-by-stage0", "all")  # TrainConfig.stage2_pairs (kept here: --help must not import torch)
+
 INPUT_FORMAT = """\
 input: the shared data directory (--data-dir, $REWARDSVC_DATA_DIR, else ../shared/data), one folder per
   source as described in docs/DATA.md; nothing else to prepare
@@ -22,6 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default=BackboneConfig.model, help="backbone: embedded default, directory, hub id or .gguf")
     parser.add_argument("--adapter", help="a stage-0 LoRA adapter (rewardsvc train-backbone) applied to the backbone; "
                                           "shipped inside the checkpoint")
+    parser.add_argument("--stage2-pairs", choices=STAGE2_PAIRS, default=STAGE2_PAIRS[0],
+                        help="with --adapter: unseen-by-stage0 fits stage 2 on the training pairs the adapter's stage 0 "
+                             "did not train on (its state records them; all pairs where it has no record); all: every "
+                             "pair (the adapter has memorised its own: docs/TRAINING.md)")  # fmt: skip
     parser.add_argument("--device-map", help="spread the backbone over several GPUs for the embedding pass: auto, "
                                              "balanced, sequential, or JSON {module: device} (docs/DEPLOY.md)")  # fmt: skip
     parser.add_argument("--name", default="rewardsvc-default-smollm2-135m")
@@ -108,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         name=args.name, max_tokens=args.max_tokens, token_budget=args.token_budget, max_chars=args.max_chars,
         caps=caps, seed=args.seed, evaluate=not args.no_eval,
         layers=_layers(args.layers), embed=args.embed, length_calibration=args.length_calibration,
+        stage2_pairs=args.stage2_pairs,
     )  # fmt: skip
     provenance = run_training(config)
     print(json.dumps({"out": args.out, "data": provenance["data"], "metrics": provenance["metrics"],

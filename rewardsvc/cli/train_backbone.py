@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-pairs", type=int, default=200, help="validation pairs scored at each save (0: none)")
     parser.add_argument("--save-every", type=int, default=10, help="save every N steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stage0-share", type=float, default=1.0,
+                        help="train on this share of the training prompt groups (seeded hash); `rewardsvc train --adapter` "
+                             "fits stage 2 on the pairs left (training/stage0_pairs.py); default all")  # fmt: skip
     parser.add_argument("--top-blocks", help="K or K,K,...: train LoRA on the top K blocks below --layer only, from a state "
                         "cache (several K: cached in one pass, trained in turn, compared on validation)")
     parser.add_argument("--cache-dir", help="with --top-blocks: the state cache (default WORK_DIR/stage0-cache)")
@@ -70,9 +73,11 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidInputError(f"--{flag.replace('_', '-')} must be >= 0, got {value}", field=flag)
     from ..training.data.build import build_training_sets, round_robin
     from ..training.stage0 import Stage0Config, adapter_dir, train_stage0
+    from ..training.stage0_pairs import check_share, stage0_share
     from .main import quiet_transformers
 
     quiet_transformers()
+    check_share(args.stage0_share)
     if args.top_blocks is not None:
         return _run_cached(args, data_dir)
     config = Stage0Config(
@@ -82,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     sets = build_training_sets(data_dir, seed=args.seed)
     val = round_robin(sets.stage2_val, args.seed)[: args.val_pairs]  # spread over prompt groups, not the first source
     state = train_stage0(
-        args.work_dir, BackboneConfig(model=args.backbone), config, sets.stage2_train, val,
+        args.work_dir, BackboneConfig(model=args.backbone), config, stage0_share(sets.stage2_train, args.stage0_share, args.seed), val,
         max_steps=args.max_steps, max_seconds=args.max_seconds, save_every=args.save_every,
     )  # fmt: skip
     recent = state.losses[-20:]
@@ -116,6 +121,7 @@ def _run_cached(args: argparse.Namespace, data_dir) -> int:
     from ..training.data.build import build_training_sets, round_robin
     from ..training.stage0 import encode_pairs
     from ..training.stage0_cached import CachedStage0Config, cached_adapter_dir, fill_cache, train_stage0_cached
+    from ..training.stage0_pairs import stage0_share
 
     ks = _top_blocks(args.top_blocks, args.layer)
     if args.max_pairs is not None and args.max_pairs < 1:
@@ -129,12 +135,12 @@ def _run_cached(args: argparse.Namespace, data_dir) -> int:
     backbone = BackboneConfig(model=args.backbone)
     cache_dir = Path(args.cache_dir) if args.cache_dir else Path(args.work_dir) / "stage0-cache"
     sets = build_training_sets(data_dir, seed=args.seed)
-    train = round_robin(sets.stage2_train, args.seed)  # spread over prompt groups, so a --max-pairs prefix is too
+    train = round_robin(stage0_share(sets.stage2_train, args.stage0_share, args.seed), args.seed)  # spread over prompt groups, so a --max-pairs prefix is too
     val = _first_that_fit(round_robin(sets.stage2_val, args.seed), args.val_pairs, backbone, args.max_tokens, encode_pairs)
     if args.max_pairs is not None:
         train = _first_that_fit(train, args.max_pairs, backbone, args.max_tokens, encode_pairs)
     filled = fill_cache(cache_dir, backbone, [*train, *val], [c.cache_block for c in configs], args.max_tokens, max_seconds=args.cache_seconds)
-    report: dict = {"cache": {"dir": str(cache_dir), **filled}, "runs": []}
+    report: dict = {"cache": {"dir": str(cache_dir), **filled}, "stage0_share": args.stage0_share, "runs": []}
     if filled["done"] and not args.cache_only:
         for config in configs:
             state = train_stage0_cached(

@@ -43,7 +43,7 @@ from .data.schema import PreferencePair, RatedConversation
 from .feature_store import FeatureStore, extract_features, feature_key, stored_layers
 from .model_card import write_model_card
 from .pair_split import PairSplit
-from .stage0_report import stage0_summary
+from .stage0_report import stage0_summary, trained_pair_ids
 from .stage1 import fit_stage1
 from .train_config import TrainConfig
 
@@ -192,7 +192,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         return kept
 
     s1_train, s1_val = usable(sets.stage1_train, "stage1 train row"), usable(sets.stage1_val, "stage1 val row")
-    train = _pair_split(usable(sets.stage2_train, "stage2 train pair"), features)
+    train = _pair_split(usable(_unseen_by_stage0(config, sets.stage2_train, dropped), "stage2 train pair"), features)
     val = _pair_split(usable(sets.stage2_val, "stage2 val pair"), features)
     x_train = store.get(features.keys((r.prompt, r.response) for r in s1_train)).response  # (N, L, H)
     x_val = store.get(features.keys((r.prompt, r.response) for r in s1_val)).response
@@ -280,6 +280,19 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     write_model_card(config.out_dir)
     (work / "eval_records.json").write_text(json.dumps(eval_records))
     return provenance
+
+
+def _unseen_by_stage0(config: TrainConfig, pairs: list[PreferencePair], dropped: dict[str, int]) -> list[PreferencePair]:
+    """Stage 2's training pairs without those the adapter's stage 0 trained on (config.stage2_pairs)."""
+    trained = trained_pair_ids(config.backbone.adapter) if config.backbone.adapter and config.stage2_pairs == "unseen-by-stage0" else None
+    if not trained:
+        return pairs
+    kept = [p for p in pairs if p.id not in trained]
+    if not kept:
+        raise InvalidInputError(f"the adapter's stage 0 trained on all {len(pairs)} stage-2 training pairs: none is left for "
+                                "stage 2 (train-backbone --stage0-share below 1, or --stage2-pairs all)", field="stage2_pairs")  # fmt: skip
+    dropped["stage2 train pair: trained the stage-0 adapter"] = len(pairs) - len(kept)
+    return kept
 
 
 def _summary(result: dict[str, Any]) -> dict[str, Any]:

@@ -90,6 +90,8 @@ class Stage0State:
     losses: list[float] = field(default_factory=list)
     validation: list[dict] = field(default_factory=list)  # {"step", "accuracy", "pairs"} at each save
     seconds: float = 0.0  # training wall time over all runs
+    trained_pair_ids: list[str] = field(default_factory=list)
+    """The ids of the training pairs (those that fit max_tokens): `rewardsvc train --adapter` fits stage 2 on others."""
 
 
 class BTRewardModel(torch.nn.Module):
@@ -142,8 +144,14 @@ def build_model(backbone: BackboneConfig, config: Stage0Config, adapter_dir: Pat
 
 def encode_pairs(tokenizer, pairs: Sequence[PreferencePair], max_tokens: int) -> tuple[list, int]:
     """[(chosen, rejected) encoded] of the pairs whose both conversations fit max_tokens; and how many did not."""
+    encoded, kept = encode_fitting_pairs(tokenizer, pairs, max_tokens)
+    return encoded, len(pairs) - len(kept)
+
+
+def encode_fitting_pairs(tokenizer, pairs: Sequence[PreferencePair], max_tokens: int) -> tuple[list, list[PreferencePair]]:
+    """[(chosen, rejected) encoded] of the pairs whose both conversations fit max_tokens; and those pairs."""
     encoder = ChatEncoder(tokenizer, max_tokens, "error")
-    encoded, skipped = [], 0
+    encoded, kept = [], []
     for pair in pairs:
         try:
             encoded.append(tuple(
@@ -151,8 +159,9 @@ def encode_pairs(tokenizer, pairs: Sequence[PreferencePair], max_tokens: int) ->
                 for text in (pair.chosen, pair.rejected)
             ))  # fmt: skip
         except InvalidInputError:
-            skipped += 1
-    return encoded, skipped
+            continue
+        kept.append(pair)
+    return encoded, kept
 
 
 def pair_order(n_pairs: int, seed: int, total_pairs: int) -> list[int]:
@@ -250,11 +259,13 @@ def train_stage0(
         raise InvalidInputError(f"{directory} was trained on {state.backbone_id}, not {backbone_id}", field="backbone")
     else:
         model.head.load_state_dict(load_file(str(directory / HEAD_FILE)))
-    train, skipped = encode_pairs(tokenizer, train_pairs, config.max_tokens)
+    train, trained_pairs = encode_fitting_pairs(tokenizer, train_pairs, config.max_tokens)
+    skipped = len(train_pairs) - len(trained_pairs)
     val, _ = encode_pairs(tokenizer, val_pairs, config.max_tokens)
     if not train:
         raise InvalidInputError("stage 0 has no training pair that fits max_tokens", field="train_pairs")
     params, optimizer = resume_optimizer(model, config, directory)
+    record_trained_pairs(directory, model, optimizer, state, trained_pairs)
     order = pair_order(len(train), config.seed, config.total_steps * config.pairs_per_step)
     torch.manual_seed(config.seed + state.step)
     stop = config.total_steps if max_steps is None else min(config.total_steps, state.step + max_steps)
@@ -278,6 +289,21 @@ def train_stage0(
         if out_of_time:
             break
     return state
+
+
+def record_trained_pairs(directory: Path, model: BTRewardModel, optimizer, state: Stage0State,
+                         pairs: Sequence[PreferencePair]) -> None:
+    """Put the training pairs' ids in the state (saved now when a state from before the record exists, so a
+    finished run gains it by being run once more; resuming on other pairs is an error)."""
+    ids = sorted(p.id for p in pairs)
+    if state.trained_pair_ids == ids:
+        return
+    if state.trained_pair_ids:
+        raise InvalidInputError(f"{directory} was trained on {len(state.trained_pair_ids)} other pairs; use a new work dir",
+                                field="train_pairs")  # fmt: skip
+    state.trained_pair_ids = ids
+    if state.step:
+        save_checkpoint(directory, model, optimizer, state)
 
 
 def resume_optimizer(model: torch.nn.Module, config, directory: Path) -> tuple[list[torch.nn.Parameter], torch.optim.AdamW]:

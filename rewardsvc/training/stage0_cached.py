@@ -53,10 +53,12 @@ from .stage0 import (
     bradley_terry_step,
     build_model,
     check_stage0_fields,
+    encode_fitting_pairs,
     encode_pairs,
     learning_rate_at,
     pair_order,
     read_state,
+    record_trained_pairs,
     resume_optimizer,
     save_checkpoint,
 )
@@ -261,7 +263,8 @@ def train_stage0_cached(
     model, tokenizer, backbone_id = build_model(
         backbone, config.as_stage0(), directory / ADAPTER_DIR if state else None, blocks=config.trained_blocks
     )  # fmt: skip
-    train, skipped = encode_pairs(tokenizer, train_pairs, config.max_tokens)
+    train, trained_pairs = encode_fitting_pairs(tokenizer, train_pairs, config.max_tokens)
+    skipped = len(train_pairs) - len(trained_pairs)
     val, _ = encode_pairs(tokenizer, val_pairs, config.max_tokens)
     if not train:
         raise InvalidInputError("stage 0 has no training pair that fits max_tokens", field="train_pairs")
@@ -282,6 +285,7 @@ def train_stage0_cached(
     rewards = CachedRewards(model, cache, config, backbone_id)
     rewards.require([e for pair in [*train, *val] for e in pair])
     params, optimizer = resume_optimizer(model, config, directory)
+    record_trained_pairs(directory, model, optimizer, state, trained_pairs)
     if probes and val and not state.frozen_probe:
         state.frozen_probe = probe(rewards, train, val, frozen=True)
         log.info("stage0: frozen block-%d probe %s", config.feature_layer, state.frozen_probe)

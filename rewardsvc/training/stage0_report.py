@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..errors import CheckpointError
 from .stage0 import STATE_FILE
 
 
@@ -41,15 +42,15 @@ def stage0_summary(adapter_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The summary of the stage-0 run that wrote `adapter_dir` (its state.json sits beside it), or None for an
     adapter made elsewhere. Full stage 0 (train-backbone without --top-blocks) records no pair count, so it
     gets no epoch rows."""
-    path = Path(adapter_dir).parent / STATE_FILE
-    if not path.is_file():
+    state = _state(adapter_dir)
+    if state is None:
         return None
-    state = json.loads(path.read_text())
     config, step = state["config"], state["step"]
     summary: dict[str, Any] = {
         "config": config, "backbone_id": state.get("backbone_id"), "step": step,
         "total_steps": state.get("total_steps") or config.get("total_steps"), "train_seconds": state["seconds"],
         "validation_last": state["validation"][-1] if state["validation"] else None,
+        "trained_pairs_recorded": len(state.get("trained_pair_ids") or ()),
     }  # fmt: skip
     if state.get("train_pairs"):
         steps_per_epoch = math.ceil(state["train_pairs"] / config["pairs_per_step"])
@@ -60,3 +61,20 @@ def stage0_summary(adapter_dir: str | os.PathLike) -> dict[str, Any] | None:
             "frozen_probe": state.get("frozen_probe") or None, "adapted_probe": state.get("adapted_probe") or None,
         })  # fmt: skip
     return summary
+
+
+def trained_pair_ids(adapter_dir: str | os.PathLike) -> set[str] | None:
+    """The ids of the pairs the stage 0 that wrote `adapter_dir` trained on; None where its state has no record
+    (an adapter made elsewhere, or by stage 0 before it recorded them)."""
+    state = _state(adapter_dir)
+    return set(state["trained_pair_ids"]) if state and state.get("trained_pair_ids") else None
+
+
+def _state(adapter_dir: str | os.PathLike) -> dict[str, Any] | None:
+    path = Path(adapter_dir).parent / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"{path} is not a stage-0 state: {exc}") from exc

@@ -9,6 +9,7 @@ from ..errors import InvalidInputError
 from .stage2 import Stage2Config
 
 EMBED_MODES = ("all", "stored")
+STAGE2_PAIRS = ("unseen-by-stage0", "all")
 LENGTH_CALIBRATIONS = ("pairwise", "balanced-spearman", "per-category", "chat-spearman", "none")
 
 
@@ -57,6 +58,10 @@ class TrainConfig:
     accuracy is kept. On the full data, lr 1e-3 early-stopped at epoch 11 with a gating nearly constant in the
     prompt (`appropriate` ~1.07 everywhere); 3e-4 was better on validation and follows the prompt (docs/TRAINING.md)."""
     evaluate: bool = True
+    stage2_pairs: str = "unseen-by-stage0"
+    """With a stage-0 adapter: "unseen-by-stage0" leaves the pairs its stage 0 trained on (recorded in its state)
+    out of stage 2's training pairs (the preference heads, the gating and the length calibration); "all" keeps them.
+    The adapter memorises its pairs, so heads fit on them overrate its separations (training.stage0_pairs)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
@@ -70,5 +75,7 @@ class TrainConfig:
         if self.length_calibration not in LENGTH_CALIBRATIONS:
             raise InvalidInputError(f"length_calibration must be one of {LENGTH_CALIBRATIONS}, got {self.length_calibration!r}",
                                     field="length_calibration")  # fmt: skip
+        if self.stage2_pairs not in STAGE2_PAIRS:
+            raise InvalidInputError(f"stage2_pairs must be one of {STAGE2_PAIRS}, got {self.stage2_pairs!r}", field="stage2_pairs")
         if self.embed not in EMBED_MODES:
             raise InvalidInputError(f"embed must be one of {EMBED_MODES}, got {self.embed!r}", field="embed")

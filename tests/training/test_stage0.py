@@ -154,12 +154,14 @@ def test_the_recipe_with_a_stage0_adapter_ships_it_in_the_checkpoint(tmp_path, c
     backbone (their own store), the checkpoint carries the adapter, and it scores the same after a move."""
     import rewardsvc.training.pipeline as pipeline
     from rewardsvc.training.pipeline import TrainConfig, run_training
+    from rewardsvc.training.stage0_pairs import stage0_share
     from rewardsvc.training.stage0_report import stage0_summary
     from rewardsvc.training.stage2 import Stage2Config
     from test_training_pipeline import synthetic_sets
 
     sets = synthetic_sets()
-    train_stage0(tmp_path / "work", BackboneConfig(model=str(causal_dir)), _config(total_steps=4), sets.stage2_train, save_every=100)
+    stage0_pairs = stage0_share(sets.stage2_train, 0.5, seed=0)
+    train_stage0(tmp_path / "work", BackboneConfig(model=str(causal_dir)), _config(total_steps=4), stage0_pairs, save_every=100)
     adapter = tmp_path / "work" / "stage0" / "adapter"
     monkeypatch.setattr(pipeline, "build_training_sets", lambda *args, **kwargs: sets)
     config = TrainConfig(
@@ -175,6 +177,11 @@ def test_the_recipe_with_a_stage0_adapter_ships_it_in_the_checkpoint(tmp_path, c
     assert saved["provenance"]["stage0"] == json.loads(json.dumps(stage0_summary(adapter)))
     assert saved["provenance"]["stage0"]["step"] == saved["provenance"]["stage0"]["total_steps"] == 4
     assert "4 of 4 steps" in (tmp_path / "heads" / "MODEL_CARD.md").read_text()
+    # stage 2 fits on the pairs stage 0 did not train on (the adapter has memorised its own)
+    assert 0 < len(stage0_pairs) < len(sets.stage2_train)
+    assert saved["provenance"]["data"]["stage2_train"] == len(sets.stage2_train) - len(stage0_pairs)
+    assert saved["provenance"]["data"]["dropped"]["stage2 train pair: trained the stage-0 adapter"] == len(stage0_pairs)
+    assert saved["provenance"]["stage0"]["trained_pairs_recorded"] == len(stage0_pairs)
     stores = sorted(p.name for p in (tmp_path / "work").iterdir() if p.name.startswith("features"))
     assert len(stores) == 1 and stores[0].startswith("features-")  # not the plain backbone's store
     conversation = [*sets.eval_pairs[0].prompt, {"role": "assistant", "content": sets.eval_pairs[0].chosen}]
@@ -182,6 +189,23 @@ def test_the_recipe_with_a_stage0_adapter_ships_it_in_the_checkpoint(tmp_path, c
     shutil.move(str(tmp_path / "heads"), tmp_path / "elsewhere")
     after = Scorer.load(tmp_path / "elsewhere").score([conversation])[0].score
     assert after == before
+
+
+def test_stage2_keeps_every_pair_on_request_and_refuses_to_fit_on_none(tmp_path, causal_dir, monkeypatch):
+    """--stage2-pairs all keeps the pairs the adapter trained on; an adapter trained on every pair leaves stage 2
+    nothing unseen, an error that names the two ways out."""
+    sets = synthetic_sets()
+    train_stage0(tmp_path / "work", BackboneConfig(model=str(causal_dir)), _config(total_steps=1), sets.stage2_train, save_every=100)
+    monkeypatch.setattr(pipeline, "build_training_sets", lambda *args, **kwargs: sets)
+    fields = dict(work_dir=str(tmp_path / "work"), max_tokens=2048, layers=(1,), preference_heads=(False,), gating_hidden_dim=16,
+                  backbone=BackboneConfig(model=str(causal_dir), adapter=str(tmp_path / "work" / "stage0" / "adapter")),
+                  stage2=Stage2Config(lr=1e-2, patience=2, max_epochs=2), stage2_lrs=(1e-2,), evaluate=False)  # fmt: skip
+    with pytest.raises(InvalidInputError, match=r"stage 0 trained on all 18 stage-2 training pairs.*--stage0-share.*--stage2-pairs all"):
+        run_training(TrainConfig(out_dir=str(tmp_path / "none"), **fields))
+    provenance = run_training(TrainConfig(out_dir=str(tmp_path / "all"), stage2_pairs="all", **fields))
+    assert provenance["data"]["stage2_train"] == len(sets.stage2_train) == 18
+    with pytest.raises(InvalidInputError, match="stage2_pairs must be one of"):
+        TrainConfig(out_dir="x", work_dir="y", stage2_pairs="some")
 
 
 def test_max_seconds_counts_the_whole_run_not_the_time_since_the_last_save(tmp_path, causal_dir, monkeypatch):

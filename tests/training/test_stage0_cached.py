@@ -27,6 +27,7 @@ from rewardsvc.training.stage0_cached import (
     stage0_dir,
     train_stage0_cached,
 )
+from rewardsvc.training.stage0_report import trained_pair_ids
 from rewardsvc.training.state_cache import StateCache, cache_states, state_key
 from rewardsvc.training.top_blocks import forward_blocks
 from rewardsvc.training.data.schema import PreferencePair
@@ -188,6 +189,29 @@ def test_resuming_on_other_pairs_or_without_the_cache_is_an_error(tmp_path, caus
     train_stage0_cached(tmp_path / "work", tmp_path / "cache", backbone, config, _pairs(3), max_steps=1)
     with pytest.raises(InvalidInputError, match="trained on other pairs"):
         train_stage0_cached(tmp_path / "work", tmp_path / "cache", backbone, config, _pairs(6))
+
+
+def test_the_state_records_the_pairs_trained_on_and_a_finished_run_gains_the_record(tmp_path, causal_dir):
+    """The ids of the pairs that fit max_tokens (the too long one is not trained on); a state saved before the
+    record existed gets it from one more run of the same command, weights unchanged."""
+    import json
+
+    backbone = BackboneConfig(model=str(causal_dir))
+    config = _config(epochs=1, max_tokens=256)
+    pairs = _pairs(3) + [PreferencePair(id="long", source="toy", prompt=[{"role": "user", "content": "word " * 300}],
+                                        chosen=GOOD[0], rejected=BAD[0], subset="toy", category="safety", group="long")]  # fmt: skip
+    fill_cache(tmp_path / "cache", backbone, pairs, [config.cache_block], 256)
+    state = train_stage0_cached(tmp_path / "work", tmp_path / "cache", backbone, config, pairs, probes=False)
+    assert state.trained_pair_ids == ["p0", "p1", "p2"]
+    directory = stage0_dir(tmp_path / "work", 2)
+    assert trained_pair_ids(directory / "adapter") == {"p0", "p1", "p2"}
+    saved = json.loads((directory / "state.json").read_text())
+    (directory / "state.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "trained_pair_ids"}))
+    assert trained_pair_ids(directory / "adapter") is None  # an older state: no record, stage 2 keeps every pair
+    head = load_file(str(directory / "head.safetensors"))
+    again = train_stage0_cached(tmp_path / "work", tmp_path / "cache", backbone, config, pairs, probes=False)
+    assert again.step == state.step and trained_pair_ids(directory / "adapter") == {"p0", "p1", "p2"}
+    torch.testing.assert_close(load_file(str(directory / "head.safetensors")), head, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("k", [0, LAYER + 1, -1])
