@@ -8,8 +8,6 @@ import os
 
 from ..config import BackboneConfig
 
-STAGE2_PAIRS = ("unseen-by-stage0", "all")  # TrainConfig.stage2_pairs (kept here: --help must not import torch)
-
 INPUT_FORMAT = """\
 input: the shared data directory (--data-dir, $REWARDSVC_DATA_DIR, else ../shared/data), one folder per
   source as described in docs/DATA.md; nothing else to prepare
@@ -24,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default=BackboneConfig.model, help="backbone: embedded default, directory, hub id or .gguf")
     parser.add_argument("--adapter", help="a stage-0 LoRA adapter (rewardsvc train-backbone) applied to the backbone; "
                                           "shipped inside the checkpoint")
-    parser.add_argument("--stage2-pairs", choices=STAGE2_PAIRS, default=STAGE2_PAIRS[0],
+    parser.add_argument("--stage2-pairs", choices=("unseen-by-stage0", "all"), default="unseen-by-stage0",
                         help="with --adapter: unseen-by-stage0 fits stage 2 on the training pairs the adapter's stage 0 "
                              "did not train on (its state records them; all pairs where it has no record); all: every "
                              "pair (the adapter has memorised its own: docs/TRAINING.md)")  # fmt: skip

@@ -86,8 +86,9 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     sets = build_training_sets(data_dir, seed=args.seed)
     val = round_robin(sets.stage2_val, args.seed)[: args.val_pairs]  # spread over prompt groups, not the first source
+    train = stage0_share(sets.stage2_train, args.stage0_share, args.seed)
     state = train_stage0(
-        args.work_dir, BackboneConfig(model=args.backbone), config, stage0_share(sets.stage2_train, args.stage0_share, args.seed), val,
+        args.work_dir, BackboneConfig(model=args.backbone), config, train, val,
         max_steps=args.max_steps, max_seconds=args.max_seconds, save_every=args.save_every,
     )  # fmt: skip
     recent = state.losses[-20:]
@@ -135,7 +136,8 @@ def _run_cached(args: argparse.Namespace, data_dir) -> int:
     backbone = BackboneConfig(model=args.backbone)
     cache_dir = Path(args.cache_dir) if args.cache_dir else Path(args.work_dir) / "stage0-cache"
     sets = build_training_sets(data_dir, seed=args.seed)
-    train = round_robin(stage0_share(sets.stage2_train, args.stage0_share, args.seed), args.seed)  # spread over prompt groups, so a --max-pairs prefix is too
+    # spread over prompt groups, so a --max-pairs prefix is too
+    train = round_robin(stage0_share(sets.stage2_train, args.stage0_share, args.seed), args.seed)
     val = _first_that_fit(round_robin(sets.stage2_val, args.seed), args.val_pairs, backbone, args.max_tokens, encode_pairs)
     if args.max_pairs is not None:
         train = _first_that_fit(train, args.max_pairs, backbone, args.max_tokens, encode_pairs)

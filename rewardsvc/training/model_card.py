@@ -96,7 +96,7 @@ def render(config: dict[str, Any]) -> str:
             top = sorted(weights.items(), key=lambda kv: -kv[1])[:3]
             lines.append(f"| {category} | " + ", ".join(f"{a} {w:.2f}" for a, w in top) + " |")
     lines += _correctness(m, data)
-    lines += _stage0(p.get("stage0"), config["backbone"].get("adapter"))
+    lines += _stage0(p.get("stage0"), config["backbone"].get("adapter"), data)
     lines += ["", "## Limitations", "", *_limitations(config, evaluation), ""]
     return "\n".join(lines)
 
@@ -123,8 +123,12 @@ def _correctness(m: dict[str, Any], data: dict[str, Any]) -> list[str]:
             "epoch."]  # fmt: skip
 
 
-def _stage0(summary: dict[str, Any] | None, adapter: str | None) -> list[str]:
-    """How the shipped adapter was trained (train-backbone's state, recorded in the provenance by the fit)."""
+STAGE0_PAIRS_DROPPED = "stage2 train pair: trained the stage-0 adapter"  # pipeline's count in provenance.data.dropped
+
+
+def _stage0(summary: dict[str, Any] | None, adapter: str | None, data: dict[str, Any]) -> list[str]:
+    """How the shipped adapter was trained (train-backbone's state, recorded in the provenance by the fit), and
+    which pairs stage 2 then saw."""
     if not adapter:
         return []
     lines = ["", "## Stage 0: the backbone fine-tuned as a Bradley-Terry reward model", ""]
@@ -153,6 +157,10 @@ def _stage0(summary: dict[str, Any] | None, adapter: str | None) -> list[str]:
         lines += ["", f"A logistic Bradley-Terry probe on the block-{layer} states of the same pairs, validation accuracy on "
                   f"{frozen['val_pairs']} pairs: {_pct(frozen['val_accuracy'])} on the frozen backbone, "
                   f"{_pct(adapted['val_accuracy'])} on the adapted one."]  # fmt: skip
+    left_out = data.get("dropped", {}).get(STAGE0_PAIRS_DROPPED)
+    lines += ["", f"Stage 2 was fit on the {data.get('stage2_train')} training pairs stage 0 did not train on ({left_out} it "
+              "trained on were left out: the adapter has memorised them)." if left_out else
+              "Stage 2 was fit on every training pair, those stage 0 trained on included."]  # fmt: skip
     return lines
 
 

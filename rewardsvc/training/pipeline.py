@@ -41,7 +41,7 @@ from .data.attributes import ATTRIBUTE_NAMES, attributes_with_sources
 from .data.build import TrainingSets, build_training_sets, conversation_key, resolve_caps, round_robin
 from .data.schema import PreferencePair, RatedConversation
 from .feature_store import FeatureStore, extract_features, feature_key, stored_layers
-from .model_card import write_model_card
+from .model_card import STAGE0_PAIRS_DROPPED, write_model_card
 from .pair_split import PairSplit
 from .stage0_report import stage0_summary, trained_pair_ids
 from .stage1 import fit_stage1
@@ -291,7 +291,7 @@ def _unseen_by_stage0(config: TrainConfig, pairs: list[PreferencePair], dropped:
     if not kept:
         raise InvalidInputError(f"the adapter's stage 0 trained on all {len(pairs)} stage-2 training pairs: none is left for "
                                 "stage 2 (train-backbone --stage0-share below 1, or --stage2-pairs all)", field="stage2_pairs")  # fmt: skip
-    dropped["stage2 train pair: trained the stage-0 adapter"] = len(pairs) - len(kept)
+    dropped[STAGE0_PAIRS_DROPPED] = len(pairs) - len(kept)
     return kept
 
 

@@ -70,12 +70,13 @@ def test_train_caps_combine_the_scale_and_each_cap():
 
 
 def test_train_choices_are_the_configs_own():
-    """The CLI spells out --length-calibration and --embed choices (importing train_config would load torch for
+    """The CLI spells out --length-calibration, --embed and --stage2-pairs choices (importing train_config would load torch for
     every --help); they must stay the ones TrainConfig accepts."""
     from rewardsvc.cli.train import add_arguments
-    from rewardsvc.training.train_config import EMBED_MODES, LENGTH_CALIBRATIONS
+    from rewardsvc.training.train_config import EMBED_MODES, LENGTH_CALIBRATIONS, STAGE2_PAIRS, TrainConfig
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     choices = {a.dest: tuple(a.choices) for a in parser._actions if a.choices}
     assert choices["length_calibration"] == LENGTH_CALIBRATIONS and choices["embed"] == EMBED_MODES
+    assert choices["stage2_pairs"] == STAGE2_PAIRS and parser.get_default("stage2_pairs") == TrainConfig("o", "w").stage2_pairs

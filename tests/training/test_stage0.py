@@ -182,6 +182,8 @@ def test_the_recipe_with_a_stage0_adapter_ships_it_in_the_checkpoint(tmp_path, c
     assert saved["provenance"]["data"]["stage2_train"] == len(sets.stage2_train) - len(stage0_pairs)
     assert saved["provenance"]["data"]["dropped"]["stage2 train pair: trained the stage-0 adapter"] == len(stage0_pairs)
     assert saved["provenance"]["stage0"]["trained_pairs_recorded"] == len(stage0_pairs)
+    assert (f"Stage 2 was fit on the {len(sets.stage2_train) - len(stage0_pairs)} training pairs stage 0 did not train on "
+            f"({len(stage0_pairs)} it trained on were left out") in (tmp_path / "heads" / "MODEL_CARD.md").read_text()
     stores = sorted(p.name for p in (tmp_path / "work").iterdir() if p.name.startswith("features"))
     assert len(stores) == 1 and stores[0].startswith("features-")  # not the plain backbone's store
     conversation = [*sets.eval_pairs[0].prompt, {"role": "assistant", "content": sets.eval_pairs[0].chosen}]
@@ -204,6 +206,7 @@ def test_stage2_keeps_every_pair_on_request_and_refuses_to_fit_on_none(tmp_path,
         run_training(TrainConfig(out_dir=str(tmp_path / "none"), **fields))
     provenance = run_training(TrainConfig(out_dir=str(tmp_path / "all"), stage2_pairs="all", **fields))
     assert provenance["data"]["stage2_train"] == len(sets.stage2_train) == 18
+    assert "Stage 2 was fit on every training pair, those stage 0" in (tmp_path / "all" / "MODEL_CARD.md").read_text()
     with pytest.raises(InvalidInputError, match="stage2_pairs must be one of"):
         TrainConfig(out_dir="x", work_dir="y", stage2_pairs="some")
 

@@ -247,6 +247,7 @@ def test_the_cli_caches_once_trains_each_k_and_compares_with_the_frozen_probe(tm
     assert main(argv) == 0
     report = json_.loads(capsys.readouterr().out)
     assert report["cache"]["embedded"] == report["cache"]["conversations"] > 0 and report["cache"]["done"]
+    assert report["stage0_share"] == 1.0 and all(run["train_pairs"] == 9 for run in report["runs"])  # every training pair
     assert [run["top_blocks"] for run in report["runs"]] == [1, 2]
     for run in report["runs"]:
         assert run["step"] == run["of"] and (tmp_path / "work" / f"stage0-top{run['top_blocks']}" / "adapter" / "adapter_config.json").is_file()
@@ -257,3 +258,5 @@ def test_the_cli_caches_once_trains_each_k_and_compares_with_the_frozen_probe(tm
     bad[bad.index("--top-blocks") + 1] = "0"
     assert main(bad) == 2
     assert "--top-blocks must each be in 1..3" in capsys.readouterr().err
+    assert main([*argv, "--stage0-share", "1.5"]) == 2
+    assert "--stage0-share must be a number in (0, 1], got 1.5" in capsys.readouterr().err
