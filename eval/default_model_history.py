@@ -49,8 +49,11 @@ def checkpoint_row(data: dict) -> dict | None:
     evaluation = metrics.get("eval") or {}
     if not evaluation:
         return None
+    # val_balanced: category-balanced, after the length calibration (how the candidate is chosen; None before
+    # 2026-12-06). val_accuracy: stage 2's best epoch over all validation pairs, before the calibration.
     candidates = [{"layer": c.get("layer"), "preference_heads": c.get("preference_heads"),
-                   "val_balanced": (c.get("stage2") or {}).get("after_debiasing", {}).get("best_val_accuracy"),
+                   "val_balanced": c.get("val_balanced_accuracy"),
+                   "val_accuracy": (c.get("stage2") or {}).get("after_debiasing", {}).get("best_val_accuracy"),
                    "eval_accuracy": (c.get("eval_accuracy") or {}).get("accuracy")}
                   for c in metrics.get("candidates", []) if "skipped" not in c]  # fmt: skip
     offset = metrics.get("length_offset") or {}
