@@ -8,6 +8,10 @@ the ids of the pairs it trained on (stage0_report.trained_pair_ids), and `reward
 on the others.
 
 Whole prompt groups go to one side, by a seeded hash of the group: pairs sharing a prompt never straddle it.
+
+Measured on 2026-12-06 (docs/TRAINING.md): stage 2 on unseen pairs did not win the validation back (65.9 % with
+the whole adapter and the long pairs, 66.1 % with half the prompt groups each way, against 66.4 % on all pairs).
+It stays the default with an adapter because it is the fit without leakage, not because it scored higher.
 """
 
 from __future__ import annotations

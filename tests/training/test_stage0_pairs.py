@@ -1,4 +1,5 @@
-"""Which pairs stage 0 trains on (a seeded share of the prompt groups) and that stage 2 then fits on the others."""
+"""Which pairs stage 0 trains on: a seeded share of the prompt groups, whole groups (that stage 2 then fits on the
+others is tested end to end in test_stage0.py)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ def _pairs(n_groups: int, per_group: int = 3) -> list[PreferencePair]:
 def test_a_share_takes_whole_prompt_groups_and_about_that_share_of_them():
     pairs = _pairs(400)
     taken = stage0_share(pairs, 0.5, seed=0)
-    groups = {p.group for p in taken}
-    assert all(p in taken for p in pairs if p.group in groups)  # a group is taken whole or not at all
+    groups, taken_ids = {p.group for p in taken}, {p.id for p in taken}
+    assert all(p.id in taken_ids for p in pairs if p.group in groups)  # a group is taken whole or not at all
     assert 160 <= len(groups) <= 240  # binomial(400, 0.5): 5 standard deviations either side
     assert len({p.group for p in stage0_share(pairs, 0.25, seed=0)}) < len(groups)
 

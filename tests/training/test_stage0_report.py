@@ -38,7 +38,7 @@ def test_the_summary_of_a_real_run_and_the_model_card_section_it_renders(tmp_pat
     from test_stage0 import _pairs
 
     from rewardsvc.config import BackboneConfig
-    from rewardsvc.training.model_card import _stage0
+    from rewardsvc.training.model_card import STAGE0_PAIRS_DROPPED, _stage0
     from rewardsvc.training.stage0_cached import fill_cache, stage0_dir, train_stage0_cached
 
     backbone, config = BackboneConfig(model=str(causal_dir)), _config(k=2, epochs=2)
@@ -50,8 +50,11 @@ def test_the_summary_of_a_real_run_and_the_model_card_section_it_renders(tmp_pat
     assert [e["mean_loss"] for e in summary["epochs"]] == [round(sum(state.losses[i : i + 2]) / 2, 4) for i in (0, 2)]
     assert summary["frozen_probe"] == state.frozen_probe and summary["adapted_probe"] == state.adapted_probe
     assert summary["validation_last"] == state.validation[-1]
-    card = "\n".join(_stage0(summary, "adapter"))
+    assert summary["trained_pairs_recorded"] == 6
+    card = "\n".join(_stage0(summary, "adapter", {"stage2_train": 10, "dropped": {STAGE0_PAIRS_DROPPED: 6}}))
     assert "top 2 of the 3 blocks the heads read (blocks 2-3)" in card and "4 of 4 steps" in card
     assert f"{100 * state.adapted_probe['val_accuracy']:.1f} % on the adapted one" in card
+    assert "Stage 2 was fit on the 10 training pairs stage 0 did not train on (6 it trained on were left out" in card
+    assert "Stage 2 was fit on every training pair" in "\n".join(_stage0(summary, "adapter", {"stage2_train": 16}))
     assert stage0_summary(tmp_path / "elsewhere" / "adapter") is None  # an adapter made elsewhere: nothing recorded
-    assert "not recorded" in "\n".join(_stage0(None, "adapter")) and _stage0(None, None) == []
+    assert "not recorded" in "\n".join(_stage0(None, "adapter", {})) and _stage0(None, None, {}) == []
