@@ -22,6 +22,7 @@ import ray  # verl 0.9.1 and ray: scripts/setup.sh installs them
 import torch
 import verl
 
+from local_ray import start_local_ray
 from service_fixtures import settled_requests
 from tiny_service import ATTRS
 
@@ -41,7 +42,7 @@ RESPONSES = ["Red.", "Hello!", "The capital of France is Paris.", "Seven."]
 @pytest.fixture(scope="module")
 def local_ray():
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray()
     yield
     ray.shutdown()
 

@@ -16,6 +16,7 @@ ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip ins
 from rewardsvc.cli import main as cli  # noqa: E402
 from rewardsvc.cli.ray_data import ScoreBatches, read_inputs, score_on_ray  # noqa: E402
 from rewardsvc.cli.batch_io import read_output  # noqa: E402
+from local_ray import start_local_ray  # noqa: E402
 from tiny_models import save_tiny_heads  # noqa: E402
 
 pytestmark = pytest.mark.ray
@@ -26,7 +27,7 @@ TOL = 1e-5  # batch composition differs between the runs (float32 on CPU): a sta
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    start_local_ray(configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()

@@ -24,6 +24,7 @@ from rewardsvc._proto.rewardsvc.v1 import reward_pb2_grpc as pb_grpc  # noqa: E4
 from rewardsvc.config import ScorerConfig  # noqa: E402
 from rewardsvc.model.scorer import Scorer  # noqa: E402
 from rewardsvc.serving.ray_serve import GRPC_SERVICER_FUNCTIONS, reward_app  # noqa: E402
+from local_ray import start_local_ray  # noqa: E402
 from service_fixtures import metric_value, score_request, wait_until  # noqa: E402
 from tiny_models import build_tokenizer, save_tiny_heads  # noqa: E402
 
@@ -57,7 +58,7 @@ def offline(heads_dir):
 def ports(heads_dir):
     from ray.serve.config import gRPCOptions
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    start_local_ray(configure_logging=False)
     http_port, grpc_port = free_port(), free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                 grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))  # fmt: skip

@@ -1,0 +1,49 @@
+"""Start a local Ray for a test module, surviving a slow node start on a loaded machine.
+
+Ray 2.55 waits a fixed 30 s for its raylet to register with the GCS (ray/_private/node.py,
+`raylet_start_wait_time_s = 30`, not configurable) and then raises "The current node timed out during
+startup". On a 2-core machine with another CPU-bound process running, that start can take longer: a
+clean-clone CI run on 2026-12-06 lost 8 tests of tests/client/test_verl_reward_loop.py to it while a
+training job held both cores. The test is about rewardsvc, not about Ray's start-up time, so a timed-out
+start is stopped and tried again; any other error, or a third timeout, fails the test as before.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import ray
+from ray._private.node import Node
+
+STARTUP_TIMEOUT = "timed out during startup"
+ATTEMPTS = 3
+
+
+def start_local_ray(**options) -> None:
+    """`ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, **options)`, retried on a slow start."""
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, **options)
+            return
+        except Exception as error:  # Ray raises a bare Exception for this
+            if STARTUP_TIMEOUT not in str(error) or attempt == ATTEMPTS:
+                raise
+            warnings.warn(f"local Ray start {attempt} of {ATTEMPTS} timed out; starting it again", stacklevel=2)
+            stop_half_started_node(error)
+            ray.shutdown()
+
+
+def stop_half_started_node(error: BaseException) -> None:
+    """Kill the GCS and raylet the failed start left running.
+
+    The timeout is raised inside `Node.__init__`, so `ray.shutdown()` never sees that node (ray.init had not
+    stored it yet) and its processes would live until the interpreter exits. The node is `self` in a frame
+    of the traceback.
+    """
+    frame = error.__traceback__
+    while frame is not None:
+        node = frame.tb_frame.f_locals.get("self")
+        if isinstance(node, Node):
+            node.kill_all_processes(check_alive=False, allow_graceful=False, wait=True)
+            return
+        frame = frame.tb_next
