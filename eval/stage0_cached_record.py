@@ -1,7 +1,7 @@
 """Record stage 0 from a state cache (`rewardsvc train-backbone --top-blocks K`): one JSON line per trained k.
 
     python eval/stage0_cached_record.py --work-dir W --cache-dir C [--cache-summary cache.out] \
-        [--cache-summary FILE ...] --out eval/results/stage0-cached-<date>.jsonl [--note TEXT]
+        [--cache-summary FILE ...] [--top-blocks K ...] --out eval/results/stage0-cached-<date>.jsonl [--note TEXT]
 
 Reads W/stage0-top<K>/state.json (written by the training run: losses, validation accuracy and training
 seconds at each save, the frozen and adapted probes) and the cache directory, and writes per k: the training
@@ -32,6 +32,9 @@ def main() -> int:
     parser.add_argument("--cache-summary", action="append", default=[],
                         help="the JSON a caching run printed (train-backbone --top-blocks ... --cache-only, or fill_cache's "
                         "summary); repeat for a pass split over several processes")
+    parser.add_argument("--top-blocks", type=int, action="append", default=[],
+                        help="record only the run with this k (repeatable); default every stage0-top<K> in the work dir, "
+                        "so that a k recorded before is not written twice when another k is trained in the same dir")
     parser.add_argument("--out", required=True)
     parser.add_argument("--note", default="", help="the conditions of the run (machine load, threads)")
     args = parser.parse_args()
@@ -49,6 +52,8 @@ def main() -> int:
     stamped = stamp()
     with open(args.out, "a") as out:
         for directory in sorted(Path(args.work_dir).glob("stage0-top*")):
+            if args.top_blocks and int(directory.name.removeprefix("stage0-top")) not in args.top_blocks:
+                continue
             summary = stage0_summary(directory / "adapter")  # what a checkpoint fit on this adapter records
             config, last = summary["config"], summary["validation_last"]
             row = {
