@@ -3,8 +3,8 @@
 tests/ mirrors the packages (model/, serving/, client/, training/, evaluation/, cli/); test modules are
 imported by basename (no __init__.py), so basenames are unique across the tree. Helpers shared by several
 directories live here at the top: tiny_models.py (a tiny random Llama, heads for it),
-service_fixtures.py (servers, requests, metrics) and local_ray.py (a local Ray that survives a slow start). Tests that load the real embedded backbone are marked
-`slow`; the unit tier is `pytest -m "not slow"`.
+service_fixtures.py (servers, requests, metrics) and local_ray.py (a local Ray that survives a slow start).
+Tests that load the real embedded backbone are marked `slow`; the unit tier is `pytest -m "not slow"`.
 
 Skip policy (CI never passes by skipping; tests/skip_policy.py):
 - tests that read the staged data sets carry the `needs_data` marker. Without the data directory

@@ -3,8 +3,8 @@
 Ray 2.55 waits a fixed 30 s for its raylet to register with the GCS (ray/_private/node.py,
 `raylet_start_wait_time_s = 30`, not configurable) and then raises "The current node timed out during
 startup". On a 2-core machine with another CPU-bound process running, that start can take longer: a
-clean-clone CI run on 2026-12-06 lost 8 tests of tests/client/test_verl_reward_loop.py to it while a
-training job held both cores. The test is about rewardsvc, not about Ray's start-up time, so a timed-out
+clean-clone CI run on 2026-12-06 lost 8 tests of tests/client/test_verl_reward_loop.py to it while a stage-0
+caching pass held both cores. The tests are about rewardsvc, not about Ray's start-up time, so a timed-out
 start is stopped and tried again; any other error, or a third timeout, fails the test as before.
 """
 
