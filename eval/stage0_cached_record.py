@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from _common import stamp  # noqa: E402
 
+from rewardsvc.training.stage0_cached import stage0_dir  # noqa: E402
 from rewardsvc.training.stage0_report import stage0_summary  # noqa: E402
 
 
@@ -49,11 +50,16 @@ def main() -> int:
         passes.append({"file": Path(summary).name, **data.get("cache", data)})  # the CLI's report, or fill_cache's own
     if passes:
         cache_row["passes"] = passes
+    if args.top_blocks:
+        directories = [stage0_dir(args.work_dir, k) for k in sorted(set(args.top_blocks))]
+        missing = [str(d) for d in directories if not d.is_dir()]
+        if missing:
+            parser.error(f"--top-blocks: no run in {', '.join(missing)}")
+    else:
+        directories = sorted(Path(args.work_dir).glob("stage0-top*"))
     stamped = stamp()
     with open(args.out, "a") as out:
-        for directory in sorted(Path(args.work_dir).glob("stage0-top*")):
-            if args.top_blocks and int(directory.name.removeprefix("stage0-top")) not in args.top_blocks:
-                continue
+        for directory in directories:
             summary = stage0_summary(directory / "adapter")  # what a checkpoint fit on this adapter records
             config, last = summary["config"], summary["validation_last"]
             row = {
