@@ -141,7 +141,8 @@ def _run_cached(args: argparse.Namespace, data_dir) -> int:
     val = _first_that_fit(round_robin(sets.stage2_val, args.seed), args.val_pairs, backbone, args.max_tokens, encode_pairs)
     if args.max_pairs is not None:
         train = _first_that_fit(train, args.max_pairs, backbone, args.max_tokens, encode_pairs)
-    filled = fill_cache(cache_dir, backbone, [*train, *val], [c.cache_block for c in configs], args.max_tokens, max_seconds=args.cache_seconds)
+    filled = fill_cache(cache_dir, backbone, [*train, *val], [c.cache_block for c in configs], args.max_tokens,
+                        max_seconds=args.cache_seconds, bar=True)  # fmt: skip
     report: dict = {"cache": {"dir": str(cache_dir), **filled}, "stage0_share": args.stage0_share, "runs": []}
     if filled["done"] and not args.cache_only:
         for config in configs:

@@ -150,10 +150,11 @@ def fill_cache(
     max_seconds: float | None = None,
     dtype: str | None = None,
     progress=None,
+    bar: bool = False,
 ) -> dict:
     """Cache the states after each of `blocks` blocks of every conversation of `pairs` that fits max_tokens
     (one backbone pass, stopping after the largest block). Resumable; returns cache_states' summary plus
-    {"conversations", "cached_before"}."""
+    {"conversations", "cached_before"}. `progress` and `bar`: as cache_states."""
     from ..model.backbone_loading import load_backbone
 
     if backbone.quantization or backbone.adapter:
@@ -167,7 +168,7 @@ def fill_cache(
     cache = StateCache(cache_dir, loaded.model_id, loaded.hidden_size, dtype)
     before = len(cache)
     # Parts of 8k tokens (~10 MB per block): on a loaded 2-core CPU that is a save every few minutes.
-    summary = cache_states(cache, loaded, conversations, blocks, chunk_tokens=8192, max_seconds=max_seconds, progress=progress)
+    summary = cache_states(cache, loaded, conversations, blocks, chunk_tokens=8192, max_seconds=max_seconds, progress=progress, bar=bar)
     return {**summary, "conversations": len(conversations), "cached_before": before}
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from ..errors import CheckpointError, InvalidInputError
 from .feature_store import check_or_write_manifest
@@ -139,12 +140,15 @@ def cache_states(
     chunk_tokens: int = 32_768,
     max_seconds: float | None = None,
     progress=None,
+    bar: bool = False,
 ) -> dict:
     """Run the backbone over every conversation (name -> token ids) whose states at some block in `blocks`
     the cache lacks, and store all of them; one pass serves every block count (it stops after the largest).
 
     Work is saved every `chunk_tokens` tokens, so a killed pass loses at most one chunk; `max_seconds` stops
     between conversations (the finished ones are saved). Returns {"embedded", "tokens", "seconds", "done"}.
+    `progress` is called with each conversation's token count; `bar` draws a tokens bar on stderr (the pass
+    runs for an hour or more on a CPU, and a log line comes only at its end).
     `backbone` is a rewardsvc Backbone (the plain, frozen model; its model_id is the cache's backbone id).
     """
     from ..model.backbone import decoder_of, truncate_backbone
@@ -168,6 +172,7 @@ def cache_states(
     # embedding layer's output), exactly what the blocks above receive.
     handles = [(decoder.embed_tokens if b == 0 else decoder.layers[b - 1]).register_forward_hook(hook_for(b)) for b in blocks]
     todo = [name for name, ids in conversations.items() if any(state_key(cache.backbone_id, ids, b) not in cache for b in blocks)]
+    meter = tqdm(total=sum(len(conversations[name]) for name in todo), unit="tok", desc="state cache", disable=not bar)
     started = time.perf_counter()
     keys: list[str] = []
     block_of: list[int] = []
@@ -190,6 +195,7 @@ def cache_states(
                 pending += len(ids)
                 embedded += 1
                 tokens += len(ids)
+                meter.update(len(ids))
                 if progress is not None:
                     progress(len(ids))
                 if pending >= chunk_tokens:
@@ -198,6 +204,7 @@ def cache_states(
             if keys:
                 cache.add(keys, block_of, states)
     finally:
+        meter.close()
         for handle in handles:
             handle.remove()
     return {"embedded": embedded, "tokens": tokens, "seconds": round(time.perf_counter() - started, 3), "done": embedded == len(todo)}

@@ -77,6 +77,18 @@ def test_cached_states_are_the_direct_forward_at_block_l_minus_k(tmp_path, causa
     assert len(reopened) == len(cache) == 2 * len(set(rows))
 
 
+def test_the_progress_bar_counts_the_tokens_still_to_cache(tmp_path, causal_dir, plain, capsys):
+    rows = sorted(set(_ids(plain)))
+    cache = StateCache(tmp_path, plain.model_id, plain.hidden_size)
+    cache_states(cache, load_backbone(BackboneConfig(model=str(causal_dir), device="cpu")), {ids: ids for ids in rows[:2]}, [1])
+    capsys.readouterr()
+    summary = cache_states(cache, load_backbone(BackboneConfig(model=str(causal_dir), device="cpu")), {ids: ids for ids in rows}, [1], bar=True)
+    missing = sum(len(ids) for ids in rows[2:])  # the first two are cached: neither embedded nor counted
+    assert summary["tokens"] == missing
+    err = capsys.readouterr().err
+    assert "state cache: 100%" in err and f"{missing}/{missing}" in err
+
+
 def test_the_top_blocks_from_the_cache_give_the_block_l_states(tmp_path, causal_dir, plain):
     rows = _ids(plain)
     cache = StateCache(tmp_path, plain.model_id, plain.hidden_size, dtype="float32")
