@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --adapter: unseen-by-stage0 fits stage 2 on the training pairs the adapter's stage 0 "
                              "did not train on (its state records them; all pairs where it has no record); all: every "
                              "pair (the adapter has memorised its own: docs/TRAINING.md)")  # fmt: skip
+    parser.add_argument("--state-cache", help="with --adapter: the state cache of its train-backbone run (--cache-dir); the "
+                                              "conversations it holds run only the adapted blocks when embedded, a "
+                                              "fraction of the full pass (training.adapted_features)")  # fmt: skip
     parser.add_argument("--device-map", help="spread the backbone over several GPUs for the embedding pass: auto, "
                                              "balanced, sequential, or JSON {module: device} (docs/DEPLOY.md)")  # fmt: skip
     parser.add_argument("--name", default="rewardsvc-default-smollm2-135m")
@@ -112,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         name=args.name, max_tokens=args.max_tokens, token_budget=args.token_budget, max_chars=args.max_chars,
         caps=caps, seed=args.seed, evaluate=not args.no_eval,
         layers=_layers(args.layers), embed=args.embed, length_calibration=args.length_calibration,
-        stage2_pairs=args.stage2_pairs,
+        stage2_pairs=args.stage2_pairs, state_cache=args.state_cache,
     )  # fmt: skip
     provenance = run_training(config)
     print(json.dumps({"out": args.out, "data": provenance["data"], "metrics": provenance["metrics"],

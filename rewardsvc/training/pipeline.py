@@ -36,6 +36,7 @@ from ..model.backbone_loading import load_backbone
 from ..model.batch_plan import plan_padded_batches
 from ..model.checkpoint import HeadsCheckpoint, save_heads
 from ..model.encoding import ChatEncoder, EncodedConversation
+from .adapted_features import CachedAdaptedFeatures
 from .candidates import LENGTH_VARIANT_PREFIX, fit_candidate, out_of_fold_stage1, pair_records
 from .data.attributes import ATTRIBUTE_NAMES, attributes_with_sources
 from .data.build import TrainingSets, build_training_sets, conversation_key, resolve_caps, round_robin
@@ -179,10 +180,16 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     features.add(encoder, backbone_id, ordered, dropped)
     wanted = {k: features.encoded[k] for k in features.key_of.values() if k}  # embedding order, deduplicated
     t = time.perf_counter()
+    coverage = {}
     if config.embed == "all":
-        extract_features(store, wanted, features_at_layers(backbone, layers, config.token_budget))
+        features_fn = features_at_layers(backbone, layers, config.token_budget)
+        if config.state_cache:  # stage 0's cached states: only the adapted blocks run for the conversations it holds
+            features_fn = CachedAdaptedFeatures(backbone, config.backbone, config.state_cache, config.backbone.adapter, layers, features_fn)
+        extract_features(store, wanted, features_fn)
+        if config.state_cache:
+            coverage = {"embedded_from_state_cache": features_fn.from_cache, "embedded_by_full_forward": features_fn.from_full}
     timings["embed_s"] = time.perf_counter() - t
-    coverage = {"conversations_wanted": len(wanted), "conversations_stored": sum(k in store for k in wanted)}
+    coverage = {"conversations_wanted": len(wanted), "conversations_stored": sum(k in store for k in wanted), **coverage}
 
     def usable(items, what):
         kept = [it for it in items if all(features.stored(m[:-1], m[-1]["content"]) for m in _conversations(it))]

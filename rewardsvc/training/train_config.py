@@ -63,6 +63,10 @@ class TrainConfig:
     out of stage 2's training pairs (the preference heads, the gating and the length calibration); "all" keeps them.
     The adapter memorises its pairs, so heads fit on them would learn separations that do not generalise; the
     measured effect on validation was small either way (training.stage0_pairs, docs/TRAINING.md)."""
+    state_cache: str | None = None
+    """With a stage-0 adapter: the state cache of its `train-backbone` run. Conversations it holds are embedded by
+    running only the adapted blocks from their cached states (training.adapted_features), the rest by the full
+    forward; the features agree to the cache's float16 precision."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
@@ -78,5 +82,8 @@ class TrainConfig:
                                     field="length_calibration")  # fmt: skip
         if self.stage2_pairs not in STAGE2_PAIRS:
             raise InvalidInputError(f"stage2_pairs must be one of {STAGE2_PAIRS}, got {self.stage2_pairs!r}", field="stage2_pairs")
+        if self.state_cache and not self.backbone.adapter:
+            raise InvalidInputError("state_cache needs a stage-0 adapter: the plain backbone's features come from its own pass",
+                                    field="state_cache")  # fmt: skip
         if self.embed not in EMBED_MODES:
             raise InvalidInputError(f"embed must be one of {EMBED_MODES}, got {self.embed!r}", field="embed")
