@@ -27,8 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "did not train on (its state records them; all pairs where it has no record); all: every "
                              "pair (the adapter has memorised its own: docs/TRAINING.md)")  # fmt: skip
     parser.add_argument("--state-cache", help="with --adapter: the state cache of its train-backbone run (--cache-dir); the "
-                                              "conversations it holds run only the adapted blocks when embedded, a "
-                                              "fraction of the full pass (training.adapted_features)")  # fmt: skip
+                                              "conversations it holds run only the adapted blocks when embedded, the "
+                                              "others are added to it for the next refit (training.adapted_features)")  # fmt: skip
     parser.add_argument("--device-map", help="spread the backbone over several GPUs for the embedding pass: auto, "
                                              "balanced, sequential, or JSON {module: device} (docs/DEPLOY.md)")  # fmt: skip
     parser.add_argument("--name", default="rewardsvc-default-smollm2-135m")

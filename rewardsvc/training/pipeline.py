@@ -182,12 +182,12 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     t = time.perf_counter()
     coverage = {}
     if config.embed == "all":
-        features_fn = features_at_layers(backbone, layers, config.token_budget)
         if config.state_cache:  # stage 0's cached states: only the adapted blocks run for the conversations it holds
-            features_fn = CachedAdaptedFeatures(backbone, config.backbone, config.state_cache, config.backbone.adapter, layers, features_fn)
-        extract_features(store, wanted, features_fn)
-        if config.state_cache:
-            coverage = {"embedded_from_state_cache": features_fn.from_cache, "embedded_by_full_forward": features_fn.from_full}
+            cached = CachedAdaptedFeatures(backbone, config.backbone, config.state_cache, config.backbone.adapter, layers)
+            extract_features(store, wanted, cached)
+            coverage = {"embedded_from_state_cache": cached.from_cache, "embedded_and_added_to_state_cache": cached.added_to_cache}
+        else:
+            extract_features(store, wanted, features_at_layers(backbone, layers, config.token_budget))
     timings["embed_s"] = time.perf_counter() - t
     coverage = {"conversations_wanted": len(wanted), "conversations_stored": sum(k in store for k in wanted), **coverage}
 

@@ -65,8 +65,9 @@ class TrainConfig:
     measured effect on validation was small either way (training.stage0_pairs, docs/TRAINING.md)."""
     state_cache: str | None = None
     """With a stage-0 adapter: the state cache of its `train-backbone` run. Conversations it holds are embedded by
-    running only the adapted blocks from their cached states (training.adapted_features), the rest by the full
-    forward; the features agree to the cache's float16 precision."""
+    running only the adapted blocks from their cached states; the others run the blocks below the adapter once and
+    are added to it, so the next refit finds them (training.adapted_features). The features agree with the full
+    forward to the cache's float16 precision."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))

@@ -3,13 +3,15 @@ on a tiny random 4-block Llama with a real adapter trained by stage 0 from the c
 
 Checked against the independent computation, the adapted backbone as serving loads it (adapter merged,
 truncated) run in full: equal to 1e-5 from a float32 cache, and within float16 rounding from the default
-float16 cache. A whole training run with the cache stores the same features as one without it, and counts the
-conversations each way. Errors name the field and what is wrong.
+float16 cache, both for the conversations the cache held and for those it lacked (whose states, added to it,
+are the plain backbone's). A whole training run with the cache stores the same features as one without it, and
+counts the conversations each way. Errors name the field and what is wrong.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -65,23 +67,31 @@ def test_the_adapter_names_its_first_block(setup):
 
 
 @pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("float16", 1e-2)])
-def test_cached_features_are_the_adapted_backbones_full_forward(setup, dtype, tolerance):
+def test_cached_features_are_the_adapted_backbones_full_forward(setup, tmp_path, dtype, tolerance):
     root, plain, sets, adapter = setup
+    cache_dir = shutil.copytree(root / f"cache-{dtype}", tmp_path / "cache")  # this test adds to it
     backbone = _adapted(plain, adapter)
     encoded = _encoded(backbone, sets)
-    full = features_at_layers(backbone, LAYERS, 4096)
-    expected_response, expected_prompt = full(encoded)
-    fn = CachedAdaptedFeatures(backbone, plain, root / f"cache-{dtype}", adapter, LAYERS, full)
+    expected_response, expected_prompt = features_at_layers(backbone, LAYERS, 4096)(encoded)
+    fn = CachedAdaptedFeatures(backbone, plain, cache_dir, adapter, LAYERS)
     response, prompt = fn(encoded)
-    assert fn.from_cache == 2 * len(sets.stage2_train) and fn.from_full == 2 * len(sets.stage2_val)
+    assert fn.from_cache == 2 * len(sets.stage2_train) and fn.added_to_cache == 2 * len(sets.stage2_val)
     scale = expected_response.abs().max()
     assert scale > 0.1  # final-normed states: the bound is relative to a scale of order 1
     torch.testing.assert_close(response, expected_response, atol=tolerance * scale, rtol=0)
     torch.testing.assert_close(prompt, expected_prompt, atol=tolerance * scale, rtol=0)
     # The adapter matters: the plain backbone's features are not these (so the comparison above has teeth).
     unadapted = load_backbone(replace(plain, device="cpu"))
-    truncate_backbone(unadapted, max(LAYERS))
-    assert not torch.allclose(features_at_layers(unadapted, LAYERS, 4096)(encoded[:2])[0], expected_response[:2], atol=1e-3)
+    with torch.no_grad():
+        assert not torch.allclose(features_at_layers(unadapted, LAYERS, 4096)(encoded[:2])[0], expected_response[:2], atol=1e-3)
+        # What was added is the plain backbone's residual after the cache block, as stage 0 would have cached it.
+        for e in encoded[-2:]:
+            direct = unadapted.model(input_ids=torch.tensor([list(e.input_ids)]), output_hidden_states=True).hidden_states[fn.start][0]
+            torch.testing.assert_close(fn.cache.get(fn.key(e)), direct, atol=1e-3, rtol=1e-3)
+    again = CachedAdaptedFeatures(backbone, plain, cache_dir, adapter, LAYERS)  # the next refit finds everything
+    second = again(encoded)
+    assert again.from_cache == len(encoded) and again.added_to_cache == 0
+    assert torch.equal(second[0], response) and torch.equal(second[1], prompt)  # both computed from the stored states
 
 
 def test_a_training_run_with_the_cache_stores_the_features_of_one_without(setup, tmp_path, monkeypatch):
@@ -90,13 +100,14 @@ def test_a_training_run_with_the_cache_stores_the_features_of_one_without(setup,
     common = dict(backbone=replace(plain, adapter=str(adapter)), name="tiny-adapted", max_tokens=2048, layers=LAYERS, stage2_pairs="all",
                   gating_hidden_dim=16, stage2=Stage2Config(lr=1e-2, patience=3, max_epochs=5), stage2_lrs=(1e-2,))  # fmt: skip
     runs = {}
-    for name, cache in (("cached", str(root / "cache-float32")), ("full", None)):
+    cache_dir = shutil.copytree(root / "cache-float32", tmp_path / "cache")  # the run adds to it
+    for name, cache in (("cached", str(cache_dir)), ("full", None)):
         config = TrainConfig(out_dir=str(tmp_path / name / "heads"), work_dir=str(tmp_path / name / "work"), state_cache=cache, **common)
         runs[name] = (config, run_training(config))
     coverage = runs["cached"][1]["data"]["features"]
     wanted = coverage["conversations_wanted"]
     assert coverage["embedded_from_state_cache"] == 2 * len(sets.stage2_train) < wanted
-    assert coverage["embedded_from_state_cache"] + coverage["embedded_by_full_forward"] == wanted
+    assert coverage["embedded_from_state_cache"] + coverage["embedded_and_added_to_state_cache"] == wanted
     assert "embedded_from_state_cache" not in runs["full"][1]["data"]["features"]
     stores = {}
     for name, (config, _) in runs.items():
@@ -117,12 +128,11 @@ def test_bad_uses_name_the_field(setup, tmp_path):
         TrainConfig(out_dir=str(tmp_path / "o"), work_dir=str(tmp_path / "w"), state_cache=str(root / "cache-float32"))
     assert err.value.field == "state_cache"
     backbone = _adapted(plain, adapter)
-    full = features_at_layers(backbone, LAYERS, 4096)
     with pytest.raises(InvalidInputError, match=r"above the adapter's first block \(1\)") as err:
-        CachedAdaptedFeatures(backbone, plain, root / "cache-float32", adapter, (1, 3), full)
+        CachedAdaptedFeatures(backbone, plain, root / "cache-float32", adapter, (1, 3))
     assert err.value.field == "layers"
     with pytest.raises(InvalidInputError, match="not a state cache") as err:
-        CachedAdaptedFeatures(backbone, plain, tmp_path, adapter, LAYERS, full)
+        CachedAdaptedFeatures(backbone, plain, tmp_path, adapter, LAYERS)
     assert err.value.field == "state_cache"
     everywhere = tmp_path / "adapter"
     everywhere.mkdir()
