@@ -104,6 +104,11 @@ def existing_data_dir(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     existing_data_dir(args)
     caps = caps_from(args)
+    if args.state_cache and not args.adapter:
+        from ..errors import InvalidInputError
+
+        raise InvalidInputError("--state-cache needs --adapter: it holds the plain backbone's states below a stage-0 adapter's "
+                                "blocks, which only a refit on that adapter can use", field="state_cache")  # fmt: skip
     from ..training.pipeline import TrainConfig, run_training  # torch and transformers: only past the checks
     from .main import quiet_transformers
 

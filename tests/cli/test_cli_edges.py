@@ -55,6 +55,13 @@ def test_train_cap_must_name_a_source_and_a_number(tmp_path, capsys):
         assert "--cap: expected STAGE/SOURCE=N" in stderr and repr(bad) in stderr and "Traceback" not in stderr, stderr
 
 
+def test_train_state_cache_needs_an_adapter(tmp_path, capsys):
+    """--state-cache without --adapter is refused before torch loads, naming both flags."""
+    assert cli.main(["train", "--out", str(tmp_path / "heads"), "--data-dir", str(tmp_path), "--state-cache", str(tmp_path)]) == 2
+    stderr = capsys.readouterr().err
+    assert "--state-cache needs --adapter" in stderr and "Traceback" not in stderr, stderr
+
+
 def test_train_caps_combine_the_scale_and_each_cap():
     from rewardsvc.cli.train import add_arguments, caps_from
     from rewardsvc.training.data.build import DEFAULT_CAPS
