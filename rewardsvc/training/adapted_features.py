@@ -61,7 +61,8 @@ class CachedAdaptedFeatures:
     cache. A conversation the cache holds runs the adapted blocks only. One it lacks runs the blocks below the
     adapter once (they are the plain backbone's), its states there are added to the cache, and the adapted blocks
     run from them in the same way, so the next refit of any adapter on the same blocks finds it too.
-    `from_cache` and `added_to_cache` count the conversations each way, for the run's provenance."""
+    `from_cache` and `added_to_cache` count the conversations each way, for the run's provenance, and
+    `not_cacheable` those whose states overflow the cache's float16 (used exact, not stored)."""
 
     def __init__(self, backbone, plain_config: BackboneConfig, cache_dir: str | os.PathLike, adapter: str | os.PathLike,
                  layers: Sequence[int]):  # fmt: skip
@@ -83,7 +84,7 @@ class CachedAdaptedFeatures:
         self.plain_id = backbone_source(replace(plain_config, adapter=None))[1]
         self.cache = StateCache(cache_dir, self.plain_id, backbone.hidden_size)
         self.dtype = next(self.decoder.parameters()).dtype
-        self.from_cache = self.added_to_cache = 0
+        self.from_cache = self.added_to_cache = self.not_cacheable = 0
 
     def key(self, encoded: EncodedConversation) -> str:
         return state_key(self.plain_id, encoded.input_ids, self.start)
@@ -118,12 +119,16 @@ class CachedAdaptedFeatures:
                 self.from_cache += 1
             else:
                 states = self._states_below_adapter(e)
-                if key not in new_keys:
-                    new_keys.append(key)
-                    new_states.append(states)
-                # The adapted blocks run from the states as the cache stores them, so this refit and the next agree.
-                states = states.to(DTYPES[self.cache.dtype]).float()
-                self.added_to_cache += 1
+                stored = states.to(DTYPES[self.cache.dtype])
+                if torch.isfinite(stored).all():
+                    if key not in new_keys:
+                        new_keys.append(key)
+                        new_states.append(states)
+                    # The adapted blocks run from the states as the cache stores them: this refit and the next agree.
+                    states = stored.float()
+                    self.added_to_cache += 1
+                else:  # beyond float16's range: not cacheable, so its features come from the exact states
+                    self.not_cacheable += 1
             hidden = states.to(self.backbone.device, self.dtype).unsqueeze(0)  # (1, T, H): one unpadded sequence
             for j, layer in enumerate(self.layers):
                 top = forward_blocks(self.decoder, hidden, self.start, layer)[0].float().cpu()  # (T, H), final-normed

@@ -185,7 +185,8 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         if config.state_cache:  # stage 0's cached states: only the adapted blocks run for the conversations it holds
             cached = CachedAdaptedFeatures(backbone, config.backbone, config.state_cache, config.backbone.adapter, layers)
             extract_features(store, wanted, cached)
-            coverage = {"embedded_from_state_cache": cached.from_cache, "embedded_and_added_to_state_cache": cached.added_to_cache}
+            coverage = {"embedded_from_state_cache": cached.from_cache, "embedded_and_added_to_state_cache": cached.added_to_cache,
+                        "embedded_not_cacheable": cached.not_cacheable}  # fmt: skip
         else:
             extract_features(store, wanted, features_at_layers(backbone, layers, config.token_budget))
     timings["embed_s"] = time.perf_counter() - t

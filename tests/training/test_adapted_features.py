@@ -28,6 +28,7 @@ from rewardsvc.training.feature_store import FeatureStore
 from rewardsvc.training.pipeline import TrainConfig, features_at_layers, run_training
 from rewardsvc.training.stage0_cached import CachedStage0Config, fill_cache, stage0_dir, train_stage0_cached
 from rewardsvc.training.stage2 import Stage2Config
+from rewardsvc.training.top_blocks import forward_blocks
 from synthetic_training import synthetic_sets
 
 DEPTH, LAYER, K = 4, 3, 2  # the adapter covers blocks 1 and 2; the cache holds the states after block 1
@@ -94,6 +95,27 @@ def test_cached_features_are_the_adapted_backbones_full_forward(setup, tmp_path,
     assert torch.equal(second[0], response) and torch.equal(second[1], prompt)  # both computed from the stored states
 
 
+def test_states_beyond_float16_are_used_exact_and_not_stored(setup, tmp_path):
+    """A residual over 65504 would be inf in a float16 cache: that conversation's features come from its exact
+    states and nothing is stored for it (a refit neither dies an hour in nor caches a state that is not the model's).
+    The overflow is injected by scaling the real states; the features are then the top blocks run on those states."""
+    root, plain, sets, adapter = setup
+    cache_dir = shutil.copytree(root / "cache-float16", tmp_path / "cache")
+    backbone = _adapted(plain, adapter)
+    encoded = _encoded(backbone, sets)[-2:]  # validation conversations: not in the cache
+    fn = CachedAdaptedFeatures(backbone, plain, cache_dir, adapter, LAYERS)
+    real = fn._states_below_adapter
+    fn._states_below_adapter = lambda e: real(e) * 1e9
+    before = len(fn.cache)
+    response, _ = fn(encoded)
+    assert fn.not_cacheable == 2 and fn.added_to_cache == 0 and len(fn.cache) == before
+    assert not any(fn.key(e) in fn.cache for e in encoded)
+    with torch.no_grad():
+        exact = forward_blocks(fn.decoder, (real(encoded[0]) * 1e9).unsqueeze(0), fn.start, LAYERS[-1])[0]
+    torch.testing.assert_close(response[0, -1], exact[encoded[0].response_anchor], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(response).all()
+
+
 def test_a_training_run_with_the_cache_stores_the_features_of_one_without(setup, tmp_path, monkeypatch):
     root, plain, sets, adapter = setup
     monkeypatch.setattr(pipeline, "build_training_sets", lambda *args, **kwargs: sets)
@@ -108,6 +130,7 @@ def test_a_training_run_with_the_cache_stores_the_features_of_one_without(setup,
     wanted = coverage["conversations_wanted"]
     assert coverage["embedded_from_state_cache"] == 2 * len(sets.stage2_train) < wanted
     assert coverage["embedded_from_state_cache"] + coverage["embedded_and_added_to_state_cache"] == wanted
+    assert coverage["embedded_not_cacheable"] == 0
     assert "embedded_from_state_cache" not in runs["full"][1]["data"]["features"]
     stores = {}
     for name, (config, _) in runs.items():
