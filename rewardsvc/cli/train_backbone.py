@@ -14,6 +14,10 @@ pass, resumable), for --epochs passes; the adapter goes to WORK_DIR/stage0-top<K
 validation accuracy with a logistic probe on the frozen block-L states of the same pairs:
 
     rewardsvc train-backbone --work-dir W --cache-dir C --layer 16 --top-blocks 2,4 --epochs 3 --max-tokens 384
+    rewardsvc train --work-dir artifacts/train --adapter W/stage0-top2/adapter --layers 16 --state-cache C --out DIR
+
+The refit's --state-cache C embeds the conversations the cache holds by running only the K adapted blocks, and
+adds the others to it (training/adapted_features.py), so a later refit of another K-block adapter is cheap.
 """
 
 from __future__ import annotations
