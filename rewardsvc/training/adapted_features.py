@@ -29,7 +29,7 @@ import torch
 from ..config import BackboneConfig
 from ..errors import InvalidInputError
 from ..model.encoding import EncodedConversation
-from .state_cache import DTYPES, StateCache, state_key
+from .state_cache import DTYPES, StateCache, block_output_module, state_key
 from .top_blocks import check_decoder, forward_blocks
 
 
@@ -97,8 +97,7 @@ class CachedAdaptedFeatures:
             captured.append(output[0] if isinstance(output, tuple) else output)
             raise _StopAfterBlock
 
-        below = self.decoder.embed_tokens if self.start == 0 else self.decoder.layers[self.start - 1]
-        handle = below.register_forward_hook(hook)
+        handle = block_output_module(self.decoder, self.start).register_forward_hook(hook)
         try:
             self.backbone.model(input_ids=torch.tensor([list(encoded.input_ids)], device=self.backbone.device), use_cache=False)
         except _StopAfterBlock:
@@ -123,7 +122,7 @@ class CachedAdaptedFeatures:
                 if torch.isfinite(stored).all():
                     if key not in new_keys:
                         new_keys.append(key)
-                        new_states.append(states)
+                        new_states.append(stored)
                     # The adapted blocks run from the states as the cache stores them: this refit and the next agree.
                     states = stored.float()
                     self.added_to_cache += 1

@@ -180,17 +180,17 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     features.add(encoder, backbone_id, ordered, dropped)
     wanted = {k: features.encoded[k] for k in features.key_of.values() if k}  # embedding order, deduplicated
     t = time.perf_counter()
-    coverage = {}
+    state_cache_counts = {}
     if config.embed == "all":
         if config.state_cache:  # stage 0's cached states: only the adapted blocks run for the conversations it holds
             cached = CachedAdaptedFeatures(backbone, config.backbone, config.state_cache, config.backbone.adapter, layers)
             extract_features(store, wanted, cached)
-            coverage = {"embedded_from_state_cache": cached.from_cache, "embedded_and_added_to_state_cache": cached.added_to_cache,
-                        "embedded_not_cacheable": cached.not_cacheable}  # fmt: skip
+            state_cache_counts = {"embedded_from_state_cache": cached.from_cache, "embedded_and_added_to_state_cache": cached.added_to_cache,
+                                  "embedded_not_cacheable": cached.not_cacheable}  # fmt: skip
         else:
             extract_features(store, wanted, features_at_layers(backbone, layers, config.token_budget))
     timings["embed_s"] = time.perf_counter() - t
-    coverage = {"conversations_wanted": len(wanted), "conversations_stored": sum(k in store for k in wanted), **coverage}
+    coverage = {"conversations_wanted": len(wanted), "conversations_stored": sum(k in store for k in wanted), **state_cache_counts}
 
     def usable(items, what):
         kept = [it for it in items if all(features.stored(m[:-1], m[-1]["content"]) for m in _conversations(it))]

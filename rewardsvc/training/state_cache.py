@@ -131,6 +131,11 @@ class StateCache:
         return handle.get_slice("states")[start:end].float()
 
 
+def block_output_module(decoder, block: int):
+    """The decoder module whose output is the residual stream after `block` blocks (0: the token embeddings)."""
+    return decoder.embed_tokens if block == 0 else decoder.layers[block - 1]
+
+
 def cache_states(
     cache: StateCache,
     backbone,
@@ -170,7 +175,7 @@ def cache_states(
 
     # The model's own forward, observed: block b's output is the residual stream after b blocks (b = 0: the
     # embedding layer's output), exactly what the blocks above receive.
-    handles = [(decoder.embed_tokens if b == 0 else decoder.layers[b - 1]).register_forward_hook(hook_for(b)) for b in blocks]
+    handles = [block_output_module(decoder, b).register_forward_hook(hook_for(b)) for b in blocks]
     todo = [name for name, ids in conversations.items() if any(state_key(cache.backbone_id, ids, b) not in cache for b in blocks)]
     meter = tqdm(total=sum(len(conversations[name]) for name in todo), unit="tok", desc="state cache", disable=not bar)
     started = time.perf_counter()
